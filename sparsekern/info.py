@@ -1,0 +1,65 @@
+"""``python -m sparsekern.info``: what is built and available here, and why not where not.
+
+Paste its output into bug reports.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from . import __version__, _native, ops
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def report() -> str:
+    lines = [
+        f"sparsekern        {__version__}",
+        f"python            {platform.python_version()}",
+        f"torch             {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton            {_triton_version()}",
+        f"GPU               {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}",
+        f"SPARSEKERN_BACKEND={os.environ.get('SPARSEKERN_BACKEND', 'auto')}",
+        "",
+    ]
+    if _native.LOADED:
+        info = _native.BUILD_INFO
+        cuda = (f"yes, CUDA {info.get('cuda_version')} for {', '.join(info.get('cuda_archs', []))}"
+                if info.get("cuda") else "no")
+        lines += [f"sparsekern._C     built against torch {info.get('torch_version')}; CUDA kernels: {cuda}"]
+    else:
+        lines += [f"sparsekern._C     NOT LOADED: {_native.LOAD_ERROR}"]
+    lines += ["", "backend availability (per device):"]
+    for backend in ops.BACKENDS:
+        for device_type in ("cpu", "cuda"):
+            why = ops.backend_unavailable_reason(backend, device_type)
+            if backend not in ("reference", device_type):
+                continue
+            lines.append(f"  {backend:<10} on {device_type:<5} {'available' if why is None else 'unavailable: ' + why}")
+    lines += ["", "ops: backend auto picks, per device  (ops a backend lacks run on the reference)"]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for op in ops.OPS:
+        native = [b for b in ("cpu", "cuda") if ops.backend_has_op(b, op)]
+        picks = ", ".join(f"{d}: {ops.select_backend(op, torch.device(d))}" for d in devices)
+        lines.append(f"  {op:<22} auto -> {picks:<28} native kernels: {', '.join(native) or 'none'}")
+    lines += ["", "convolution: SparseConv2d runs unfold + bsr_linear for groups=1; grouped/depthwise "
+              "convolutions use a dense conv2d with the densified filter (block sparsity cannot help there)."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argparse.ArgumentParser(prog="python -m sparsekern.info", description=__doc__).parse_args(argv)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

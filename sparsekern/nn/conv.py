@@ -1,0 +1,151 @@
+"""SparseConv2d: a drop-in nn.Conv2d whose filter is block-sparse.
+
+The filter [out, in/groups, kh, kw] is stored as the matrix [out, kh*kw*in/groups] with K ordered
+(kh, kw, cin), so that a block is up to ``block_size`` input channels at one filter tap (the order an
+NHWC implicit GEMM reads). For now the convolution runs as unfold + the block-sparse GEMM; grouped
+convolutions fall back to a dense convolution with the densified filter, because their per-group
+matrices are too narrow for block sparsity to pay off.
+"""
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .. import ops
+from ._sparse_weight import BlockSparseWeight, blocks_kept
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+IntPair = Union[int, Tuple[int, int]]
+
+
+class SparseConv2d(BlockSparseWeight):
+    """Same constructor and semantics as nn.Conv2d, plus ``sparsity`` and ``block_size``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: Union[str, IntPair] = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", sparsity: float = 0.9, block_size: int = 32, device=None, dtype=None):
+        super().__init__()
+        if in_channels <= 0 or out_channels <= 0 or groups <= 0:
+            raise ValueError("in_channels, out_channels and groups must be positive")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
+                             f"by groups ({groups})")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.dilation) <= 0:
+            raise ValueError("kernel_size, stride and dilation must be positive")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid' or integers, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+            if min(self.padding) < 0:
+                raise ValueError(f"padding must be non-negative, got {padding}")
+        self.padding_mode = padding_mode
+        # Explicit (left, right, top, bottom) padding, as nn.Conv2d computes it ('same' puts the odd one right).
+        self._pad_lrtb = self._explicit_padding()
+
+        kh, kw = self.kernel_size
+        cin = in_channels // groups
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+                                if bias else None)
+        self._init_sparse_weight((out_channels, kh * kw * cin), sparsity, block_size, cin * kh * kw, device, dtype)
+
+    def _explicit_padding(self) -> Tuple[int, int, int, int]:
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    @property
+    def dense_weight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _weight_to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+
+    def _matrix_to_weight(self, matrix: Tensor) -> Tensor:
+        kh, kw = self.kernel_size
+        return matrix.reshape(self.out_channels, kh, kw, self.in_channels // self.groups).permute(0, 3, 1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or unbatched), "
+                             f"got {tuple(x.shape)}")
+        y = self._conv(self._pad(x))
+        return y.squeeze(0) if unbatched else y
+
+    def _pad(self, x: Tensor) -> Tensor:
+        if not any(self._pad_lrtb):
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._pad_lrtb, mode=mode)
+
+    def _conv(self, x: Tensor) -> Tensor:
+        if self.groups != 1:
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
+        batch, cin, height, width = x.shape
+        kh, kw = self.kernel_size
+        out_h = (height - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(f"input of size {height}x{width} (after padding) is smaller than the kernel")
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [B, cin*kh*kw, L]
+        cols = cols.view(batch, cin, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, kh * kw * cin)
+        y = ops.bsr_linear(cols, self.layout, self.values, self.bias)  # [B*L, out]
+        # [B, H, W, C] viewed as NCHW: the result is channels_last in memory, with no copy.
+        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, sparsity: float = 0.9, block_size: int = 32) -> "SparseConv2d":
+        """Keep the largest-norm blocks of ``conv.weight`` (magnitude pruning at block granularity)."""
+        weight = conv.weight.detach()
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode, sparsity, block_size,
+                    device=weight.device, dtype=weight.dtype)
+        matrix = layer._weight_to_matrix(weight)
+        layer._adopt_matrix(matrix, blocks_kept(matrix.shape, sparsity, block_size))
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.detach())
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """An nn.Conv2d with the same function (zeros outside the stored blocks)."""
+        weight = self.dense_weight().detach()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                         device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}, dilation={self.dilation}")
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", block_size={self.block_size}, density={self.density:.3f}"

@@ -1,0 +1,276 @@
+"""The one dispatch point of sparsekern: op registration, backend choice, autograd and fakes.
+
+Every op is a ``torch.library`` custom op (``sparsekern::<name>``) so that autograd, ``torch.compile``
+and ``opcheck`` see it. Its implementation picks a backend per call:
+
+- ``cuda`` / ``cpu``: native kernels compiled into ``sparsekern._C`` (ops ``sparsekern::native_<name>``,
+  one kernel per dispatch key);
+- ``reference``: plain PyTorch (``sparsekern.reference``), the definition of correctness.
+
+``SPARSEKERN_BACKEND=auto|cuda|cpu|reference`` overrides the choice. ``auto`` takes the native kernel
+for the tensor's device when one is built, else the reference. A forced backend that cannot run on the
+device raises; a forced backend that lacks an op uses the reference for that op
+(``python -m sparsekern.info`` lists which ops each backend has).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _native, reference
+
+BACKENDS = ("cuda", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "reference"), "cpu": ("cpu", "reference")}
+LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
+OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_")
+# Kernels are specialised per block size; these are the ones every backend is built for.
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+
+
+def requested_backend() -> str:
+    name = os.environ.get("SPARSEKERN_BACKEND", "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"SPARSEKERN_BACKEND={name!r} is not a backend; choose auto or one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_unavailable_reason(backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device_type`` at all, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend != device_type:
+        return f"the {backend} backend runs on {backend} tensors, not {device_type}"
+    if not _native.LOADED:
+        return f"sparsekern._C is not loaded ({_native.LOAD_ERROR})"
+    if backend == "cuda" and not _native.BUILD_INFO.get("cuda"):
+        return "sparsekern._C was built without CUDA kernels"
+    return None
+
+
+def backend_has_op(backend: str, op: str) -> bool:
+    if backend == "reference":
+        return True
+    return _native.has_kernel(f"native_{op}", backend)
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device`` under the current ``SPARSEKERN_BACKEND``."""
+    requested = requested_backend()
+    if requested == "auto":
+        for backend in _AUTO_ORDER.get(device.type, ("reference",)):
+            if backend_unavailable_reason(backend, device.type) is None and backend_has_op(backend, op):
+                return backend
+        return "reference"
+    why = backend_unavailable_reason(requested, device.type)
+    if why is not None:
+        raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
+    return requested if backend_has_op(requested, op) else "reference"
+
+
+def _implementation(op: str, device: torch.device) -> Callable:
+    backend = select_backend(op, device)
+    if backend == "reference":
+        return getattr(reference, op)
+    return getattr(torch.ops.sparsekern, f"native_{op}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Op definitions. Layout tensors travel as explicit arguments so that autograd can reuse them.
+
+@torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
+def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+                row_idx: Tensor, perm: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    return _implementation("bsr_linear", x.device)(
+        x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias)
+
+
+@torch.library.custom_op("sparsekern::bsr_linear_dx", mutates_args=())
+def _bsr_linear_dx(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+                   row_idx: Tensor, perm: Tensor, in_features: int) -> Tensor:
+    return _implementation("bsr_linear_dx", dy.device)(
+        dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features)
+
+
+@torch.library.custom_op("sparsekern::bsr_sddmm", mutates_args=())
+def _bsr_sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+               row_idx: Tensor, perm: Tensor, block_size: int) -> Tensor:
+    return _implementation("bsr_sddmm", dy.device)(
+        dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size)
+
+
+@torch.library.custom_op("sparsekern::block_grad_scores", mutates_args=())
+def _block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
+    return _implementation("block_grad_scores", dy.device)(dy, x, block_size)
+
+
+@torch.library.custom_op("sparsekern::build_layout_index_", mutates_args=LAYOUT_ARGS)
+def _build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+                         row_idx: Tensor, perm: Tensor) -> None:
+    _implementation("build_layout_index_", block_mask.device)(
+        block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes only.
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@_bsr_linear.register_fake
+def _(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@_bsr_linear_dx.register_fake
+def _(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+@_bsr_sddmm.register_fake
+def _(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size):
+    return dy.new_empty(col_idx.shape[0], block_size, block_size)
+
+
+@_block_grad_scores.register_fake
+def _(dy, x, block_size):
+    dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.new_empty(_cdiv(dy.shape[1], block_size), _cdiv(x.shape[1], block_size), dtype=dtype)
+
+
+@_build_layout_index_.register_fake
+def _(block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: the three training GEMMs are each other's derivatives.
+#   Y  = X Wᵀ        -> dX = dY W (bsr_linear_dx),  dW = (dYᵀ X)|layout (bsr_sddmm)
+#   dX = dY W        -> d(dY) = G Wᵀ (bsr_linear),   dW = (dYᵀ G)|layout
+#   dW = (dYᵀ X)|L   -> d(dY) = X Gᵀ (bsr_linear),   dX = dY G (bsr_linear_dx)
+
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if t is None or isinstance(t, Tensor)))
+    ctx.ints = [v for v in inputs if isinstance(v, int)]
+
+
+def _linear_backward(ctx, grad):
+    x, values, *layout, bias = ctx.saved_tensors
+    (out_features,) = ctx.ints
+    dx = torch.ops.sparsekern.bsr_linear_dx(grad, values, *layout, x.shape[1]) if ctx.needs_input_grad[0] else None
+    dvalues = (torch.ops.sparsekern.bsr_sddmm(grad, x, *layout, values.shape[-1])
+               if ctx.needs_input_grad[1] else None)
+    dbias = grad.sum(0) if ctx.needs_input_grad[9] else None
+    return (dx, dvalues) + (None,) * 7 + (dbias,)
+
+
+def _linear_dx_backward(ctx, grad):
+    dy, values, *layout = ctx.saved_tensors
+    ddy = (torch.ops.sparsekern.bsr_linear(grad, values, *layout, dy.shape[1], None)
+           if ctx.needs_input_grad[0] else None)
+    dvalues = (torch.ops.sparsekern.bsr_sddmm(dy, grad, *layout, values.shape[-1])
+               if ctx.needs_input_grad[1] else None)
+    return (ddy, dvalues) + (None,) * 7
+
+
+def _sddmm_backward(ctx, grad):
+    dy, x, *layout = ctx.saved_tensors
+    ddy = torch.ops.sparsekern.bsr_linear(x, grad, *layout, dy.shape[1], None) if ctx.needs_input_grad[0] else None
+    dx = torch.ops.sparsekern.bsr_linear_dx(dy, grad, *layout, x.shape[1]) if ctx.needs_input_grad[1] else None
+    return (ddy, dx) + (None,) * 7
+
+
+_bsr_linear.register_autograd(_linear_backward, setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
+_bsr_linear_dx.register_autograd(_linear_dx_backward,
+                                 setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
+_bsr_sddmm.register_autograd(_sddmm_backward, setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points: argument checks with messages that name the tensor, autocast, then the op.
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_matrix(name: str, t: Tensor, like: Tensor, width: Optional[int] = None) -> None:
+    _check(t.dim() == 2, f"{name} must be 2-D [M, features], got shape {tuple(t.shape)}")
+    _check(t.device == like.device, f"{name} is on {t.device} but the layer values are on {like.device}")
+    _check(t.dtype == like.dtype, f"{name} has dtype {t.dtype} but the other operand has {like.dtype}")
+    if width is not None:
+        _check(t.shape[1] == width, f"{name} has {t.shape[1]} features, expected {width}")
+
+
+def _check_values(layout, values: Tensor) -> None:
+    bs = layout.block_size
+    expected = (layout.nnz_blocks, bs, bs)
+    _check(tuple(values.shape) == expected, f"values must have shape {expected} for this layout, got {tuple(values.shape)}")
+    _check(values.device == layout.device, f"values are on {values.device} but the layout is on {layout.device}")
+    _check(values.is_floating_point(), f"values must be floating point, got {values.dtype}")
+
+
+def _autocast(*tensors: Optional[Tensor]):
+    """Under torch.autocast, run the GEMM in the autocast dtype (fp32 master values stay fp32)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def bsr_linear(x: Tensor, layout, values: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Y = X Wᵀ (+ bias): x [M, in_features] -> [M, out_features], W given by ``layout`` and ``values``."""
+    out_features, in_features = layout.shape
+    _check_values(layout, values)
+    x, values, bias = _autocast(x, values, bias)
+    _check_matrix("x", x, values, in_features)
+    if bias is not None:
+        _check(tuple(bias.shape) == (out_features,), f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        _check(bias.dtype == values.dtype and bias.device == values.device,
+               f"bias must match values ({values.dtype} on {values.device}), got {bias.dtype} on {bias.device}")
+    return torch.ops.sparsekern.bsr_linear(x, values, *layout.index_tensors(), out_features, bias)
+
+
+def bsr_linear_dx(dy: Tensor, layout, values: Tensor) -> Tensor:
+    """dX = dY W: dy [M, out_features] -> [M, in_features]."""
+    out_features, in_features = layout.shape
+    _check_values(layout, values)
+    dy, values = _autocast(dy, values)
+    _check_matrix("dy", dy, values, out_features)
+    return torch.ops.sparsekern.bsr_linear_dx(dy, values, *layout.index_tensors(), in_features)
+
+
+def bsr_sddmm(dy: Tensor, x: Tensor, layout) -> Tensor:
+    """dW = (dYᵀ X) at the layout's blocks: [nnz_blocks, bs, bs]."""
+    out_features, in_features = layout.shape
+    dy, x = _autocast(dy, x)
+    _check_matrix("dy", dy, x, out_features)
+    _check_matrix("x", x, dy, in_features)
+    _check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
+    _check(x.device == layout.device, f"x is on {x.device} but the layout is on {layout.device}")
+    return torch.ops.sparsekern.bsr_sddmm(dy, x, *layout.index_tensors(), layout.block_size)
+
+
+def block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
+    """Frobenius norm of every block of the dense dYᵀX, without storing it: [ceil(N/bs), ceil(K/bs)]."""
+    check_block_size(block_size)
+    dy, x = _autocast(dy, x)
+    _check_matrix("dy", dy, x)
+    _check_matrix("x", x, dy)
+    _check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
+    return torch.ops.sparsekern.block_grad_scores(dy, x, block_size)
+
+
+def build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+                        row_idx: Tensor, perm: Tensor) -> None:
+    """Rewrite a layout's index tensors in place from a block mask (counts checked by the caller)."""
+    torch.ops.sparsekern.build_layout_index_(block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)

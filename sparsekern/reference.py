@@ -1,0 +1,114 @@
+"""Plain-PyTorch definitions of every sparsekern op: the meaning of correctness.
+
+Each op is computed on the dense matrix that the compact block values stand for. Nothing here
+synchronises with the host (no boolean indexing, no ``nonzero()``, no ``.item()``), so the
+reference also runs under CUDA graphs and ``torch.compile``.
+
+Layout tensors (all int32, see ``sparsekern.layout``): ``row_ptr`` [R+1], ``col_idx`` [nnz],
+``coo_row`` [nnz] (block-row of each stored block, CSR order), ``col_ptr`` [C+1], ``row_idx`` [nnz]
+and ``perm`` [nnz] (the transposed index: CSC order, ``perm`` points into the values).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def blocks_to_dense(values: Tensor, coo_row: Tensor, col_idx: Tensor, n_block_rows: int, n_block_cols: int) -> Tensor:
+    """Compact blocks [nnz, bs, bs] -> the padded dense matrix [R*bs, C*bs] (differentiable in ``values``)."""
+    bs = values.shape[-1]
+    grid = values.new_zeros(n_block_rows, n_block_cols, bs, bs)
+    grid = grid.index_put((coo_row.long(), col_idx.long()), values)
+    return grid.permute(0, 2, 1, 3).reshape(n_block_rows * bs, n_block_cols * bs)
+
+
+def pad_to_blocks(matrix: Tensor, block_size: int) -> Tensor:
+    """Zero-pad a 2-D matrix on the bottom/right up to multiples of ``block_size``."""
+    rows, cols = matrix.shape
+    pad_rows = _cdiv(rows, block_size) * block_size - rows
+    pad_cols = _cdiv(cols, block_size) * block_size - cols
+    return torch.nn.functional.pad(matrix, (0, pad_cols, 0, pad_rows))
+
+
+def dense_to_blocks(matrix: Tensor, coo_row: Tensor, col_idx: Tensor, block_size: int) -> Tensor:
+    """Gather the blocks (coo_row[i], col_idx[i]) of a dense matrix into [nnz, bs, bs]."""
+    padded = pad_to_blocks(matrix, block_size)
+    grid = padded.reshape(padded.shape[0] // block_size, block_size, padded.shape[1] // block_size, block_size)
+    return grid[coo_row.long(), :, col_idx.long(), :]
+
+
+def block_norms(matrix: Tensor, block_size: int) -> Tensor:
+    """Frobenius norm of every bs x bs block of a (zero-padded) dense matrix: [R, C]."""
+    padded = pad_to_blocks(matrix, block_size)
+    grid = padded.reshape(padded.shape[0] // block_size, block_size, padded.shape[1] // block_size, block_size)
+    return grid.pow(2).sum(dim=(1, 3)).sqrt()
+
+
+def _dense_weight(values: Tensor, coo_row: Tensor, col_idx: Tensor, row_ptr: Tensor, col_ptr: Tensor,
+                  n_rows: int, n_cols: int) -> Tensor:
+    dense = blocks_to_dense(values, coo_row, col_idx, row_ptr.numel() - 1, col_ptr.numel() - 1)
+    return dense[:n_rows, :n_cols]
+
+
+def bsr_linear(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias):
+    """Y = X Wᵀ (+ b) with W [out_features, in_features] block-sparse."""
+    w = _dense_weight(values, coo_row, col_idx, row_ptr, col_ptr, out_features, x.shape[1])
+    y = x @ w.t()
+    return y + bias if bias is not None else y
+
+
+def bsr_linear_dx(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features):
+    """dX = dY W."""
+    w = _dense_weight(values, coo_row, col_idx, row_ptr, col_ptr, dy.shape[1], in_features)
+    return dy @ w
+
+
+def bsr_sddmm(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size):
+    """dW blocks = (dYᵀ X) sampled at the layout's blocks: [nnz, bs, bs]."""
+    return dense_to_blocks(dy.t() @ x, coo_row, col_idx, block_size)
+
+
+def block_grad_scores(dy, x, block_size):
+    """Frobenius norm of every block of the dense dYᵀX: [ceil(N/bs), ceil(K/bs)], fp32 (fp64 for fp64 inputs)."""
+    acc = _accumulate_dtype(dy.dtype)
+    return block_norms(dy.to(acc).t() @ x.to(acc), block_size)
+
+
+def build_layout_index_(block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm):
+    """Fill block-CSR (row-major order) and block-CSC (column-major, ``perm`` -> CSR position) from a mask.
+
+    Entries that would land at or past the capacity are dropped (the caller checks the count), so
+    a wrong mask never writes out of bounds.
+    """
+    capacity = col_idx.numel()
+    n_rows, n_cols = block_mask.shape
+    ones = block_mask.to(torch.int32)
+    rows = torch.arange(n_rows, dtype=torch.int32, device=block_mask.device)[:, None].expand(n_rows, n_cols)
+    cols = torch.arange(n_cols, dtype=torch.int32, device=block_mask.device)[None, :].expand(n_rows, n_cols)
+
+    row_ptr[0] = 0
+    torch.cumsum(ones.sum(1, dtype=torch.int32), 0, dtype=torch.int32, out=row_ptr[1:])
+    col_ptr[0] = 0
+    torch.cumsum(ones.sum(0, dtype=torch.int32), 0, dtype=torch.int32, out=col_ptr[1:])
+    csr_pos = row_ptr[:-1, None] + ones.cumsum(1, dtype=torch.int32) - 1
+    csc_pos = col_ptr[None, :-1] + ones.cumsum(0, dtype=torch.int32) - 1
+
+    def scatter(target: Tensor, positions: Tensor, source: Tensor) -> None:
+        # Unset blocks (and any overflow) go to a spare slot past the end, then are cut off.
+        slot = torch.where(block_mask & (positions < capacity), positions, capacity).long().flatten()
+        spare = target.new_empty(capacity + 1)
+        spare.scatter_(0, slot, source.flatten())
+        target.copy_(spare[:capacity])
+
+    scatter(col_idx, csr_pos, cols)
+    scatter(coo_row, csr_pos, rows)
+    scatter(row_idx, csc_pos, rows)
+    scatter(perm, csc_pos, csr_pos)
