@@ -42,15 +42,15 @@ def report() -> str:
     for backend in ops.BACKENDS:
         for device_type in ("cpu", "cuda"):
             why = ops.backend_unavailable_reason(backend, device_type)
-            if backend not in ("reference", device_type):
+            if backend not in ("reference", "triton", device_type):
                 continue
             lines.append(f"  {backend:<10} on {device_type:<5} {'available' if why is None else 'unavailable: ' + why}")
     lines += ["", "ops: backend auto picks, per device  (ops a backend lacks run on the reference)"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for op in ops.OPS:
-        native = [b for b in ("cpu", "cuda") if ops.backend_has_op(b, op)]
+        native = [b for b in ("cpu", "cuda", "triton") if ops.backend_has_op(b, op)]
         picks = ", ".join(f"{d}: {ops.select_backend(op, torch.device(d))}" for d in devices)
-        lines.append(f"  {op:<22} auto -> {picks:<28} native kernels: {', '.join(native) or 'none'}")
+        lines.append(f"  {op:<22} auto -> {picks:<28} kernels: {', '.join(native) or 'reference only'}")
     lines += ["", "convolution: SparseConv2d runs unfold + bsr_linear for groups=1; grouped/depthwise "
               "convolutions use a dense conv2d with the densified filter (block sparsity cannot help there)."]
     return "\n".join(lines)

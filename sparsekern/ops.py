@@ -5,16 +5,20 @@ and ``opcheck`` see it. Its implementation picks a backend per call:
 
 - ``cuda`` / ``cpu``: native kernels compiled into ``sparsekern._C`` (ops ``sparsekern::native_<name>``,
   one kernel per dispatch key);
+- ``triton``: functions of the same name in ``sparsekern.triton_kernels``, on CUDA tensors, or on CPU
+  tensors under ``TRITON_INTERPRET=1`` (so that CI runs them);
 - ``reference``: plain PyTorch (``sparsekern.reference``), the definition of correctness.
 
-``SPARSEKERN_BACKEND=auto|cuda|cpu|reference`` overrides the choice. ``auto`` takes the native kernel
-for the tensor's device when one is built, else the reference. A forced backend that cannot run on the
-device raises; a forced backend that lacks an op uses the reference for that op
-(``python -m sparsekern.info`` lists which ops each backend has).
+``SPARSEKERN_BACKEND=auto|cuda|triton|cpu|reference`` overrides the choice. ``auto`` takes, in order, the
+hand-written kernel for the tensor's device, then Triton (CUDA tensors only: the interpreter is for
+tests), then the reference. A forced backend that cannot run on the device raises; a forced backend that
+lacks an op uses the reference for that op (``python -m sparsekern.info`` lists which ops each backend has).
 """
 from __future__ import annotations
 
+import importlib
 import os
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -22,8 +26,8 @@ from torch import Tensor
 
 from . import _native, reference
 
-BACKENDS = ("cuda", "cpu", "reference")
-_AUTO_ORDER = {"cuda": ("cuda", "reference"), "cpu": ("cpu", "reference")}
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
 OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_")
 # Kernels are specialised per block size; these are the ones every backend is built for.
@@ -42,10 +46,25 @@ def requested_backend() -> str:
     return name
 
 
+@lru_cache(maxsize=None)
+def _triton_module():
+    """(sparsekern.triton_kernels or None, why not)."""
+    try:
+        return importlib.import_module("sparsekern.triton_kernels"), None
+    except ImportError as error:
+        return None, f"sparsekern.triton_kernels cannot be imported ({error})"
+
+
 def backend_unavailable_reason(backend: str, device_type: str) -> Optional[str]:
     """Why ``backend`` cannot run on ``device_type`` at all, or None when it can."""
     if backend == "reference":
         return None
+    if backend == "triton":
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device_type} tensors"
+        return _triton_module()[1]
     if backend != device_type:
         return f"the {backend} backend runs on {backend} tensors, not {device_type}"
     if not _native.LOADED:
@@ -58,6 +77,9 @@ def backend_unavailable_reason(backend: str, device_type: str) -> Optional[str]:
 def backend_has_op(backend: str, op: str) -> bool:
     if backend == "reference":
         return True
+    if backend == "triton":
+        module = _triton_module()[0]
+        return module is not None and hasattr(module, op)
     return _native.has_kernel(f"native_{op}", backend)
 
 
@@ -79,6 +101,8 @@ def _implementation(op: str, device: torch.device) -> Callable:
     backend = select_backend(op, device)
     if backend == "reference":
         return getattr(reference, op)
+    if backend == "triton":
+        return getattr(_triton_module()[0], op)
     return getattr(torch.ops.sparsekern, f"native_{op}")
 
 

@@ -1,0 +1,73 @@
+"""Loads the compiled extension ``sparsekern._C`` and says what it holds.
+
+Importing it never fails: when the extension is missing, fails to load, or was built against another
+torch release, it warns once, ``LOADED`` is False, ``LOAD_ERROR`` says why, and every op falls back to
+the reference backend.
+
+- ``LOADED``: the native kernels are usable.
+- ``LOAD_ERROR``: why they are not (None when loaded).
+- ``BUILD_INFO``: ``sparsekern._C.build_info()`` (torch_version, cuda, cuda_version, cuda_archs,
+  native_ops); ``{}`` when not loaded.
+- ``has_kernel(op_name, device_type)``: whether ``sparsekern::<op_name>`` has a kernel for that device.
+"""
+import importlib
+import warnings
+
+import torch
+
+_REBUILD_HINT = "Rebuild with `pip install --no-build-isolation --no-deps -e .`"
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+LOADED = False
+LOAD_ERROR = None
+BUILD_INFO = {}
+
+
+def _major_minor(version):
+    # "2.14.1+cu130" -> (2, 14); None when it does not parse
+    try:
+        major, minor = str(version).split("+")[0].split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def _load():
+    """(build_info, None) when the extension is usable, else (None, reason)."""
+    try:
+        module = importlib.import_module("sparsekern._C")
+    except (ImportError, OSError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        info = dict(module.build_info())
+    except Exception as exc:  # a stale .so from another layout of the package
+        return None, f"sparsekern._C.build_info() failed: {type(exc).__name__}: {exc}"
+    built, running = info.get("torch_version"), torch.__version__
+    if _major_minor(built) != _major_minor(running):
+        # C++ ABI differs across torch minor releases: don't call into the kernels.
+        return None, f"it was built against torch {built} but torch {running} is running"
+    return info, None
+
+
+def has_kernel(op_name: str, device_type: str) -> bool:
+    """Whether the native op ``sparsekern::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
+    key = _DISPATCH_KEYS.get(str(device_type).lower())
+    if not LOADED or key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op_name}", key)
+    except RuntimeError:  # no such op
+        return False
+
+
+_info, LOAD_ERROR = _load()
+if _info is None:
+    warnings.warn(
+        f"sparsekern._C could not be loaded ({LOAD_ERROR}); native CPU/CUDA kernels are disabled and ops fall "
+        f"back to the reference backend. {_REBUILD_HINT} against the installed torch.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    LOADED, BUILD_INFO = True, _info
+del _info
