@@ -50,6 +50,9 @@ class BlockSparseLayout(nn.Module):
             raise ValueError(f"shape must be two positive sizes (N, K), got {tuple(shape)}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.block_size = block_size
+        # Counts in-place rewrites, so that what is derived from the index (e.g. SparseOpt's factors)
+        # knows when to recompute without looking at the device.
+        self.version = 0
         n_rows, n_cols = self.block_grid
         if not 0 <= capacity <= n_rows * n_cols:
             raise ValueError(f"capacity must be in [0, {n_rows * n_cols}] for a {n_rows}x{n_cols} block grid, "
@@ -117,6 +120,13 @@ class BlockSparseLayout(nn.Module):
         mask[self.coo_row.long(), self.col_idx.long()] = True
         return mask
 
+    def row_densities(self) -> Tensor:
+        """[R] fraction of the K columns that each block-row stores (padding excluded), fp32, on the device."""
+        bs = self.block_size
+        inside_cols = (self.shape[1] - self.col_idx.to(torch.float32) * bs).clamp(max=bs)
+        stored = torch.zeros(self.block_grid[0], dtype=torch.float32, device=self.device)
+        return stored.index_add_(0, self.coo_row.long(), inside_cols) / self.shape[1]
+
     def padding_mask(self, dtype=torch.float32) -> Tensor:
         """[nnz, bs, bs] ones where a stored block's entry lies inside the N x K matrix, zeros in the padding."""
         bs = self.block_size
@@ -125,11 +135,13 @@ class BlockSparseLayout(nn.Module):
         return (inside_rows[:, :, None] & inside_cols[:, None, :]).to(dtype)
 
     # -- mutation -------------------------------------------------------------------------------
-    def update_(self, block_mask: Tensor, check: bool = True) -> "BlockSparseLayout":
+    def update_(self, block_mask: Tensor, check: bool = True, block_tensors: Sequence[Tensor] = ()) -> "BlockSparseLayout":
         """Rewrite the index in place for a new mask with exactly ``nnz_blocks`` blocks.
 
-        ``check=True`` verifies the count (one host read); pass ``check=False`` on a hot path whose
-        masks have the right count by construction (e.g. a top-k), to keep it free of host syncs.
+        ``block_tensors`` ([nnz, ...], e.g. values and momentum) are permuted along: kept blocks keep
+        their contents, new blocks become zero. ``check=True`` verifies the count (one host read); pass
+        ``check=False`` on a hot path whose masks have the right count by construction (e.g. a top-k),
+        to keep it free of host syncs.
         """
         if block_mask.dtype != torch.bool or tuple(block_mask.shape) != self.block_grid:
             raise ValueError(f"block_mask must be bool of shape {self.block_grid}, "
@@ -141,7 +153,8 @@ class BlockSparseLayout(nn.Module):
             if count != self.nnz_blocks:
                 raise ValueError(f"block_mask has {count} blocks but the layout's fixed capacity is "
                                  f"{self.nnz_blocks}")
-        ops.build_layout_index_(block_mask.contiguous(), *self.index_tensors())
+        ops.layout_update_(self, block_mask.contiguous(), block_tensors)
+        self.version += 1
         return self
 
     def extra_repr(self) -> str:

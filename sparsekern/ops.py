@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from . import _native, reference
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
-OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_")
+OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_", "masked_sgd_")
 # Kernels are specialised per block size; these are the ones every backend is built for.
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -142,6 +142,16 @@ def _build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, c
         block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)
 
 
+@torch.library.custom_op("sparsekern::masked_sgd_", mutates_args=("param", "momentum_buffer", "master", "step"))
+def _masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], master: Optional[Tensor], step: Tensor,
+                 grad_scale: Optional[Tensor], inv_loss_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                 lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                 decoupled_weight_decay: bool) -> None:
+    _implementation("masked_sgd_", param.device)(
+        param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, found_inf,
+        lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay)
+
+
 # ----------------------------------------------------------------------------------------------
 # Fake (meta) kernels: output shapes only.
 
@@ -172,6 +182,12 @@ def _(dy, x, block_size):
 
 @_build_layout_index_.register_fake
 def _(block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm):
+    return None
+
+
+@_masked_sgd_.register_fake
+def _(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, found_inf, lr, momentum, dampening,
+      weight_decay, nesterov, decoupled_weight_decay):
     return None
 
 
@@ -298,3 +314,47 @@ def build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, co
                         row_idx: Tensor, perm: Tensor) -> None:
     """Rewrite a layout's index tensors in place from a block mask (counts checked by the caller)."""
     torch.ops.sparsekern.build_layout_index_(block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)
+
+
+def layout_update_(layout, block_mask: Tensor, block_tensors: Sequence[Tensor] = ()) -> None:
+    """Rewrite ``layout`` for a new mask of the same capacity and move the blocks of each tensor in
+    ``block_tensors`` ([nnz, ...]: values, momentum, ...) to their new positions in place: blocks kept by
+    the new mask keep their contents, new blocks start at zero. On the device, with no host sync.
+    """
+    nnz = layout.nnz_blocks
+    for t in block_tensors:
+        _check(t.shape[:1] == (nnz,) and t.device == layout.device,
+               f"block tensors must have {nnz} blocks on {layout.device}, got {tuple(t.shape)} on {t.device}")
+    old_position = torch.full(layout.block_grid, -1, dtype=torch.int64, device=layout.device)
+    old_position[layout.coo_row.long(), layout.col_idx.long()] = torch.arange(nnz, device=layout.device)
+    build_layout_index_(block_mask, *layout.index_tensors())
+    source = old_position[layout.coo_row.long(), layout.col_idx.long()]
+    kept = source >= 0
+    source = source.clamp(min=0)
+    with torch.no_grad():
+        for t in block_tensors:
+            moved = t[source]
+            t.copy_(torch.where(kept.view(-1, *([1] * (t.dim() - 1))), moved, torch.zeros_like(moved)))
+
+
+def masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], master: Optional[Tensor], step: Tensor,
+                *, lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                nesterov: bool = False, decoupled_weight_decay: bool = False, grad_scale: Optional[Tensor] = None,
+                inv_loss_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """Fused in-place SGD step on one tensor (compact block values or a dense parameter); see
+    ``sparsekern.reference.masked_sgd_`` for the exact arithmetic."""
+    _check(grad.shape == param.shape, f"grad has shape {tuple(grad.shape)} but param has {tuple(param.shape)}")
+    weights = master if master is not None else param
+    _check(weights.dtype in (torch.float32, torch.float64) or master is None,
+           f"master must be fp32/fp64, got {weights.dtype}")
+    if momentum_buffer is not None:
+        _check(momentum_buffer.shape == param.shape and momentum_buffer.dtype == weights.dtype,
+               f"momentum_buffer must have shape {tuple(param.shape)} and dtype {weights.dtype}")
+    if grad_scale is not None:
+        _check(grad_scale.shape == param.shape[:1],
+               f"grad_scale must have one factor per block ({param.shape[0]}), got {tuple(grad_scale.shape)}")
+    if momentum != 0:
+        _check(momentum_buffer is not None, "momentum_buffer is required when momentum != 0")
+    torch.ops.sparsekern.masked_sgd_(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale,
+                                     found_inf, lr, momentum, dampening, weight_decay, nesterov,
+                                     decoupled_weight_decay)

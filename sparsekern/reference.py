@@ -112,3 +112,36 @@ def build_layout_index_(block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx,
     scatter(coo_row, csr_pos, rows)
     scatter(row_idx, csc_pos, rows)
     scatter(perm, csc_pos, csr_pos)
+
+
+def masked_sgd_(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, found_inf,
+                lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay):
+    """One SGD step on compact values, in place, in the order torch.optim.SGD computes it.
+
+    ``master``: fp32 copy updated instead of a low-precision ``param`` (which receives its rounding);
+    ``grad_scale``: per-block gradient factors [nnz] (SparseOpt), ``inv_loss_scale``: 1/AMP scale;
+    ``found_inf`` != 0 skips the step, momentum included; ``step`` counts taken steps (the first one
+    initialises the momentum buffer with the gradient, as torch does).
+    """
+    weights = master if master is not None else param
+    g = grad.to(weights.dtype)
+    if inv_loss_scale is not None:
+        g = g * inv_loss_scale.to(weights.dtype)
+    if grad_scale is not None:
+        g = g * grad_scale.to(weights.dtype).view(-1, *([1] * (g.dim() - 1)))
+    if weight_decay != 0 and not decoupled_weight_decay:
+        g = g.add(weights, alpha=weight_decay)
+    new_buffer = None
+    if momentum != 0:
+        running = momentum_buffer.mul(momentum).add(g, alpha=1 - dampening)
+        new_buffer = torch.where(step == 0, g, running)
+        g = g.add(new_buffer, alpha=momentum) if nesterov else new_buffer
+    new_weights = weights.mul(1 - lr * weight_decay) if decoupled_weight_decay and weight_decay != 0 else weights
+    new_weights = new_weights.add(g, alpha=-lr)
+    take = torch.ones((), dtype=torch.bool, device=weights.device) if found_inf is None else found_inf == 0
+    weights.copy_(torch.where(take, new_weights, weights))
+    if new_buffer is not None:
+        momentum_buffer.copy_(torch.where(take, new_buffer, momentum_buffer))
+    if master is not None:
+        param.copy_(weights)
+    step.add_(take.to(step.dtype))

@@ -5,6 +5,7 @@ maps its usual dense weight to and from that matrix (Linear: identity; Conv2d: K
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -29,7 +30,7 @@ class BlockSparseWeight(nn.Module):
         check_sparsity(sparsity)
         self.layout = BlockSparseLayout.random(matrix_shape, block_size, 1.0 - sparsity, device=device)
         bs = block_size
-        self.values = nn.Parameter(torch.empty(self.layout.nnz_blocks, bs, bs, device=device, dtype=dtype))
+        self._set_values(nn.Parameter(torch.empty(self.layout.nnz_blocks, bs, bs, device=device, dtype=dtype)))
         # Same distribution as nn.Linear / nn.Conv2d (kaiming_uniform with a=sqrt(5) => U(-1/sqrt(fan_in), ..)).
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         with torch.no_grad():
@@ -69,7 +70,20 @@ class BlockSparseWeight(nn.Module):
     def _adopt_matrix(self, matrix: Tensor, n_blocks: int) -> None:
         """Replace layout and values by the ``n_blocks`` largest-norm blocks of ``matrix`` (construction only)."""
         self.layout, values = compact_from_matrix(matrix, n_blocks, self.layout.block_size)
-        self.values = nn.Parameter(values.to(self.values.dtype))
+        self._set_values(nn.Parameter(values.to(self.values.dtype)))
+
+    def _set_values(self, values: nn.Parameter) -> None:
+        # The values carry a link to their layout, so that optimizers given only parameters
+        # (sparsekern.optim) can find each block's row.
+        values.block_layout = self.layout
+        self.values = values
+
+    def __deepcopy__(self, memo):
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        clone.values.block_layout = clone.layout
+        return clone
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
