@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import reference
+from .. import ops, reference
 from ..layout import BlockSparseLayout, blocks_for_density, top_blocks_mask
 
 
@@ -25,6 +25,22 @@ class BlockSparseWeight(nn.Module):
 
     layout: BlockSparseLayout
     values: nn.Parameter
+    # DST (RigL/BiDST) sets capture_grad_scores for the forward/backward of an update step; the backward
+    # then leaves the block norms of the dense weight gradient in grad_scores ([R, C]).
+    capture_grad_scores: bool = False
+    grad_scores = None
+
+    def _gemm(self, x2d: Tensor) -> Tensor:
+        """bsr_linear of the layer on a 2-D input, recording gradient scores when DST asks for them."""
+        y = ops.bsr_linear(x2d, self.layout, self.values, self.bias)
+        if self.capture_grad_scores and y.requires_grad:
+            x_saved = x2d.detach()
+            y.register_hook(lambda grad: self._record_grad_scores(ops.block_grad_scores(grad, x_saved,
+                                                                                       self.block_size)))
+        return y
+
+    def _record_grad_scores(self, scores: Tensor) -> None:
+        self.grad_scores = scores
 
     def _init_sparse_weight(self, matrix_shape, sparsity: float, block_size: int, fan_in: int, device, dtype):
         check_sparsity(sparsity)

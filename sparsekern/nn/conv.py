@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .. import ops
+from .. import reference
 from ._sparse_weight import BlockSparseWeight, blocks_kept
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -101,7 +101,12 @@ class SparseConv2d(BlockSparseWeight):
 
     def _conv(self, x: Tensor) -> Tensor:
         if self.groups != 1:
-            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
+            weight = self.dense_weight()
+            if self.capture_grad_scores and weight.requires_grad:
+                # The dense fallback has the exact dense weight gradient at hand.
+                weight.register_hook(lambda grad: self._record_grad_scores(
+                    reference.block_norms(self._weight_to_matrix(grad).float(), self.block_size)))
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         batch, cin, height, width = x.shape
         kh, kw = self.kernel_size
         out_h = (height - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -110,7 +115,7 @@ class SparseConv2d(BlockSparseWeight):
             raise ValueError(f"input of size {height}x{width} (after padding) is smaller than the kernel")
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [B, cin*kh*kw, L]
         cols = cols.view(batch, cin, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, kh * kw * cin)
-        y = ops.bsr_linear(cols, self.layout, self.values, self.bias)  # [B*L, out]
+        y = self._gemm(cols)  # [B*L, out]
         # [B, H, W, C] viewed as NCHW: the result is channels_last in memory, with no copy.
         return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 

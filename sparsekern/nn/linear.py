@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import ops
 from ._sparse_weight import BlockSparseWeight, blocks_kept
 
 
@@ -35,7 +34,7 @@ class SparseLinear(BlockSparseWeight):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
-        y = ops.bsr_linear(x.reshape(-1, self.in_features), self.layout, self.values, self.bias)
+        y = self._gemm(x.reshape(-1, self.in_features))
         return y.view(*x.shape[:-1], self.out_features)
 
     @classmethod
