@@ -61,8 +61,7 @@ def _dense_weight(values: Tensor, coo_row: Tensor, col_idx: Tensor, row_ptr: Ten
 def bsr_linear(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias):
     """Y = X Wᵀ (+ b) with W [out_features, in_features] block-sparse."""
     w = _dense_weight(values, coo_row, col_idx, row_ptr, col_ptr, out_features, x.shape[1])
-    y = x @ w.t()
-    return y + bias if bias is not None else y
+    return torch.nn.functional.linear(x, w, bias)  # bias added before the output is rounded
 
 
 def bsr_linear_dx(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features):

@@ -1,0 +1,77 @@
+"""Helpers shared by the test files: seeded random inputs and dense oracles built without sparsekern.
+
+The oracles here use plain loops over the layout's stored blocks, not ``sparsekern.reference``, so that
+a bug in the reference cannot hide itself by agreeing with its own test.
+"""
+import pytest
+import torch
+
+import sparsekern as sk
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed, dtype=torch.float32, requires_grad=False):
+    """Normal noise from a fixed seed, in ``dtype`` (drawn in fp32 so all dtypes see the same numbers)."""
+    t = torch.randn(*shape, generator=generator(seed)).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def random_block_mask(grid, density, seed):
+    """A bool block mask of shape ``grid`` with each block kept with probability ``density`` (0 and 1 exact)."""
+    if density >= 1.0:
+        return torch.ones(grid, dtype=torch.bool)
+    return torch.rand(grid, generator=generator(seed)) < density
+
+
+def random_layout(shape, block_size, density, seed):
+    """A layout over an [N, K] matrix with a random mask on its (padded) block grid."""
+    grid = (-(-shape[0] // block_size), -(-shape[1] // block_size))
+    return sk.BlockSparseLayout.from_block_mask(random_block_mask(grid, density, seed), block_size, shape)
+
+
+def random_values(layout, seed, dtype=torch.float32, requires_grad=False):
+    """Random compact values, non-zero in the padding region too (ops must ignore it)."""
+    bs = layout.block_size
+    return randn(layout.nnz_blocks, bs, bs, seed=seed, dtype=dtype, requires_grad=requires_grad)
+
+
+def dense_matrix(values, layout):
+    """The [N, K] matrix that ``values`` stand for: each stored block written at its place, then cropped.
+
+    Differentiable in ``values`` (slice assignment), so autograd through it is the dense-masked oracle.
+    """
+    bs = layout.block_size
+    n_rows, n_cols = layout.block_grid
+    matrix = values.new_zeros(n_rows * bs, n_cols * bs)
+    for i, (r, c) in enumerate(zip(layout.coo_row.tolist(), layout.col_idx.tolist())):
+        matrix[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = values[i]
+    return matrix[: layout.shape[0], : layout.shape[1]]
+
+
+def block_frobenius_norms(matrix, block_size):
+    """[ceil(N/bs), ceil(K/bs)] Frobenius norm of each block of ``matrix`` (last blocks may be partial)."""
+    n, k = matrix.shape
+    grid = (-(-n // block_size), -(-k // block_size))
+    norms = torch.empty(grid, dtype=matrix.dtype)
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            norms[r, c] = matrix[r * block_size:(r + 1) * block_size, c * block_size:(c + 1) * block_size].norm()
+    return norms
+
+
+def conv_weight_from_matrix(matrix, out_channels, in_per_group, kernel_size):
+    """[out, kh*kw*cin] with K ordered (kh, kw, cin) -> the nn.Conv2d weight [out, cin, kh, kw]."""
+    kh, kw = kernel_size
+    return matrix.reshape(out_channels, kh, kw, in_per_group).permute(0, 3, 1, 2)
+
+
+@pytest.fixture
+def backend_env(monkeypatch):
+    """Set SPARSEKERN_BACKEND for one test (restored afterwards)."""
+    def set_backend(name):
+        monkeypatch.setenv("SPARSEKERN_BACKEND", name)
+    monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
+    return set_backend

@@ -1,0 +1,357 @@
+"""The four GEMM ops through the public wrappers in sk.ops, against dense masked oracles built in the tests."""
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+from conftest import block_frobenius_norms, dense_matrix, randn, random_layout, random_values
+
+# (M, N, K): rows of X, out_features, in_features; none but one a multiple of the block size
+SHAPES = [(5, 37, 70), (1, 16, 16), (33, 64, 129), (7, 130, 40)]
+BLOCK_SIZES = [16, 32]
+DENSITIES = [0.0, 0.4, 1.0]
+# fp32 and fp64 against an fp64 oracle with a fixed tolerance; fp16 by the flash-attention rule below
+EXACT_DTYPES = [(torch.float32, 1e-4, 1e-5), (torch.float64, 1e-11, 1e-11)]
+GEMM_OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores")
+
+
+def seed_of(*parts):
+    """A fixed seed per test case (crc32, not hash(): stable across interpreters)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def problem(shape, block_size, density, dtype=torch.float32, requires_grad=False):
+    """(layout, values, x, dy, bias) for Y[M, N] = X[M, K] Wᵀ, all random from fixed seeds."""
+    m, n, k = shape
+    seed = seed_of(shape, block_size, density)
+    layout = random_layout((n, k), block_size, density, seed)
+    values = random_values(layout, seed + 1, dtype, requires_grad)
+    x = randn(m, k, seed=seed + 2, dtype=dtype, requires_grad=requires_grad)
+    dy = randn(m, n, seed=seed + 3, dtype=dtype, requires_grad=requires_grad)
+    bias = randn(n, seed=seed + 4, dtype=dtype, requires_grad=requires_grad)
+    return layout, values, x, dy, bias
+
+
+def padded_blocks(matrix, layout):
+    """The stored blocks of a dense [N, K] matrix, zero in the padding: [nnz, bs, bs] (plain loops)."""
+    bs = layout.block_size
+    n_rows, n_cols = layout.block_grid
+    padded = matrix.new_zeros(n_rows * bs, n_cols * bs)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+    blocks = [padded[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs]
+              for r, c in zip(layout.coo_row.tolist(), layout.col_idx.tolist())]
+    return torch.stack(blocks) if blocks else matrix.new_zeros(0, bs, bs)
+
+
+def fp16_rule(ours, oracle64, plain_torch):
+    """Flash-attention's rule: our error vs the fp64 oracle is at most 2x plain PyTorch's in the same dtype."""
+    ours_error = (ours.double() - oracle64).abs().max().item() if ours.numel() else 0.0
+    torch_error = (plain_torch.double() - oracle64).abs().max().item() if ours.numel() else 0.0
+    assert ours_error <= 2 * torch_error + 1e-5, (ours_error, torch_error)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward values
+
+@pytest.mark.parametrize("dtype, atol, rtol", EXACT_DTYPES)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemms_match_dense_masked(shape, block_size, density, dtype, atol, rtol):
+    layout, values, x, dy, bias = problem(shape, block_size, density, dtype)
+    w64 = dense_matrix(values.double(), layout)
+    x64, dy64, b64 = x.double(), dy.double(), bias.double()
+
+    y = sk.ops.bsr_linear(x, layout, values, bias)
+    assert y.dtype == dtype and y.shape == (shape[0], shape[1])
+    torch.testing.assert_close(y, (x64 @ w64.t() + b64).to(dtype), atol=atol, rtol=rtol)
+    y_no_bias = sk.ops.bsr_linear(x, layout, values)
+    torch.testing.assert_close(y_no_bias, (x64 @ w64.t()).to(dtype), atol=atol, rtol=rtol)
+
+    dx = sk.ops.bsr_linear_dx(dy, layout, values)
+    assert dx.dtype == dtype and dx.shape == (shape[0], shape[2])
+    torch.testing.assert_close(dx, (dy64 @ w64).to(dtype), atol=atol, rtol=rtol)
+
+    dw = sk.ops.bsr_sddmm(dy, x, layout)
+    assert dw.dtype == dtype and dw.shape == (layout.nnz_blocks, block_size, block_size)
+    torch.testing.assert_close(dw, padded_blocks(dy64.t() @ x64, layout).to(dtype), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemms_fp16(shape, block_size, density):
+    layout, values, x, dy, bias = problem(shape, block_size, density, torch.float16)
+    w16 = dense_matrix(values, layout)
+    w64 = w16.double()
+    x64, dy64, b64 = x.double(), dy.double(), bias.double()
+
+    y = sk.ops.bsr_linear(x, layout, values, bias)
+    assert y.dtype == torch.float16
+    fp16_rule(y, x64 @ w64.t() + b64, F.linear(x, w16, bias))
+
+    dx = sk.ops.bsr_linear_dx(dy, layout, values)
+    assert dx.dtype == torch.float16
+    fp16_rule(dx, dy64 @ w64, dy @ w16)
+
+    dw = sk.ops.bsr_sddmm(dy, x, layout)
+    assert dw.dtype == torch.float16
+    fp16_rule(dw, padded_blocks(dy64.t() @ x64, layout), padded_blocks(dy.t() @ x, layout))
+
+
+def test_fp16_bias_added_before_rounding():
+    """Y = XWᵀ + b rounds once to fp16, like F.linear: 2048 + 1 (product) + 1 (bias) = 2050 exactly.
+
+    Rounding the product first loses it: fp16(2049) = 2048 (ties to even), then fp16(2048 + 1) = 2048.
+    """
+    layout = sk.BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), 16)
+    values = torch.zeros(1, 16, 16, dtype=torch.float16)
+    values[0, 0, 0], values[0, 0, 1] = 2048, 1
+    x = torch.zeros(1, 16, dtype=torch.float16)
+    x[0, :2] = 1
+    bias = torch.zeros(16, dtype=torch.float16)
+    bias[0] = 1
+    assert F.linear(x, values[0], bias)[0, 0].item() == 2050  # plain PyTorch, for the record
+    assert sk.ops.bsr_linear(x, layout, values, bias)[0, 0].item() == 2050
+
+
+def test_padding_values_are_ignored():
+    """Garbage in the padding region of the values must not reach the output."""
+    layout, values, x, dy, bias = problem((5, 37, 70), 16, 1.0)
+    noisy = values + 1000.0 * (1 - layout.padding_mask())
+    torch.testing.assert_close(sk.ops.bsr_linear(x, layout, noisy, bias), sk.ops.bsr_linear(x, layout, values, bias))
+    torch.testing.assert_close(sk.ops.bsr_linear_dx(dy, layout, noisy), sk.ops.bsr_linear_dx(dy, layout, values))
+    # ... and the SDDMM writes zeros there
+    dw = sk.ops.bsr_sddmm(dy, x, layout)
+    assert torch.all(dw[layout.padding_mask() == 0] == 0)
+    assert torch.all(dw[layout.padding_mask() == 1] != 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bsr_linear_grads_match_dense_autograd(shape, block_size, density, with_bias):
+    layout, values, x, dy, bias = problem(shape, block_size, density, torch.float64, requires_grad=True)
+    bias = bias if with_bias else None
+    y = sk.ops.bsr_linear(x, layout, values, bias)
+    inputs = [x, values] + ([bias] if with_bias else [])
+    ours = torch.autograd.grad(y, inputs, dy.detach(), materialize_grads=True)
+
+    dense = F.linear(x, dense_matrix(values, layout), bias)
+    # density 0: the dense oracle never touches the (empty) values, so their grad is materialised as zeros
+    expected = torch.autograd.grad(dense, inputs, dy.detach(), materialize_grads=True)
+    for name, got, want in zip(["x", "values", "bias"], ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11, msg=f"grad of {name}")
+    # the padding region of the values grad is zero (dense_to_blocks of the padded dense grad)
+    assert torch.all(ours[1][layout.padding_mask() == 0] == 0)
+
+
+# gradcheck perturbs every input element, so these stay small: a few blocks, ragged edges included
+@pytest.mark.parametrize("shape, block_size, density", [((3, 20, 37), 16, 0.5), ((2, 16, 16), 16, 1.0),
+                                                        ((2, 33, 17), 32, 1.0)])
+def test_gradcheck(shape, block_size, density):
+    layout, values, x, dy, bias = problem(shape, block_size, density, torch.float64, requires_grad=True)
+    assert layout.nnz_blocks > 0
+    assert torch.autograd.gradcheck(lambda x, v, b: sk.ops.bsr_linear(x, layout, v, b), (x, values, bias))
+    assert torch.autograd.gradcheck(lambda d, v: sk.ops.bsr_linear_dx(d, layout, v), (dy, values))
+    assert torch.autograd.gradcheck(lambda d, x: sk.ops.bsr_sddmm(d, x, layout), (dy, x))
+
+
+@pytest.mark.parametrize("shape, block_size, density", [((2, 16, 16), 16, 1.0), ((2, 20, 18), 16, 0.5)])
+def test_gradgradcheck_bsr_linear(shape, block_size, density):
+    layout, values, x, dy, bias = problem(shape, block_size, density, torch.float64, requires_grad=True)
+    assert layout.nnz_blocks > 0
+    assert torch.autograd.gradgradcheck(lambda x, v, b: sk.ops.bsr_linear(x, layout, v, b), (x, values, bias))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("shape, block_size, density", [((5, 37, 70), 16, 0.4), ((3, 32, 32), 32, 1.0),
+                                                        ((2, 20, 40), 16, 0.0)])
+def test_opcheck_gemms(shape, block_size, density, requires_grad):
+    layout, values, x, dy, bias = problem(shape, block_size, density, torch.float32, requires_grad)
+    index = layout.index_tensors()
+    n, k = layout.shape
+    torch.library.opcheck(torch.ops.sparsekern.bsr_linear.default, (x, values, *index, n, bias))
+    torch.library.opcheck(torch.ops.sparsekern.bsr_linear.default, (x, values, *index, n, None))
+    torch.library.opcheck(torch.ops.sparsekern.bsr_linear_dx.default, (dy, values, *index, k))
+    torch.library.opcheck(torch.ops.sparsekern.bsr_sddmm.default, (dy, x, *index, block_size))
+    if not requires_grad:  # block_grad_scores has no derivative (it feeds a mask decision)
+        torch.library.opcheck(torch.ops.sparsekern.block_grad_scores.default, (dy, x, block_size))
+
+
+@pytest.mark.parametrize("grid, density", [((3, 5), 0.5), ((1, 1), 1.0), ((4, 2), 0.0)])
+def test_opcheck_build_layout_index(grid, density):
+    layout = random_layout((grid[0] * 16, grid[1] * 16), 16, density, seed=grid[0])
+    mask = layout.to_block_mask()
+    fresh = [torch.zeros_like(t) for t in layout.index_tensors()]
+    torch.library.opcheck(torch.ops.sparsekern.build_layout_index_.default, (mask, *fresh))
+
+
+# ----------------------------------------------------------------------------------------------
+# block_grad_scores
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                              (torch.float64, torch.float64)])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_grad_scores(shape, block_size, dtype, out_dtype):
+    m, n, k = shape
+    dy = randn(m, n, seed=seed_of(shape, 1), dtype=dtype)
+    x = randn(m, k, seed=seed_of(shape, 2), dtype=dtype)
+    scores = sk.ops.block_grad_scores(dy, x, block_size)
+    assert scores.dtype == out_dtype
+    assert scores.shape == (math.ceil(n / block_size), math.ceil(k / block_size))
+    expected = block_frobenius_norms(dy.double().t() @ x.double(), block_size)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # fp16 inputs are exact in fp32: fp32 accumulation error only
+    torch.testing.assert_close(scores.double(), expected, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: ValueErrors that name the tensor
+
+@pytest.fixture
+def linear_problem():
+    return problem((5, 37, 70), 16, 0.4)
+
+
+def test_wrong_in_features(linear_problem):
+    layout, values, x, dy, bias = linear_problem
+    with pytest.raises(ValueError, match=r"^x has 71 features, expected 70"):
+        sk.ops.bsr_linear(randn(5, 71, seed=0), layout, values, bias)
+    with pytest.raises(ValueError, match=r"^dy has 36 features, expected 37"):
+        sk.ops.bsr_linear_dx(randn(5, 36, seed=0), layout, values)
+    with pytest.raises(ValueError, match=r"^x has 71 features"):
+        sk.ops.bsr_sddmm(dy, randn(5, 71, seed=0), layout)
+
+
+def test_dtype_mismatch(linear_problem):
+    layout, values, x, dy, bias = linear_problem
+    with pytest.raises(ValueError, match=r"^x has dtype torch.float64"):
+        sk.ops.bsr_linear(x.double(), layout, values, bias)
+    with pytest.raises(ValueError, match=r"^dy has dtype torch.float64"):
+        sk.ops.bsr_linear_dx(dy.double(), layout, values)
+    with pytest.raises(ValueError, match=r"^bias must match values"):
+        sk.ops.bsr_linear(x, layout, values, bias.double())
+    with pytest.raises(ValueError, match=r"^(dy|x) has dtype torch.float(32|16)"):
+        sk.ops.bsr_sddmm(dy, x.half(), layout)
+
+
+def test_values_of_wrong_shape(linear_problem):
+    layout, values, x, dy, bias = linear_problem
+    for bad in (values[1:], values[:, :8], values.reshape(-1, 8, 32), values.flatten()):
+        with pytest.raises(ValueError, match=r"^values must have shape"):
+            sk.ops.bsr_linear(x, layout, bad, bias)
+        with pytest.raises(ValueError, match=r"^values must have shape"):
+            sk.ops.bsr_linear_dx(dy, layout, bad)
+
+
+def test_bias_of_wrong_shape(linear_problem):
+    layout, values, x, dy, bias = linear_problem
+    for bad in (bias[1:], bias[None], randn(70, seed=0)):
+        with pytest.raises(ValueError, match=r"^bias must have shape \(37,\)"):
+            sk.ops.bsr_linear(x, layout, values, bad)
+
+
+def test_input_must_be_2d(linear_problem):
+    layout, values, x, dy, bias = linear_problem
+    with pytest.raises(ValueError, match=r"^x must be 2-D"):
+        sk.ops.bsr_linear(x[None], layout, values, bias)
+    with pytest.raises(ValueError, match=r"^x must be 2-D"):
+        sk.ops.bsr_linear(x[0], layout, values, bias)
+    with pytest.raises(ValueError, match=r"^dy must be 2-D"):
+        sk.ops.bsr_linear_dx(dy[None], layout, values)
+    with pytest.raises(ValueError, match=r"^dy must be 2-D"):
+        sk.ops.block_grad_scores(dy[None], x, 16)
+
+
+def test_row_count_mismatch(linear_problem):
+    layout, values, x, dy, bias = linear_problem
+    with pytest.raises(ValueError, match=r"^dy has 5 rows but x has 4"):
+        sk.ops.bsr_sddmm(dy, x[:4], layout)
+    with pytest.raises(ValueError, match=r"^dy has 5 rows but x has 4"):
+        sk.ops.block_grad_scores(dy, x[:4], 16)
+
+
+@pytest.mark.parametrize("block_size", [24, 8, 0])
+def test_block_grad_scores_bad_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        sk.ops.block_grad_scores(randn(4, 32, seed=0), randn(4, 32, seed=1), block_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection
+
+def test_bogus_backend_raises(linear_problem, backend_env):
+    layout, values, x, dy, bias = linear_problem
+    backend_env("bogus")
+    with pytest.raises(ValueError, match="SPARSEKERN_BACKEND"):
+        sk.ops.bsr_linear(x, layout, values, bias)
+    with pytest.raises(ValueError, match="SPARSEKERN_BACKEND"):
+        sk.ops.select_backend("bsr_linear", torch.device("cpu"))
+
+
+def test_cuda_backend_on_cpu_tensors_raises(linear_problem, backend_env):
+    layout, values, x, dy, bias = linear_problem
+    backend_env("cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.ops.bsr_linear(x, layout, values, bias)
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.ops.block_grad_scores(dy, x, 16)
+
+
+@pytest.mark.parametrize("op", GEMM_OPS)
+def test_select_backend_on_cpu(op, backend_env):
+    cpu = torch.device("cpu")
+    backend_env("auto")
+    # no native GEMM kernels yet: the reference runs them; once a CPU kernel exists, auto must take it
+    assert sk.ops.select_backend(op, cpu) == ("cpu" if sk.ops.backend_has_op("cpu", op) else "reference")
+    backend_env("reference")
+    assert sk.ops.select_backend(op, cpu) == "reference"
+    backend_env("cpu")  # a forced backend without the op falls back to the reference for it
+    assert sk.ops.select_backend(op, cpu) == ("cpu" if sk.ops.backend_has_op("cpu", op) else "reference")
+
+
+def test_backends_agree_on_gemms(backend_env):
+    layout, values, x, dy, bias = problem((9, 40, 70), 16, 0.5, torch.float64)
+    results = {}
+    for backend in ("reference", "auto", "cpu"):
+        backend_env(backend)
+        results[backend] = (sk.ops.bsr_linear(x, layout, values, bias), sk.ops.bsr_linear_dx(dy, layout, values),
+                            sk.ops.bsr_sddmm(dy, x, layout), sk.ops.block_grad_scores(dy, x, 16))
+    for backend in ("auto", "cpu"):
+        for got, want in zip(results[backend], results["reference"]):
+            torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast
+
+def test_autocast_bf16():
+    layout, values, x, dy, bias = problem((6, 37, 70), 16, 0.5, torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sk.ops.bsr_linear(x, layout, values, bias)
+    assert y.dtype == torch.bfloat16
+    assert values.dtype == torch.float32
+    # compute in bf16, compared with the same product done by plain PyTorch in bf16
+    w = dense_matrix(values.detach(), layout)
+    oracle = x.detach().double() @ w.double().t() + bias.detach().double()
+    plain = F.linear(x.detach().bfloat16(), w.bfloat16(), bias.detach().bfloat16())
+    fp16_rule(y.detach(), oracle, plain)
+    assert (y.double() - oracle).abs().max() > 0  # really computed in bf16, not fp32
+
+    y.float().backward(dy.detach())
+    assert values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    expected = padded_blocks(dy.detach().double().t() @ x.detach().double(), layout)
+    torch.testing.assert_close(values.grad.double(), expected, atol=0.1, rtol=2e-2)
+    # the bias grad is a sum of bf16 upstream grads: bf16 rounding (8 bits) on values of size ~sqrt(M)
+    torch.testing.assert_close(bias.grad, dy.detach().sum(0), atol=0.05, rtol=1e-2)
