@@ -3,10 +3,17 @@
 The oracles here use plain loops over the layout's stored blocks, not ``sparsekern.reference``, so that
 a bug in the reference cannot hide itself by agreeing with its own test.
 """
+import os
+
 import pytest
 import torch
 
-import sparsekern as sk
+# Without a GPU the Triton kernels run in the interpreter on CPU tensors. Triton decides at decoration
+# time, so this must be set before sparsekern.triton_kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sparsekern as sk  # noqa: E402
 
 
 def generator(seed):
