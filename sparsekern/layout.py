@@ -157,6 +157,10 @@ class BlockSparseLayout(nn.Module):
         self.version += 1
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.version += 1  # the index was overwritten in place, like an update_
+
     def extra_repr(self) -> str:
         n_rows, n_cols = self.block_grid
         return (f"shape={self.shape}, block_size={self.block_size}, nnz_blocks={self.nnz_blocks}/"

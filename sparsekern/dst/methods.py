@@ -11,8 +11,12 @@ class SET(DSTScheduler):
     """Sparse Evolutionary Training (Mocanu et al. 2018): grow uniformly at random among inactive blocks."""
 
     def grow_scores(self, name, layer) -> Tensor:
+        # Drawn on the CPU generator (whose state the checkpoint keeps); a pinned, non-blocking copy
+        # keeps the update free of host synchronisation on a GPU.
         scores = torch.rand(layer.layout.block_grid, generator=self.generator)
-        return scores.to(layer.layout.device)
+        if layer.layout.device.type == "cuda":
+            scores = scores.pin_memory()
+        return scores.to(layer.layout.device, non_blocking=True)
 
 
 class RigL(DSTScheduler):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..layout import top_blocks_mask
 from ..nn._sparse_weight import BlockSparseWeight
+from ..optim import block_state
 
 
 class DSTScheduler:
@@ -109,7 +110,7 @@ class DSTScheduler:
         """Rewrite the layer's layout for ``mask`` (same count), moving values and optimizer state along."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(mask, src=0)  # every rank takes rank 0's decision
-        state = self.optimizer.block_state(layer.values) if hasattr(self.optimizer, "block_state") else []
+        state = block_state(self.optimizer, layer.values) if self.optimizer is not None else []
         layer.layout.update_(mask, check=False, block_tensors=[layer.values.data, *state])
 
     # -- reporting and resume ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Optimizers that step compact block values in one fused pass per tensor."""
-from .masked_sgd import MaskedSGD
+from .masked_sgd import MaskedSGD, block_state
 from .sparseopt import SparseOpt
 
-__all__ = ["MaskedSGD", "SparseOpt"]
+__all__ = ["MaskedSGD", "SparseOpt", "block_state"]

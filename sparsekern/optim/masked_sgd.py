@@ -16,6 +16,13 @@ from .. import ops
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def block_state(optimizer: Optimizer, values: Tensor) -> List[Tensor]:
+    """Every state tensor that any optimizer keeps per block of ``values`` (leading dimension nnz_blocks:
+    momentum, Adam moments, fp32 masters): what must move with the blocks when the layout changes."""
+    state = optimizer.state.get(values, {})
+    return [t for t in state.values() if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == values.shape[0]]
+
+
 class MaskedSGD(Optimizer):
     """SGD with momentum, dampening, nesterov and coupled or decoupled weight decay.
 
@@ -61,8 +68,7 @@ class MaskedSGD(Optimizer):
 
     def block_state(self, values: Tensor) -> List[Tensor]:
         """The state tensors of ``values`` laid out per block ([nnz, ...]): permute them on a layout change."""
-        state = self.state.get(values, {})
-        return [state[k] for k in ("momentum_buffer", "master") if k in state]
+        return block_state(self, values)
 
     @torch.no_grad()
     def step(self, closure=None):
