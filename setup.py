@@ -144,7 +144,9 @@ setup(
     name="sparsekern",
     version="0.1.0",
     description="Block-sparse kernels for dynamic sparse training",
-    packages=find_packages(include=["sparsekern", "sparsekern.*"]),
+    # The Triton kernels live in their own top-level folder and install inside the package.
+    packages=find_packages(include=["sparsekern", "sparsekern.*"]) + ["sparsekern.triton_kernels"],
+    package_dir={"sparsekern.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     ext_modules=_extensions(),

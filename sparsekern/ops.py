@@ -12,7 +12,8 @@ and ``opcheck`` see it. Its implementation picks a backend per call:
 ``SPARSEKERN_BACKEND=auto|cuda|triton|cpu|reference`` overrides the choice. ``auto`` takes, in order, the
 hand-written kernel for the tensor's device, then Triton (CUDA tensors only: the interpreter is for
 tests), then the reference. A forced backend that cannot run on the device raises; a forced backend that
-lacks an op uses the reference for that op (``python -m sparsekern.info`` lists which ops each backend has).
+lacks an op (or the operands' dtype, e.g. Triton and float64) uses the reference for that op
+(``python -m sparsekern.info`` lists which ops each backend has).
 """
 from __future__ import annotations
 
@@ -74,31 +75,32 @@ def backend_unavailable_reason(backend: str, device_type: str) -> Optional[str]:
     return None
 
 
-def backend_has_op(backend: str, op: str) -> bool:
+def backend_has_op(backend: str, op: str, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether ``backend`` implements ``op`` (for ``dtype``, when given)."""
     if backend == "reference":
         return True
     if backend == "triton":
         module = _triton_module()[0]
-        return module is not None and hasattr(module, op)
+        return module is not None and hasattr(module, op) and (dtype is None or dtype in module.DTYPES)
     return _native.has_kernel(f"native_{op}", backend)
 
 
-def select_backend(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device`` under the current ``SPARSEKERN_BACKEND``."""
+def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs ``op`` on ``device`` (for ``dtype``) under the current ``SPARSEKERN_BACKEND``."""
     requested = requested_backend()
     if requested == "auto":
         for backend in _AUTO_ORDER.get(device.type, ("reference",)):
-            if backend_unavailable_reason(backend, device.type) is None and backend_has_op(backend, op):
+            if backend_unavailable_reason(backend, device.type) is None and backend_has_op(backend, op, dtype):
                 return backend
         return "reference"
     why = backend_unavailable_reason(requested, device.type)
     if why is not None:
         raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
-    return requested if backend_has_op(requested, op) else "reference"
+    return requested if backend_has_op(requested, op, dtype) else "reference"
 
 
-def _implementation(op: str, device: torch.device) -> Callable:
-    backend = select_backend(op, device)
+def _implementation(op: str, operand: Tensor) -> Callable:
+    backend = select_backend(op, operand.device, operand.dtype)
     if backend == "reference":
         return getattr(reference, op)
     if backend == "triton":
@@ -112,33 +114,33 @@ def _implementation(op: str, device: torch.device) -> Callable:
 @torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
 def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                 row_idx: Tensor, perm: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
-    return _implementation("bsr_linear", x.device)(
+    return _implementation("bsr_linear", x)(
         x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias)
 
 
 @torch.library.custom_op("sparsekern::bsr_linear_dx", mutates_args=())
 def _bsr_linear_dx(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                    row_idx: Tensor, perm: Tensor, in_features: int) -> Tensor:
-    return _implementation("bsr_linear_dx", dy.device)(
+    return _implementation("bsr_linear_dx", dy)(
         dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features)
 
 
 @torch.library.custom_op("sparsekern::bsr_sddmm", mutates_args=())
 def _bsr_sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                row_idx: Tensor, perm: Tensor, block_size: int) -> Tensor:
-    return _implementation("bsr_sddmm", dy.device)(
+    return _implementation("bsr_sddmm", dy)(
         dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size)
 
 
 @torch.library.custom_op("sparsekern::block_grad_scores", mutates_args=())
 def _block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
-    return _implementation("block_grad_scores", dy.device)(dy, x, block_size)
+    return _implementation("block_grad_scores", dy)(dy, x, block_size)
 
 
 @torch.library.custom_op("sparsekern::build_layout_index_", mutates_args=LAYOUT_ARGS)
 def _build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                          row_idx: Tensor, perm: Tensor) -> None:
-    _implementation("build_layout_index_", block_mask.device)(
+    _implementation("build_layout_index_", block_mask)(
         block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)
 
 
@@ -147,7 +149,7 @@ def _masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor],
                  grad_scale: Optional[Tensor], inv_loss_scale: Optional[Tensor], found_inf: Optional[Tensor],
                  lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                  decoupled_weight_decay: bool) -> None:
-    _implementation("masked_sgd_", param.device)(
+    _implementation("masked_sgd_", param)(
         param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, found_inf,
         lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay)
 

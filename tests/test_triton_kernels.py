@@ -1,0 +1,314 @@
+"""The Triton kernels (sparsekern.triton_kernels) against sparsekern.reference.
+
+Tolerance is flash-attention's rule: the kernel's error against a float64 reference may be at most twice
+the error of the same computation done by plain PyTorch in the kernel's precision (plus one ulp of the
+result's magnitude, so that exact cases compare cleanly).
+
+Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (which must be set before
+sparsekern.triton_kernels is first imported); with a GPU, the same small cases run on CUDA and the
+`cuda`-marked cases add bf16 and realistic sizes.
+"""
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+if not (INTERPRET or HAS_CUDA):
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+import sparsekern as sk  # noqa: E402
+from sparsekern import reference  # noqa: E402
+from sparsekern import triton_kernels as tk  # noqa: E402
+from sparsekern.triton_kernels.sddmm import sddmm_splits  # noqa: E402
+
+# Small cases run on CPU under the interpreter, else on the GPU.
+DEVICE = "cpu" if INTERPRET else "cuda"
+small = pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.cuda
+on_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+# (M, N, K): odd sizes, none a multiple of the block; the second makes sddmm split M (see test_sddmm_split).
+SHAPES = [(37, 75, 53), (300, 98, 67)]
+DENSITIES = [0.0, 0.4, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed, dtype=torch.float32, device=DEVICE):
+    return torch.randn(*shape, generator=_gen(seed)).to(dtype=dtype, device=device)
+
+
+def make_layout(shape, bs, density, seed, empty_rows=(), empty_cols=(), device=DEVICE):
+    grid = (-(-shape[0] // bs), -(-shape[1] // bs))
+    if density >= 1.0:
+        mask = torch.ones(grid, dtype=torch.bool)
+    else:
+        mask = torch.rand(grid, generator=_gen(seed)) < density
+    for r in empty_rows:
+        mask[r] = False
+    for c in empty_cols:
+        mask[:, c] = False
+    return sk.BlockSparseLayout.from_block_mask(mask.to(device), bs, shape)
+
+
+def random_values(layout, seed, dtype):
+    """Random values everywhere, padding region included (the kernels must ignore it)."""
+    bs = layout.block_size
+    return randn(layout.nnz_blocks, bs, bs, seed=seed, dtype=dtype, device=layout.device)
+
+
+def _as64(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def assert_close_to_reference(op, args, out=None):
+    """Flash-attention rule: |kernel - ref64| <= 2 |torch - ref64| + one ulp of max |ref64|."""
+    if out is None:
+        out = getattr(tk, op)(*args)
+    same_precision = getattr(reference, op)(*args)
+    exact = getattr(reference, op)(*_as64(args))
+    assert out.shape == exact.shape, f"{op}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    assert out.dtype == same_precision.dtype, f"{op}: dtype {out.dtype} != {same_precision.dtype}"
+    assert out.device == same_precision.device
+    if exact.numel() == 0:
+        return
+    kernel_error = (out.double() - exact).abs().max().item()
+    torch_error = (same_precision.double() - exact).abs().max().item()
+    eps = torch.finfo(out.dtype).eps * exact.abs().max().item()
+    assert kernel_error <= 2 * torch_error + eps, (
+        f"{op}: kernel error {kernel_error:.3e} > 2 x torch error {torch_error:.3e} + {eps:.1e}")
+
+
+def linear_args(shape, bs, density, dtype, seed, bias=True, **layout_kw):
+    m, n, k = shape
+    layout = make_layout((n, k), bs, density, seed, **layout_kw)
+    values = random_values(layout, seed + 1, dtype)
+    x = randn(m, k, seed=seed + 2, dtype=dtype)
+    b = randn(n, seed=seed + 3, dtype=dtype) if bias else None
+    return layout, (x, values, *layout.index_tensors(), n, b)
+
+
+def dx_args(shape, bs, density, dtype, seed, **layout_kw):
+    m, n, k = shape
+    layout = make_layout((n, k), bs, density, seed, **layout_kw)
+    values = random_values(layout, seed + 1, dtype)
+    dy = randn(m, n, seed=seed + 2, dtype=dtype)
+    return layout, (dy, values, *layout.index_tensors(), k)
+
+
+def sddmm_args(shape, bs, density, dtype, seed, **layout_kw):
+    m, n, k = shape
+    layout = make_layout((n, k), bs, density, seed, **layout_kw)
+    dy = randn(m, n, seed=seed + 2, dtype=dtype)
+    x = randn(m, k, seed=seed + 3, dtype=dtype)
+    return layout, (dy, x, *layout.index_tensors(), bs)
+
+
+DTYPES = [torch.float32, torch.float16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Each op against the reference
+
+@small
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_bsr_linear(shape, bs, density, dtype, bias):
+    _, args = linear_args(shape, bs, density, dtype, seed=1, bias=bias)
+    assert_close_to_reference("bsr_linear", args)
+
+
+@small
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_bsr_linear_dx(shape, bs, density, dtype):
+    _, args = dx_args(shape, bs, density, dtype, seed=2)
+    assert_close_to_reference("bsr_linear_dx", args)
+
+
+@small
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_bsr_sddmm(shape, bs, density, dtype):
+    _, args = sddmm_args(shape, bs, density, dtype, seed=3)
+    assert_close_to_reference("bsr_sddmm", args)
+
+
+@small
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_block_grad_scores(shape, bs, dtype):
+    m, n, k = shape
+    dy, x = randn(m, n, seed=4, dtype=dtype), randn(m, k, seed=5, dtype=dtype)
+    out = tk.block_grad_scores(dy, x, bs)
+    assert out.dtype == torch.float32
+    assert_close_to_reference("block_grad_scores", (dy, x, bs), out=out)
+
+
+@small
+@pytest.mark.parametrize("bs", [64, 128])
+def test_large_blocks_all_ops(bs):
+    """The larger block sizes once each, fp32, odd sizes that leave the last block mostly padding."""
+    shape = (70, 2 * bs + 5, bs + 9)
+    _, args = linear_args(shape, bs, 0.7, torch.float32, seed=6)
+    assert_close_to_reference("bsr_linear", args)
+    _, args = dx_args(shape, bs, 0.7, torch.float32, seed=7)
+    assert_close_to_reference("bsr_linear_dx", args)
+    _, args = sddmm_args(shape, bs, 0.7, torch.float32, seed=8)
+    assert_close_to_reference("bsr_sddmm", args)
+    dy, x = args[0], args[1]
+    assert_close_to_reference("block_grad_scores", (dy, x, bs))
+
+
+@small
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_block_rows_and_columns(dtype):
+    """Block-rows with no blocks get exactly the bias (or zeros); empty block-columns get zero dX."""
+    shape, bs = (45, 100, 90), 16  # 7 x 6 block grid
+    empty = dict(empty_rows=(0, 3, 6), empty_cols=(1, 5))
+    layout, args = linear_args(shape, bs, 1.0, dtype, seed=9, **empty)
+    y = tk.bsr_linear(*args)
+    assert_close_to_reference("bsr_linear", args, out=y)
+    bias = args[-1]
+    for r in (0, 3):
+        assert torch.equal(y[:, r * bs:(r + 1) * bs], bias[r * bs:(r + 1) * bs].expand(shape[0], bs))
+    assert torch.equal(y[:, 96:], bias[96:].expand(shape[0], 4))  # last block-row is partial and empty
+    args = args[:-1] + (None,)
+    assert torch.count_nonzero(tk.bsr_linear(*args)[:, :bs]) == 0
+
+    layout, args = dx_args(shape, bs, 1.0, dtype, seed=10, **empty)
+    dx = tk.bsr_linear_dx(*args)
+    assert_close_to_reference("bsr_linear_dx", args, out=dx)
+    assert torch.count_nonzero(dx[:, bs:2 * bs]) == 0 and torch.count_nonzero(dx[:, 80:]) == 0
+
+    layout, args = sddmm_args(shape, bs, 1.0, dtype, seed=11, **empty)
+    assert_close_to_reference("bsr_sddmm", args)
+
+
+@small
+def test_sddmm_split():
+    """M = 300 with few blocks takes the split-M path (fp32 partials summed in order) and is deterministic."""
+    layout, args = sddmm_args((300, 40, 50), 32, 1.0, torch.float32, seed=12)
+    splits, chunk = sddmm_splits(300, layout.nnz_blocks, torch.device(DEVICE))
+    assert splits > 1 and splits * chunk >= 300
+    first = tk.bsr_sddmm(*args)
+    assert_close_to_reference("bsr_sddmm", args, out=first)
+    assert torch.equal(first, tk.bsr_sddmm(*args))
+    # The padding region of each block (rows past N = 40, columns past K = 50) is exactly zero.
+    for i, (r, c) in enumerate(zip(layout.coo_row.tolist(), layout.col_idx.tolist())):
+        assert torch.count_nonzero(first[i, max(0, 40 - 32 * r):, :]) == 0
+        assert torch.count_nonzero(first[i, :, max(0, 50 - 32 * c):]) == 0
+
+
+@small
+def test_block_grad_scores_single_row_of_m():
+    """M smaller than one BLOCK_M step, one block-row of output."""
+    dy, x = randn(3, 10, seed=13), randn(3, 70, seed=14)
+    assert_close_to_reference("block_grad_scores", (dy, x, 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the public path: ops dispatch and SparseLinear under SPARSEKERN_BACKEND=triton
+
+@small
+def test_public_bsr_linear(monkeypatch):
+    layout, args = linear_args((33, 70, 50), 16, 0.5, torch.float32, seed=15)
+    x, values, bias = args[0], args[1], args[-1]
+    monkeypatch.setenv("SPARSEKERN_BACKEND", "triton")
+    assert sk.ops.select_backend("bsr_linear", x.device) == "triton"
+    y = sk.ops.bsr_linear(x, layout, values, bias)
+    assert_close_to_reference("bsr_linear", args, out=y)
+
+
+@small
+def test_sparse_linear_forward_backward(monkeypatch):
+    torch.manual_seed(0)
+    layer = sk.SparseLinear(45, 70, bias=True, sparsity=0.5, block_size=16).to(DEVICE)
+    x = randn(2, 19, 45, seed=16)
+    grad = randn(2, 19, 70, seed=17)
+
+    def run(backend):
+        monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(grad)
+        return y.detach(), xi.grad, layer.values.grad.clone(), layer.bias.grad.clone()
+
+    expected = run("reference")
+    got = run("triton")
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument errors
+
+@small
+def test_errors():
+    layout, args = linear_args((20, 40, 30), 16, 0.5, torch.float32, seed=18)
+    x, values = args[0], args[1]
+    with pytest.raises(TypeError, match="float64"):
+        tk.bsr_linear(*_as64(args))
+    with pytest.raises(TypeError, match="float64"):
+        tk.block_grad_scores(x.double(), x.double(), 16)
+    with pytest.raises(ValueError, match="values have dtype"):
+        tk.bsr_linear(x, values.half(), *args[2:])
+    with pytest.raises(ValueError, match="block-rows"):
+        tk.bsr_linear(x, values, *layout.index_tensors(), 80, None)
+    with pytest.raises(ValueError, match="features"):
+        tk.bsr_linear(x[:, :10], values, *layout.index_tensors(), 40, None)
+    with pytest.raises(ValueError, match="int32"):
+        tk.bsr_linear(x, values, layout.row_ptr.long(), *layout.index_tensors()[1:], 40, None)
+    with pytest.raises(ValueError, match="block_size"):
+        tk.block_grad_scores(x, x, 24)
+    with pytest.raises(ValueError, match="rows"):
+        tk.bsr_sddmm(x[:5], x, *layout.index_tensors(), 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU: bf16/fp16 at realistic sizes, and TF32 on and off for fp32
+
+GPU_CASES = [(1024, 512, 512, 32, 0.1), (1024, 1024, 512, 64, 0.5), (1000, 1000, 1020, 128, 0.25),
+             (4096, 768, 768, 16, 0.2)]
+
+
+@on_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_realistic(case, dtype):
+    m, n, k, bs, density = case
+    _, args = linear_args((m, n, k), bs, density, dtype, seed=20)
+    assert_close_to_reference("bsr_linear", args)
+    _, args = dx_args((m, n, k), bs, density, dtype, seed=21)
+    assert_close_to_reference("bsr_linear_dx", args)
+    _, args = sddmm_args((m, n, k), bs, density, dtype, seed=22)
+    assert_close_to_reference("bsr_sddmm", args)
+    assert_close_to_reference("block_grad_scores", (args[0], args[1], bs))
+
+
+@on_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
+def test_gpu_fp32_precision(allow_tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    _, args = linear_args((512, 512, 384), 64, 0.5, torch.float32, seed=23)
+    assert_close_to_reference("bsr_linear", args)
+    _, args = sddmm_args((2048, 256, 256), 32, 0.5, torch.float32, seed=24)
+    assert_close_to_reference("bsr_sddmm", args)

@@ -1,0 +1,191 @@
+"""Ahead-of-time compilation of the shipped kernels for a GPU architecture, with no GPU present.
+
+Used by ``tests/test_triton_static.py`` (tensor-core instructions and shared memory in CI) and
+``benchmarks/triton_static_report.py`` (registers, spills, SASS counts). Each kernel is described once:
+its argument types for a dtype, its constexprs for a block size, and its shipped config list, so the
+checks compile exactly what the launchers would run (``triton_kernels/_common.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from . import _common
+from .grad_scores import _block_grad_scores_kernel
+from .linear import _bsr_linear_kernel
+from .linear_dx import _bsr_linear_dx_kernel
+from .sddmm import _bsr_sddmm_kernel
+
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    kernel: object  # the triton.jit function
+    # arg name -> type string ("*{dtype}" is filled in with the data dtype), constexprs excluded
+    arg_types: dict
+    # (block_size, input_precision) -> constexprs besides the config's meta-parameters
+    constexprs: Callable
+    config_fn: Callable
+    # args compiled as multiples of 16, as Triton's JIT specialises them for the shapes that matter (pointers
+    # from torch's allocator; N, K and row strides of layers whose widths are multiples of 16). N and K matter:
+    # the masks along the contiguous dimension are only uniform over 16-element runs when they are, and
+    # without that the loads cannot be vectorised into cp.async and the loop is not software-pipelined.
+    divisible: tuple
+
+
+SPECS = (
+    KernelSpec(
+        "bsr_linear", _bsr_linear_kernel,
+        {"X": "*{dtype}", "VALUES": "*{dtype}", "ROW_PTR": "*i32", "COL_IDX": "*i32", "BIAS": "*{dtype}",
+         "Y": "*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+         "n_block_rows": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": precision},
+        _common.gemm_configs,
+        ("X", "VALUES", "ROW_PTR", "COL_IDX", "BIAS", "Y", "N", "K", "stride_xm", "stride_ym"),
+    ),
+    KernelSpec(
+        "bsr_linear_dx", _bsr_linear_dx_kernel,
+        {"DY": "*{dtype}", "VALUES": "*{dtype}", "COL_PTR": "*i32", "ROW_IDX": "*i32", "PERM": "*i32",
+         "DX": "*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32", "stride_dxm": "i32",
+         "n_block_cols": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        _common.gemm_configs,
+        ("DY", "VALUES", "COL_PTR", "ROW_IDX", "PERM", "DX", "N", "K", "stride_dym", "stride_dxm"),
+    ),
+    KernelSpec(
+        "bsr_sddmm", _bsr_sddmm_kernel,
+        {"DY": "*{dtype}", "X": "*{dtype}", "COO_ROW": "*i32", "COL_IDX": "*i32", "OUT": "*fp32",
+         "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32", "stride_xm": "i32", "nnz": "i32", "CHUNK": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        _common.sddmm_configs,
+        ("DY", "X", "COO_ROW", "COL_IDX", "OUT", "N", "K", "stride_dym", "stride_xm", "CHUNK"),
+    ),
+    KernelSpec(
+        "block_grad_scores", _block_grad_scores_kernel,
+        {"DY": "*{dtype}", "X": "*{dtype}", "OUT": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+         "stride_dym": "i32", "stride_xm": "i32", "n_block_cols": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        _common.grad_scores_configs,
+        ("DY", "X", "OUT", "N", "K", "stride_dym", "stride_xm"),
+    ),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+
+
+def shipped_configs(spec: KernelSpec, block_size: int, dtype: torch.dtype, arch: int):
+    """The configs the launcher would autotune over on a GPU of compute capability ``arch`` (e.g. 90)."""
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    budget = _common.SMEM_BUDGET.get(arch, _common.SMEM_BUDGET_DEFAULT)
+    return spec.config_fn(block_size, elem_bytes, budget, interpret=False)
+
+
+def compile_kernel(spec: KernelSpec, block_size: int, dtype: torch.dtype, config, arch: int,
+                   input_precision: str = "tf32"):
+    """triton.compile the kernel for ``sm_{arch}`` with one config; returns the CompiledKernel
+    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Under the interpreter triton.jit (ours and Triton's own tl.standard helpers) returned interpreted
+        # functions, which the compiler cannot lower: compile in a process without it (see ``main``).
+        raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET=1; "
+                           "run `python -m sparsekern.triton_kernels._static` instead")
+    data = TRITON_TYPES[dtype]
+    constexprs = dict(spec.constexprs(block_size, input_precision))
+    constexprs.update(config.kwargs)
+    signature = {}
+    for name in spec.kernel.arg_names:
+        signature[name] = "constexpr" if name in constexprs else spec.arg_types[name].format(dtype=data)
+    # Divisibility hints in the format Triton's JIT produces (triton >= 3.2, incl. 3.6 and 3.8):
+    # {(arg index,): [["tt.divisibility", 16]]}.
+    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
+    source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def shared_bytes(compiled) -> int:
+    metadata = compiled.metadata
+    return int(metadata.shared if hasattr(metadata, "shared") else metadata["shared"])
+
+
+def tensor_core_counts(ptx: str) -> dict:
+    """Counts of tensor-core instructions in PTX: wgmma (Hopper warpgroup MMA) and mma.sync (Ampere-style)."""
+    return {"wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync")}
+
+
+def config_label(config) -> str:
+    meta = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"{meta},w={config.num_warps},s={config.num_stages}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selections of (kernel, arch, dtype, block size, config) to compile, and a JSON-lines command line.
+
+ARCHS = (90, 80)
+DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _estimated_smem(config, spec, block_size, elem_bytes):
+    m = config.kwargs
+    if spec.config_fn is _common.sddmm_configs:
+        per_stage = 2 * m["BLOCK_M"] * block_size
+    elif spec.config_fn is _common.grad_scores_configs:
+        per_stage = (m["TILE_N"] + m["TILE_K"]) * m["BLOCK_M"]
+    else:
+        per_stage = (m["BLOCK_M"] + block_size) * block_size
+    return per_stage * elem_bytes * config.num_stages
+
+
+def selection(subset: str = "ci", archs=ARCHS):
+    """[(spec, arch, dtype, block_size, config)]. ``full``: every shipped config for every dtype.
+    ``ci``: every config in bf16 (the training dtype); in fp16 and fp32 (TF32) the first config and the one
+    with the most shared memory (where a budget would break)."""
+    items = []
+    for spec in SPECS:
+        for arch in archs:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for bs in _common.BLOCK_SIZES:
+                    configs = shipped_configs(spec, bs, dtype, arch)
+                    if subset == "ci" and dtype != torch.bfloat16:
+                        elem = torch.empty((), dtype=dtype).element_size()
+                        biggest = max(configs, key=lambda c: _estimated_smem(c, spec, bs, elem))
+                        configs = [configs[0]] + ([biggest] if biggest is not configs[0] else [])
+                    items.extend((spec, arch, dtype, bs, config) for config in configs)
+    return items
+
+
+def describe(spec, arch, dtype, block_size, config, compiled) -> dict:
+    ptx = compiled.asm["ptx"]
+    return {"kernel": spec.name, "arch": arch, "dtype": TRITON_TYPES[dtype], "block_size": block_size,
+            "config": config_label(config), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "shared": shared_bytes(compiled), **tensor_core_counts(ptx)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Compile the shipped Triton kernel configs ahead of time and "
+                                                 "print one JSON line per compile.")
+    parser.add_argument("--subset", choices=("ci", "full"), default="ci")
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
+    args = parser.parse_args(argv)
+    for spec, arch, dtype, bs, config in selection(args.subset, tuple(args.arch or ARCHS)):
+        try:
+            record = describe(spec, arch, dtype, bs, config, compile_kernel(spec, bs, dtype, config, arch))
+        except Exception as error:  # report and go on: the test names the failing kernel/config
+            record = {"kernel": spec.name, "arch": arch, "dtype": TRITON_TYPES[dtype], "block_size": bs,
+                      "config": config_label(config), "error": f"{type(error).__name__}: {error}"[:2000]}
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
