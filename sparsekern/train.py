@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drop-fraction", type=float, default=0.3, help="initial fraction of blocks replaced")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (smoke runs)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after epoch N of the --epochs schedule (time-boxed jobs; --resume continues)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -145,7 +147,8 @@ def main(argv=None) -> dict:
         train_model = torch.compile(train_model)
 
     from tqdm import tqdm
-    for epoch in range(start_epoch, args.epochs):
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    for epoch in range(start_epoch, last_epoch):
         order = torch.randperm(len(data.train_x), generator=shuffle)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
                    disable=args.no_progress or rank != 0, dynamic_ncols=True)
