@@ -18,6 +18,13 @@ namespace {
 // Every op defined here, in the order build_info() lists them.
 constexpr const char* kNativeOps[] = {
     "native_build_layout_index_",
+    "native_bsr_linear",
+    "native_bsr_linear_dx",
+    "native_bsr_sddmm",
+    "native_block_grad_scores",
+    "native_bsr_conv2d",
+    "native_bsr_conv2d_dgrad",
+    "native_bsr_conv2d_wgrad",
 };
 
 #ifdef SPARSEKERN_WITH_CUDA
@@ -72,6 +79,31 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def(
       "native_build_layout_index_(Tensor block_mask, Tensor(a!) row_ptr, Tensor(b!) col_idx, Tensor(c!) coo_row, "
       "Tensor(d!) col_ptr, Tensor(e!) row_idx, Tensor(f!) perm) -> ()");
+
+  // The training GEMMs, with exactly the arguments of their sparsekern.reference functions. W [N, K] is
+  // block-sparse (values [nnz, bs, bs] + the six layout tensors); padding past N or K reads as zero.
+#define SK_LAYOUT_ARGS "Tensor row_ptr, Tensor col_idx, Tensor coo_row, Tensor col_ptr, Tensor row_idx, Tensor perm"
+  // Y [M, N] = X [M, K] Wᵀ (+ bias)
+  m.def("native_bsr_linear(Tensor x, Tensor values, " SK_LAYOUT_ARGS ", int out_features, Tensor? bias) -> Tensor");
+  // dX [M, K] = dY [M, N] W, through the block-CSC index (col_ptr, row_idx, perm)
+  m.def("native_bsr_linear_dx(Tensor dy, Tensor values, " SK_LAYOUT_ARGS ", int in_features) -> Tensor");
+  // [nnz, bs, bs] = dYᵀ X at the layout's blocks (zero in the padding)
+  m.def("native_bsr_sddmm(Tensor dy, Tensor x, " SK_LAYOUT_ARGS ", int block_size) -> Tensor");
+  // [ceil(N/bs), ceil(K/bs)] Frobenius norms of the blocks of the dense dYᵀX (fp64 for fp64, else fp32)
+  m.def("native_block_grad_scores(Tensor dy, Tensor x, int block_size) -> Tensor");
+
+  // Convolution with a block-sparse filter (groups = 1), NHWC images, K ordered (kh, kw, cin) with cin a
+  // multiple of the block size; zero padding is given top/left, output_size fixes bottom/right.
+  // Y [B, OH, OW, N] = conv(x [B, H, W, C]) (+ bias)
+  m.def("native_bsr_conv2d(Tensor x, Tensor values, " SK_LAYOUT_ARGS ", int out_channels, Tensor? bias, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int[2] output_size) -> Tensor");
+  // dX [B, H, W, in_channels] from dY [B, OH, OW, N]
+  m.def("native_bsr_conv2d_dgrad(Tensor dy, Tensor values, " SK_LAYOUT_ARGS ", int in_channels, int[2] input_size, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // [nnz, bs, bs] filter gradient at the layout's blocks from dY [B, OH, OW, N] and x [B, H, W, C]
+  m.def("native_bsr_conv2d_wgrad(Tensor dy, Tensor x, " SK_LAYOUT_ARGS ", int block_size, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+#undef SK_LAYOUT_ARGS
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

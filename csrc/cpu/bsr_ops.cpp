@@ -1,0 +1,480 @@
+// The CPU block-sparse GEMMs and convolutions: argument checks, dtype handling, the choice of
+// instruction set, and the parallel split into tasks. The kernels themselves are in bsr_gemm_*.cpp.
+//
+// - native_bsr_linear          Y = X Wᵀ (+ b)
+// - native_bsr_linear_dx       dX = dY W                (through the block-CSC index)
+// - native_bsr_sddmm           dW = (dYᵀ X) at the layout's blocks
+// - native_block_grad_scores   Frobenius norms of the blocks of the dense dYᵀX, tiled
+// - native_bsr_conv2d(_dgrad, _wgrad): the same three GEMMs on the implicit im2col of an NHWC image
+//
+// fp32 runs the AVX-512, AVX2+FMA or portable kernels (whichever the CPU has; SPARSEKERN_CPU_ISA=
+// avx512|avx2|scalar forces one, for tests); fp64 runs the portable kernels; fp16 and bf16 are computed
+// in fp32 and rounded once at the end. Tasks are split with at::parallel_for and each output element is
+// computed by one task in a fixed order, so results are bit-identical for any number of threads.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/bsr_gemm.h"
+
+namespace sparsekern {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kCacheBudget = 1 << 20;  // bytes of the dense operand that one M chunk may touch (half an L2)
+
+bool valid_block_size(int64_t bs) { return bs == 16 || bs == 32 || bs == 64 || bs == 128; }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Instruction set
+
+enum class Isa { kAvx512, kAvx2, kScalar };
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                              __builtin_cpu_supports("avx512dq");
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kScalar: return true;
+  }
+  return false;
+}
+
+Isa chosen_isa() {
+  const char* env = std::getenv("SPARSEKERN_CPU_ISA");
+  const std::string requested = env == nullptr ? "auto" : env;
+  if (requested.empty() || requested == "auto") {
+    if (cpu_has(Isa::kAvx512)) return Isa::kAvx512;
+    if (cpu_has(Isa::kAvx2)) return Isa::kAvx2;
+    return Isa::kScalar;
+  }
+  Isa isa = Isa::kScalar;
+  if (requested == "avx512") {
+    isa = Isa::kAvx512;
+  } else if (requested == "avx2") {
+    isa = Isa::kAvx2;
+  } else {
+    TORCH_CHECK(requested == "scalar", "SPARSEKERN_CPU_ISA must be auto, avx512, avx2 or scalar, got '", requested,
+                "'");
+  }
+  TORCH_CHECK(cpu_has(isa), "SPARSEKERN_CPU_ISA=", requested, " but this CPU does not support it");
+  return isa;
+}
+
+template <typename T>
+const cpu::KernelTable<T>* kernels();
+
+template <>
+const cpu::KernelTable<float>* kernels<float>() {
+  switch (chosen_isa()) {
+    case Isa::kAvx512: return cpu::kernels_avx512_f32();
+    case Isa::kAvx2: return cpu::kernels_avx2_f32();
+    case Isa::kScalar: break;
+  }
+  return cpu::kernels_scalar_f32();
+}
+
+template <>
+const cpu::KernelTable<double>* kernels<double>() {
+  return cpu::kernels_scalar_f64();
+}
+
+// Runs tasks [0, n_tasks) in parallel, each thread with its own scratch.
+template <typename Args, typename Fn>
+void run_tasks(int64_t n_tasks, int64_t scratch_bytes, const Args& args, Fn fn) {
+  if (n_tasks <= 0) return;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<char[], void (*)(char*)> scratch(
+        static_cast<char*>(::operator new[](scratch_bytes, std::align_val_t(64))),
+        [](char* p) { ::operator delete[](p, std::align_val_t(64)); });
+    fn(args, begin, end, scratch.get());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+
+void check_operand(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [M, features], got ", t.dim(), "-D");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, name,
+              " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+void check_same_dtype(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has ", ref.scalar_type());
+}
+
+// The six index tensors of a layout over a block grid R x C with nnz blocks; their contents are
+// validated too, because the kernels index memory with them.
+struct Layout {
+  const Tensor& row_ptr;
+  const Tensor& col_idx;
+  const Tensor& coo_row;
+  const Tensor& col_ptr;
+  const Tensor& row_idx;
+  const Tensor& perm;
+};
+
+cpu::BsrIndex check_layout(const Layout& l, int64_t n_block_rows, int64_t n_block_cols, int64_t nnz) {
+#define SK_CHECK_INDEX(t)                 \
+  SK_CHECK_DTYPE(l.t, at::kInt, "int32"); \
+  SK_CHECK_DIM(l.t, 1);                   \
+  SK_CHECK_CONTIGUOUS(l.t);               \
+  TORCH_CHECK(l.t.device().is_cpu(), #t " must be a CPU tensor, got ", l.t.device())
+  SK_CHECK_INDEX(row_ptr);
+  SK_CHECK_INDEX(col_idx);
+  SK_CHECK_INDEX(coo_row);
+  SK_CHECK_INDEX(col_ptr);
+  SK_CHECK_INDEX(row_idx);
+  SK_CHECK_INDEX(perm);
+#undef SK_CHECK_INDEX
+  TORCH_CHECK(l.row_ptr.numel() == n_block_rows + 1, "row_ptr must have block rows + 1 = ", n_block_rows + 1,
+              " elements for this shape, got ", l.row_ptr.numel());
+  TORCH_CHECK(l.col_ptr.numel() == n_block_cols + 1, "col_ptr must have block columns + 1 = ", n_block_cols + 1,
+              " elements for this shape, got ", l.col_ptr.numel());
+  TORCH_CHECK(l.col_idx.numel() == nnz, "col_idx must have one entry per stored block (", nnz, "), got ",
+              l.col_idx.numel());
+  SK_CHECK_NUMEL(l.coo_row, nnz, "stored blocks");
+  SK_CHECK_NUMEL(l.row_idx, nnz, "stored blocks");
+  SK_CHECK_NUMEL(l.perm, nnz, "stored blocks");
+
+  cpu::BsrIndex index{l.row_ptr.data_ptr<int32_t>(), l.col_idx.data_ptr<int32_t>(), l.coo_row.data_ptr<int32_t>(),
+                      l.col_ptr.data_ptr<int32_t>(), l.row_idx.data_ptr<int32_t>(), l.perm.data_ptr<int32_t>(),
+                      n_block_rows, n_block_cols, nnz};
+  TORCH_CHECK(index.row_ptr[0] == 0 && index.row_ptr[n_block_rows] == nnz, "row_ptr must run from 0 to ", nnz);
+  for (int64_t r = 0; r < n_block_rows; ++r) {
+    TORCH_CHECK(index.row_ptr[r] <= index.row_ptr[r + 1], "row_ptr must be non-decreasing (at block row ", r, ")");
+    for (int64_t j = index.row_ptr[r]; j < index.row_ptr[r + 1]; ++j)
+      TORCH_CHECK(index.coo_row[j] == r, "coo_row[", j, "] must be ", r, " (its block row), got ", index.coo_row[j]);
+  }
+  TORCH_CHECK(index.col_ptr[0] == 0 && index.col_ptr[n_block_cols] == nnz, "col_ptr must run from 0 to ", nnz);
+  for (int64_t c = 0; c < n_block_cols; ++c)
+    TORCH_CHECK(index.col_ptr[c] <= index.col_ptr[c + 1], "col_ptr must be non-decreasing (at block column ", c,
+                ")");
+  for (int64_t j = 0; j < nnz; ++j) {
+    TORCH_CHECK(index.col_idx[j] >= 0 && index.col_idx[j] < n_block_cols, "col_idx[", j, "] = ", index.col_idx[j],
+                " is outside the ", n_block_cols, " block columns");
+    TORCH_CHECK(index.row_idx[j] >= 0 && index.row_idx[j] < n_block_rows, "row_idx[", j, "] = ", index.row_idx[j],
+                " is outside the ", n_block_rows, " block rows");
+    TORCH_CHECK(index.perm[j] >= 0 && index.perm[j] < nnz, "perm[", j, "] = ", index.perm[j], " is outside the ", nnz,
+                " stored blocks");
+  }
+  return index;
+}
+
+// values [nnz, bs, bs] -> bs (checked)
+int64_t check_values(const Tensor& values, const Tensor& like, const char* like_name) {
+  TORCH_CHECK(values.device().is_cpu(), "values must be a CPU tensor, got ", values.device());
+  SK_CHECK_DIM(values, 3);
+  const int64_t bs = values.size(1);
+  TORCH_CHECK(values.size(2) == bs && valid_block_size(bs),
+              "values must be [nnz, bs, bs] with bs in {16, 32, 64, 128}, got ", values.sizes());
+  check_same_dtype(values, like, "values", like_name);
+  return bs;
+}
+
+int64_t max_blocks_per_row(const cpu::BsrIndex& index) {
+  int64_t most = 0;
+  for (int64_t r = 0; r < index.n_block_rows; ++r)
+    most = std::max<int64_t>(most, index.row_ptr[r + 1] - index.row_ptr[r]);
+  return most;
+}
+
+// Rows of M per task: a chunk's slice of the dense operand fits the cache budget, and there are
+// enough tasks to keep every thread busy (the split does not change any result).
+int64_t m_chunk_rows(int64_t M, int64_t width, int64_t element_size, int64_t tasks_per_chunk) {
+  int64_t rows = kCacheBudget / std::max<int64_t>(1, width * element_size);
+  rows = std::min<int64_t>(std::max<int64_t>(rows, 48), 480);
+  const int64_t wanted_tasks = 4 * at::get_num_threads();
+  while (rows > 12 && cdiv(M, rows) * tasks_per_chunk < wanted_tasks) rows /= 2;
+  return std::max<int64_t>(12, rows / 12 * 12);
+}
+
+// Half and bfloat16 are computed in fp32.
+Tensor compute_dtype(const Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return (dtype == at::kHalf || dtype == at::kBFloat16) ? t.to(at::kFloat).contiguous() : t.contiguous();
+}
+
+cpu::Im2col plain_matrix(int64_t M, int64_t K) {
+  return {false, M, 1, 1, K, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed drivers
+
+template <typename T>
+void run_forward(const Tensor& x, const Tensor& values, const c10::optional<Tensor>& bias, Tensor& y,
+                 const cpu::BsrIndex& index, const cpu::Im2col& geometry, int64_t M, int64_t N, int64_t K, int64_t bs) {
+  cpu::ForwardArgs<T> args{x.data_ptr<T>(), values.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr,
+                           y.data_ptr<T>(), index, geometry, M, N, K, static_cast<int>(bs), 0};
+  args.m_chunk = m_chunk_rows(M, K, sizeof(T), index.n_block_rows);
+  const int64_t tasks = cdiv(M, args.m_chunk) * index.n_block_rows;
+  run_tasks(tasks, cpu::scratch_bytes(max_blocks_per_row(index), bs, sizeof(T)), args, kernels<T>()->forward);
+}
+
+template <typename T>
+void run_backward_input(const Tensor& dy, const Tensor& values, Tensor& dx, const cpu::BsrIndex& index,
+                        const cpu::Im2col& geometry, int64_t M, int64_t N, int64_t K, int64_t bs) {
+  cpu::BackwardInputArgs<T> args{dy.data_ptr<T>(), values.data_ptr<T>(), dx.data_ptr<T>(), index, geometry, M, N, K,
+                                 static_cast<int>(bs), 0};
+  int64_t tasks = 0;
+  if (geometry.is_conv) {
+    tasks = geometry.batch * geometry.height * geometry.stride_w * (geometry.channels / bs);
+  } else {
+    args.m_chunk = m_chunk_rows(M, N, sizeof(T), index.n_block_cols);
+    tasks = cdiv(M, args.m_chunk) * index.n_block_cols;
+  }
+  run_tasks(tasks, cpu::scratch_bytes(0, bs, sizeof(T)), args, kernels<T>()->backward_input);
+}
+
+template <typename T>
+void run_sddmm(const Tensor& dy, const Tensor& x, Tensor& out, const cpu::BsrIndex& index, const cpu::Im2col& geometry,
+               int64_t M, int64_t N, int64_t K, int64_t bs) {
+  cpu::WeightGradArgs<T> args{dy.data_ptr<T>(), x.data_ptr<T>(), out.data_ptr<T>(), nullptr, index, geometry,
+                              M, N, K, static_cast<int>(bs)};
+  run_tasks(index.nnz, cpu::scratch_bytes(0, bs, sizeof(T)), args, kernels<T>()->sddmm);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+
+Tensor bsr_linear_cpu(const Tensor& x_in, const Tensor& values_in, const Tensor& row_ptr, const Tensor& col_idx,
+                      const Tensor& coo_row, const Tensor& col_ptr, const Tensor& row_idx, const Tensor& perm,
+                      int64_t out_features, const c10::optional<Tensor>& bias_in) {
+  check_operand(x_in, "x");
+  const int64_t bs = check_values(values_in, x_in, "x");
+  TORCH_CHECK(out_features > 0, "out_features must be positive, got ", out_features);
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->device().is_cpu(), "bias must be a CPU tensor, got ", bias_in->device());
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out_features, "bias must have shape (", out_features,
+                ",), got ", bias_in->sizes());
+    check_same_dtype(*bias_in, x_in, "bias", "x");
+  }
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = out_features;
+  const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), cdiv(K, bs),
+                                  values_in.size(0));
+  const Tensor x = compute_dtype(x_in), values = compute_dtype(values_in);
+  const c10::optional<Tensor> bias =
+      bias_in.has_value() ? c10::optional<Tensor>(compute_dtype(*bias_in)) : c10::nullopt;
+  Tensor y = at::empty({M, N}, x.options());
+  if (M > 0) {
+    if (x.scalar_type() == at::kDouble)
+      run_forward<double>(x, values, bias, y, index, plain_matrix(M, K), M, N, K, bs);
+    else
+      run_forward<float>(x, values, bias, y, index, plain_matrix(M, K), M, N, K, bs);
+  }
+  return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
+}
+
+Tensor bsr_linear_dx_cpu(const Tensor& dy_in, const Tensor& values_in, const Tensor& row_ptr, const Tensor& col_idx,
+                         const Tensor& coo_row, const Tensor& col_ptr, const Tensor& row_idx, const Tensor& perm,
+                         int64_t in_features) {
+  check_operand(dy_in, "dy");
+  const int64_t bs = check_values(values_in, dy_in, "dy");
+  TORCH_CHECK(in_features > 0, "in_features must be positive, got ", in_features);
+  const int64_t M = dy_in.size(0), N = dy_in.size(1), K = in_features;
+  const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), cdiv(K, bs),
+                                  values_in.size(0));
+  const Tensor dy = compute_dtype(dy_in), values = compute_dtype(values_in);
+  Tensor dx = at::empty({M, K}, dy.options());
+  if (M > 0) {
+    if (dy.scalar_type() == at::kDouble)
+      run_backward_input<double>(dy, values, dx, index, plain_matrix(M, K), M, N, K, bs);
+    else
+      run_backward_input<float>(dy, values, dx, index, plain_matrix(M, K), M, N, K, bs);
+  }
+  return dx.scalar_type() == dy_in.scalar_type() ? dx : dx.to(dy_in.scalar_type());
+}
+
+Tensor bsr_sddmm_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& row_ptr, const Tensor& col_idx,
+                     const Tensor& coo_row, const Tensor& col_ptr, const Tensor& row_idx, const Tensor& perm,
+                     int64_t block_size) {
+  check_operand(dy_in, "dy");
+  check_operand(x_in, "x");
+  check_same_dtype(x_in, dy_in, "x", "dy");
+  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has ", dy_in.size(0), " rows but x has ", x_in.size(0));
+  const int64_t M = dy_in.size(0), N = dy_in.size(1), K = x_in.size(1), bs = block_size;
+  const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), cdiv(K, bs),
+                                  col_idx.numel());
+  const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
+  Tensor out = at::empty({index.nnz, bs, bs}, dy.options());
+  if (dy.scalar_type() == at::kDouble)
+    run_sddmm<double>(dy, x, out, index, plain_matrix(M, K), M, N, K, bs);
+  else
+    run_sddmm<float>(dy, x, out, index, plain_matrix(M, K), M, N, K, bs);
+  return out.scalar_type() == dy_in.scalar_type() ? out : out.to(dy_in.scalar_type());
+}
+
+template <typename T>
+void run_block_scores(const Tensor& dy, const Tensor& x, Tensor& scores, int64_t bs) {
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+  cpu::BsrIndex grid{};
+  grid.n_block_rows = cdiv(N, bs);
+  grid.n_block_cols = cdiv(K, bs);
+  cpu::WeightGradArgs<T> args{dy.data_ptr<T>(), x.data_ptr<T>(), nullptr, scores.data_ptr<T>(), grid,
+                              plain_matrix(M, K), M, N, K, static_cast<int>(bs)};
+  run_tasks(grid.n_block_rows * grid.n_block_cols, cpu::scratch_bytes(0, bs, sizeof(T)), args,
+            kernels<T>()->block_scores);
+}
+
+Tensor block_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t block_size) {
+  check_operand(dy_in, "dy");
+  check_operand(x_in, "x");
+  check_same_dtype(x_in, dy_in, "x", "dy");
+  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has ", dy_in.size(0), " rows but x has ", x_in.size(0));
+  // fp32 scores for every input dtype but fp64, as the reference accumulates.
+  const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
+  Tensor scores = at::empty({cdiv(dy.size(1), block_size), cdiv(x.size(1), block_size)}, dy.options());
+  if (dy.scalar_type() == at::kDouble)
+    run_block_scores<double>(dy, x, scores, block_size);
+  else
+    run_block_scores<float>(dy, x, scores, block_size);
+  return scores;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution (groups = 1, NHWC, zero padding given as top/left; the output size fixes bottom/right)
+
+cpu::Im2col conv_geometry(int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_h,
+                          int64_t out_w, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "kernel_size, stride, padding and dilation must each have 2 entries");
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size must be positive, got ", kernel_size);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be non-negative, got ", padding);
+  return {true, batch, height, width, channels, out_h, out_w, kernel_size[0], kernel_size[1], stride[0], stride[1],
+          padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+void check_conv_channels(int64_t channels, int64_t bs, const char* what) {
+  TORCH_CHECK(channels % bs == 0, what, " (", channels, ") must be a multiple of the block size (", bs,
+              ") for the native convolution");
+}
+
+void check_image(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D NHWC [batch, height, width, channels], got ", t.dim(), "-D");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, name,
+              " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+Tensor bsr_conv2d_cpu(const Tensor& x_in, const Tensor& values_in, const Tensor& row_ptr, const Tensor& col_idx,
+                      const Tensor& coo_row, const Tensor& col_ptr, const Tensor& row_idx, const Tensor& perm,
+                      int64_t out_channels, const c10::optional<Tensor>& bias_in, at::IntArrayRef kernel_size,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      at::IntArrayRef output_size) {
+  check_image(x_in, "x");
+  const int64_t bs = check_values(values_in, x_in, "x");
+  TORCH_CHECK(output_size.size() == 2 && output_size[0] > 0 && output_size[1] > 0,
+              "output_size must be two positive sizes, got ", output_size);
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out_channels, "bias must have shape (", out_channels,
+                ",), got ", bias_in->sizes());
+    check_same_dtype(*bias_in, x_in, "bias", "x");
+  }
+  const int64_t B = x_in.size(0), C = x_in.size(3);
+  check_conv_channels(C, bs, "in_channels");
+  const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, output_size[0], output_size[1], kernel_size,
+                                      stride, padding, dilation);
+  const int64_t M = B * output_size[0] * output_size[1], N = out_channels, K = kernel_size[0] * kernel_size[1] * C;
+  const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), K / bs,
+                                  values_in.size(0));
+  const Tensor x = compute_dtype(x_in), values = compute_dtype(values_in);
+  const c10::optional<Tensor> bias =
+      bias_in.has_value() ? c10::optional<Tensor>(compute_dtype(*bias_in)) : c10::nullopt;
+  Tensor y = at::empty({B, output_size[0], output_size[1], N}, x.options());
+  if (M > 0) {
+    if (x.scalar_type() == at::kDouble)
+      run_forward<double>(x, values, bias, y, index, geometry, M, N, K, bs);
+    else
+      run_forward<float>(x, values, bias, y, index, geometry, M, N, K, bs);
+  }
+  return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
+}
+
+Tensor bsr_conv2d_dgrad_cpu(const Tensor& dy_in, const Tensor& values_in, const Tensor& row_ptr,
+                            const Tensor& col_idx, const Tensor& coo_row, const Tensor& col_ptr, const Tensor& row_idx,
+                            const Tensor& perm, int64_t in_channels, at::IntArrayRef input_size,
+                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation) {
+  check_image(dy_in, "dy");
+  const int64_t bs = check_values(values_in, dy_in, "dy");
+  check_conv_channels(in_channels, bs, "in_channels");
+  TORCH_CHECK(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0,
+              "input_size must be two positive sizes, got ", input_size);
+  const int64_t B = dy_in.size(0), N = dy_in.size(3);
+  const auto geometry = conv_geometry(B, input_size[0], input_size[1], in_channels, dy_in.size(1), dy_in.size(2),
+                                      kernel_size, stride, padding, dilation);
+  const int64_t M = B * dy_in.size(1) * dy_in.size(2), K = kernel_size[0] * kernel_size[1] * in_channels;
+  const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), K / bs,
+                                  values_in.size(0));
+  const Tensor dy = compute_dtype(dy_in), values = compute_dtype(values_in);
+  Tensor dx = at::empty({B, input_size[0], input_size[1], in_channels}, dy.options());
+  if (dx.numel() > 0) {
+    if (dy.scalar_type() == at::kDouble)
+      run_backward_input<double>(dy, values, dx, index, geometry, M, N, K, bs);
+    else
+      run_backward_input<float>(dy, values, dx, index, geometry, M, N, K, bs);
+  }
+  return dx.scalar_type() == dy_in.scalar_type() ? dx : dx.to(dy_in.scalar_type());
+}
+
+Tensor bsr_conv2d_wgrad_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& row_ptr, const Tensor& col_idx,
+                            const Tensor& coo_row, const Tensor& col_ptr, const Tensor& row_idx, const Tensor& perm,
+                            int64_t block_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_image(dy_in, "dy");
+  check_image(x_in, "x");
+  check_same_dtype(x_in, dy_in, "x", "dy");
+  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has batch ", dy_in.size(0), " but x has ", x_in.size(0));
+  const int64_t bs = block_size, B = x_in.size(0), C = x_in.size(3), N = dy_in.size(3);
+  check_conv_channels(C, bs, "in_channels");
+  const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, dy_in.size(1), dy_in.size(2), kernel_size,
+                                      stride, padding, dilation);
+  const int64_t M = B * dy_in.size(1) * dy_in.size(2), K = kernel_size[0] * kernel_size[1] * C;
+  const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), K / bs,
+                                  col_idx.numel());
+  const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
+  Tensor out = at::empty({index.nnz, bs, bs}, dy.options());
+  if (dy.scalar_type() == at::kDouble)
+    run_sddmm<double>(dy, x, out, index, geometry, M, N, K, bs);
+  else
+    run_sddmm<float>(dy, x, out, index, geometry, M, N, K, bs);
+  return out.scalar_type() == dy_in.scalar_type() ? out : out.to(dy_in.scalar_type());
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("native_bsr_linear", &sparsekern::bsr_linear_cpu);
+  m.impl("native_bsr_linear_dx", &sparsekern::bsr_linear_dx_cpu);
+  m.impl("native_bsr_sddmm", &sparsekern::bsr_sddmm_cpu);
+  m.impl("native_block_grad_scores", &sparsekern::block_grad_scores_cpu);
+  m.impl("native_bsr_conv2d", &sparsekern::bsr_conv2d_cpu);
+  m.impl("native_bsr_conv2d_dgrad", &sparsekern::bsr_conv2d_dgrad_cpu);
+  m.impl("native_bsr_conv2d_wgrad", &sparsekern::bsr_conv2d_wgrad_cpu);
+}
