@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 from functools import lru_cache
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +30,8 @@ from . import _native, reference
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
-OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_", "masked_sgd_")
+OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d", "bsr_conv2d_dgrad",
+       "bsr_conv2d_wgrad", "build_layout_index_", "masked_sgd_")
 # Kernels are specialised per block size; these are the ones every backend is built for.
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -137,6 +138,31 @@ def _block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
     return _implementation("block_grad_scores", dy)(dy, x, block_size)
 
 
+@torch.library.custom_op("sparsekern::bsr_conv2d", mutates_args=())
+def _bsr_conv2d(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+                row_idx: Tensor, perm: Tensor, out_channels: int, bias: Optional[Tensor], kernel_size: List[int],
+                stride: List[int], padding: List[int], dilation: List[int], output_size: List[int]) -> Tensor:
+    return _implementation("bsr_conv2d", x)(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                                            out_channels, bias, kernel_size, stride, padding, dilation, output_size)
+
+
+@torch.library.custom_op("sparsekern::bsr_conv2d_dgrad", mutates_args=())
+def _bsr_conv2d_dgrad(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor,
+                      col_ptr: Tensor, row_idx: Tensor, perm: Tensor, in_channels: int, input_size: List[int],
+                      kernel_size: List[int], stride: List[int], padding: List[int],
+                      dilation: List[int]) -> Tensor:
+    return _implementation("bsr_conv2d_dgrad", dy)(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                                                   in_channels, input_size, kernel_size, stride, padding, dilation)
+
+
+@torch.library.custom_op("sparsekern::bsr_conv2d_wgrad", mutates_args=())
+def _bsr_conv2d_wgrad(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
+                      row_idx: Tensor, perm: Tensor, block_size: int, kernel_size: List[int], stride: List[int],
+                      padding: List[int], dilation: List[int]) -> Tensor:
+    return _implementation("bsr_conv2d_wgrad", dy)(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                                                   block_size, kernel_size, stride, padding, dilation)
+
+
 @torch.library.custom_op("sparsekern::build_layout_index_", mutates_args=LAYOUT_ARGS)
 def _build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                          row_idx: Tensor, perm: Tensor) -> None:
@@ -180,6 +206,23 @@ def _(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size):
 def _(dy, x, block_size):
     dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     return dy.new_empty(_cdiv(dy.shape[1], block_size), _cdiv(x.shape[1], block_size), dtype=dtype)
+
+
+@_bsr_conv2d.register_fake
+def _(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias, kernel_size, stride, padding,
+      dilation, output_size):
+    return x.new_empty(x.shape[0], output_size[0], output_size[1], out_channels)
+
+
+@_bsr_conv2d_dgrad.register_fake
+def _(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
+      padding, dilation):
+    return dy.new_empty(dy.shape[0], input_size[0], input_size[1], in_channels)
+
+
+@_bsr_conv2d_wgrad.register_fake
+def _(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size, kernel_size, stride, padding, dilation):
+    return dy.new_empty(col_idx.shape[0], block_size, block_size)
 
 
 @_build_layout_index_.register_fake
@@ -230,6 +273,25 @@ def _sddmm_backward(ctx, grad):
     return (ddy, dx) + (None,) * 7
 
 
+def _conv_setup(ctx, inputs, output):
+    x, values, *layout = inputs[:8]
+    ctx.save_for_backward(x, values, *layout)
+    ctx.has_bias = inputs[9] is not None
+    ctx.geometry = inputs[10:14]  # kernel_size, stride, padding, dilation
+
+
+def _conv_backward(ctx, grad):
+    x, values, *layout = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = (torch.ops.sparsekern.bsr_conv2d_dgrad(grad, values, *layout, x.shape[3], list(x.shape[1:3]), *ctx.geometry)
+          if ctx.needs_input_grad[0] else None)
+    dvalues = (torch.ops.sparsekern.bsr_conv2d_wgrad(grad, x, *layout, values.shape[-1], *ctx.geometry)
+               if ctx.needs_input_grad[1] else None)
+    dbias = grad.sum(dim=(0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[9] else None
+    return (dx, dvalues) + (None,) * 7 + (dbias,) + (None,) * 5
+
+
+_bsr_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 _bsr_linear.register_autograd(_linear_backward, setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
 _bsr_linear_dx.register_autograd(_linear_dx_backward,
                                  setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
@@ -360,3 +422,20 @@ def masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], 
     torch.ops.sparsekern.masked_sgd_(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale,
                                      found_inf, lr, momentum, dampening, weight_decay, nesterov,
                                      decoupled_weight_decay)
+
+
+def bsr_conv2d(x_nhwc: Tensor, layout, values: Tensor, bias: Optional[Tensor], kernel_size, stride, padding,
+               dilation, output_size) -> Tensor:
+    """Convolution (groups = 1) of an NHWC image with a block-sparse filter whose matrix [out, kh*kw*cin] has
+    K ordered (kh, kw, cin): [B, H, W, C] -> [B, OH, OW, out]. ``padding`` = (top, left); zero padding."""
+    out_channels, k = layout.shape
+    _check_values(layout, values)
+    x_nhwc, values, bias = _autocast(x_nhwc, values, bias)
+    _check(x_nhwc.dim() == 4, f"x must be a 4-D NHWC image, got shape {tuple(x_nhwc.shape)}")
+    _check(kernel_size[0] * kernel_size[1] * x_nhwc.shape[3] == k,
+           f"x has {x_nhwc.shape[3]} channels but the filter matrix expects {k} = kh*kw*cin")
+    _check(x_nhwc.dtype == values.dtype and x_nhwc.device == values.device,
+           f"x ({x_nhwc.dtype} on {x_nhwc.device}) must match values ({values.dtype} on {values.device})")
+    return torch.ops.sparsekern.bsr_conv2d(x_nhwc.contiguous(), values, *layout.index_tensors(), out_channels, bias,
+                                           list(kernel_size), list(stride), list(padding), list(dilation),
+                                           list(output_size))

@@ -144,3 +144,55 @@ def masked_sgd_(param, grad, momentum_buffer, master, step, grad_scale, inv_loss
     if master is not None:
         param.copy_(weights)
     step.add_(take.to(step.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution with a block-sparse filter (groups = 1) on NHWC images. The filter matrix [N, K] has K
+# ordered (kh, kw, cin); ``padding`` is (top, left) and the output size fixes the bottom/right padding.
+
+def _conv_padding(input_size, kernel_size, stride, padding, dilation, output_size):
+    """(left, right, top, bottom) padding (negative: cropping) that makes the output exactly output_size."""
+    height = (output_size[0] - 1) * stride[0] + dilation[0] * (kernel_size[0] - 1) + 1
+    width = (output_size[1] - 1) * stride[1] + dilation[1] * (kernel_size[1] - 1) + 1
+    top, left = padding
+    return left, width - input_size[1] - left, top, height - input_size[0] - top
+
+
+def unfold_nhwc(x, kernel_size, stride, padding, dilation, output_size):
+    """im2col of an NHWC image: [B*OH*OW, kh*kw*C] with K ordered (kh, kw, cin)."""
+    pads = _conv_padding(x.shape[1:3], kernel_size, stride, padding, dilation, output_size)
+    image = torch.nn.functional.pad(x.permute(0, 3, 1, 2), pads)
+    cols = torch.nn.functional.unfold(image, list(kernel_size), list(dilation), 0, list(stride))  # [B, C*kh*kw, L]
+    batch, channels = x.shape[0], x.shape[3]
+    taps = kernel_size[0] * kernel_size[1]
+    return cols.view(batch, channels, taps, -1).permute(0, 3, 2, 1).reshape(-1, taps * channels)
+
+
+def bsr_conv2d(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias, kernel_size,
+               stride, padding, dilation, output_size):
+    """Y [B, OH, OW, N] = conv(X [B, H, W, C], W) (+ bias), NHWC."""
+    cols = unfold_nhwc(x, kernel_size, stride, padding, dilation, output_size)
+    y = bsr_linear(cols, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias)
+    return y.view(x.shape[0], output_size[0], output_size[1], out_channels)
+
+
+def bsr_conv2d_dgrad(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_channels, input_size,
+                     kernel_size, stride, padding, dilation):
+    """dX [B, H, W, C]: the columns' gradient dY W folded back onto the image (col2im)."""
+    batch, out_h, out_w, _ = dy.shape
+    taps = kernel_size[0] * kernel_size[1]
+    dcols = bsr_linear_dx(dy.reshape(-1, dy.shape[3]), values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                          taps * in_channels)
+    dcols = dcols.view(batch, out_h * out_w, taps, in_channels).permute(0, 3, 2, 1).reshape(batch, -1, out_h * out_w)
+    left, right, top, bottom = _conv_padding(input_size, kernel_size, stride, padding, dilation, (out_h, out_w))
+    padded_size = (input_size[0] + top + bottom, input_size[1] + left + right)
+    image = torch.nn.functional.fold(dcols, padded_size, list(kernel_size), list(dilation), 0, list(stride))
+    return torch.nn.functional.pad(image, (-left, -right, -top, -bottom)).permute(0, 2, 3, 1).contiguous()
+
+
+def bsr_conv2d_wgrad(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size, kernel_size, stride,
+                     padding, dilation):
+    """dW [nnz, bs, bs]: dYᵀ (im2col X) at the layout's blocks (zero in the padding)."""
+    cols = unfold_nhwc(x, kernel_size, stride, padding, dilation, dy.shape[1:3])
+    return bsr_sddmm(dy.reshape(-1, dy.shape[3]), cols, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                     block_size)

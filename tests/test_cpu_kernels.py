@@ -234,7 +234,7 @@ def test_native_conv_matches_conv2d(case, monkeypatch):
                             block_size=bs)
     dense = layer.to_dense()
     x = torch.randn(3, cin, size, size, requires_grad=True)
-    assert layer._native_conv_applies(x)
+    assert layer._implicit_gemm_applies(x)
     x_dense = x.detach().clone().requires_grad_()
     y, y_dense = layer(x), dense(x_dense)
     torch.testing.assert_close(y, y_dense, rtol=1e-4, atol=1e-4)
@@ -248,17 +248,53 @@ def test_native_conv_matches_conv2d(case, monkeypatch):
     torch.testing.assert_close(layer.values.grad, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_native_conv_gradcheck():
+CONV_GEOMETRY = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), output_size=(3, 3))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_conv_op_gradcheck(backend, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+    torch.manual_seed(2)
     layer = sk.SparseConv2d(16, 20, 3, stride=2, padding=1, sparsity=0.3, block_size=16).double()
-    x = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert layer._native_conv_applies(x)
-    assert torch.autograd.gradcheck(lambda x, v, b: _conv_with(layer, x, v, b), (x, layer.values, layer.bias))
+    x = torch.randn(2, 5, 5, 16, dtype=torch.float64, requires_grad=True)  # NHWC
+    assert layer._implicit_gemm_applies(x.permute(0, 3, 1, 2)) == (backend == "cpu")
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: sk.ops.bsr_conv2d(x, layer.layout, v, b, **CONV_GEOMETRY), (x, layer.values, layer.bias))
 
 
-def _conv_with(layer, x, values, bias):
-    from sparsekern.nn.conv import _NativeConv2d
-    return _NativeConv2d.apply(x, values, bias, layer.layout.index_tensors(),
-                               ([3, 3], [2, 2], [1, 1], [1, 1], [3, 3], layer.out_channels))
+def test_conv_ops_opcheck():
+    torch.manual_seed(3)
+    layer = sk.SparseConv2d(16, 20, 3, stride=2, padding=1, sparsity=0.3, block_size=16)
+    x = torch.randn(2, 5, 5, 16, requires_grad=True)
+    g = CONV_GEOMETRY
+    index = layer.layout.index_tensors()
+    geometry = [list(g["kernel_size"]), list(g["stride"]), list(g["padding"]), list(g["dilation"])]
+    torch.library.opcheck(torch.ops.sparsekern.bsr_conv2d.default,
+                          (x, layer.values, *index, 20, layer.bias, *geometry, list(g["output_size"])))
+    dy = torch.randn(2, 3, 3, 20)
+    torch.library.opcheck(torch.ops.sparsekern.bsr_conv2d_dgrad.default,
+                          (dy, layer.values.detach(), *index, 16, [5, 5], *geometry))
+    torch.library.opcheck(torch.ops.sparsekern.bsr_conv2d_wgrad.default, (dy, x.detach(), *index, 16, *geometry))
+
+
+def test_native_conv_ops_match_reference():
+    torch.manual_seed(4)
+    layer = sk.SparseConv2d(32, 40, 3, stride=2, padding=1, dilation=1, sparsity=0.5, block_size=16)
+    index = layer.layout.index_tensors()
+    g = CONV_GEOMETRY
+    geometry = [list(g["kernel_size"]), list(g["stride"]), list(g["padding"]), list(g["dilation"])]
+    x, dy = torch.randn(3, 6, 5, 32, dtype=torch.float64), torch.randn(3, 3, 3, 40, dtype=torch.float64)
+    values, bias = layer.values.detach().double(), layer.bias.detach().double()
+    pairs = [
+        (torch.ops.sparsekern.native_bsr_conv2d(x, values, *index, 40, bias, *geometry, [3, 3]),
+         reference.bsr_conv2d(x, values, *index, 40, bias, *geometry, [3, 3])),
+        (torch.ops.sparsekern.native_bsr_conv2d_dgrad(dy, values, *index, 32, [6, 5], *geometry),
+         reference.bsr_conv2d_dgrad(dy, values, *index, 32, [6, 5], *geometry)),
+        (torch.ops.sparsekern.native_bsr_conv2d_wgrad(dy, x, *index, 16, *geometry),
+         reference.bsr_conv2d_wgrad(dy, x, *index, 16, *geometry)),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_conv_bit_identical_across_thread_counts():
@@ -284,4 +320,4 @@ def test_conv_bit_identical_across_thread_counts():
 def test_conv_reference_backend_skips_native(monkeypatch):
     monkeypatch.setenv("SPARSEKERN_BACKEND", "reference")
     layer = sk.SparseConv2d(32, 32, 3, padding=1, block_size=32)
-    assert not layer._native_conv_applies(torch.randn(1, 32, 4, 4))
+    assert not layer._implicit_gemm_applies(torch.randn(1, 32, 4, 4))

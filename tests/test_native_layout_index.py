@@ -1,4 +1,5 @@
 """The native kernel torch.ops.sparsekern.native_build_layout_index_ against a plain-Python oracle."""
+import os
 import re
 
 import pytest
@@ -179,3 +180,14 @@ def test_cuda_empty_grid_and_capacity_mismatch():
         for name in ("col_idx", "coo_row", "row_idx", "perm"):
             assert index[name][-8:].eq(-1).all(), f"{name} was written past its capacity {capacity}"
         assert index["row_ptr"].tolist() == oracle(mask)["row_ptr"]
+
+
+def test_cuda_kernels_are_built_where_a_toolkit_is():
+    """CI has nvcc but no GPU: the CUDA sources must still have been compiled into sparsekern._C."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if torch.version.cuda is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        pytest.skip("no CUDA build of torch or no CUDA toolkit here")
+    if os.environ.get("SPARSEKERN_NO_CUDA") == "1":
+        pytest.skip("SPARSEKERN_NO_CUDA=1 asked for a CPU-only build")
+    assert _native.BUILD_INFO["cuda"], _native.BUILD_INFO
+    assert "cuda" in _native.BUILD_INFO["native_ops"]["native_build_layout_index_"]

@@ -2,9 +2,9 @@
 
 The filter [out, in/groups, kh, kw] is stored as the matrix [out, kh*kw*in/groups] with K ordered
 (kh, kw, cin), so that a block is up to ``block_size`` input channels at one filter tap (the order an
-NHWC implicit GEMM reads). On CPU, with the native kernels built and in_channels a multiple of the block
-size, forward, data gradient and filter gradient are implicit GEMMs over the NHWC image (no unfold buffer,
-``native_bsr_conv2d`` / ``_dgrad`` / ``_wgrad``). Otherwise the convolution runs as unfold + the block-sparse
+NHWC implicit GEMM reads). Where the ``bsr_conv2d`` op has a fast kernel (today the native CPU one, for
+in_channels a multiple of the block size), forward, data gradient and filter gradient are implicit GEMMs
+over the NHWC image with no unfold buffer (``bsr_conv2d`` / ``_dgrad`` / ``_wgrad``). Otherwise the convolution runs as unfold + the block-sparse
 GEMM; grouped convolutions fall back to a dense convolution with the densified filter, because their
 per-group matrices are too narrow for block sparsity to pay off.
 """
@@ -17,47 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .. import _native, ops, reference
+from .. import ops, reference
 from ._sparse_weight import BlockSparseWeight, blocks_kept
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 IntPair = Union[int, Tuple[int, int]]
-
-
-class _NativeConv2d(torch.autograd.Function):
-    """Implicit-GEMM convolution on NHWC data with the native CPU kernels (groups=1, zero padding).
-
-    ``geometry`` = (kernel_size, stride, (pad_top, pad_left), dilation, output_size, out_channels); the
-    output is NCHW-shaped and channels_last in memory.
-    """
-
-    @staticmethod
-    def forward(ctx, x, values, bias, index, geometry):
-        kernel_size, stride, padding, dilation, output_size, out_channels = geometry
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
-        y = torch.ops.sparsekern.native_bsr_conv2d(x_nhwc, values, *index, out_channels, bias, kernel_size, stride,
-                                                   padding, dilation, output_size)
-        ctx.save_for_backward(x_nhwc, values, *index)
-        ctx.geometry = geometry
-        return y.permute(0, 3, 1, 2)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x_nhwc, values, *index = ctx.saved_tensors
-        kernel_size, stride, padding, dilation, _, _ = ctx.geometry
-        dy_nhwc = dy.permute(0, 2, 3, 1).contiguous()
-        dx = dvalues = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.sparsekern.native_bsr_conv2d_dgrad(
-                dy_nhwc, values, *index, x_nhwc.shape[3], list(x_nhwc.shape[1:3]), kernel_size, stride, padding,
-                dilation).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            dvalues = torch.ops.sparsekern.native_bsr_conv2d_wgrad(
-                dy_nhwc, x_nhwc, *index, values.shape[-1], kernel_size, stride, padding, dilation)
-        if ctx.needs_input_grad[2]:
-            dbias = dy_nhwc.sum(dim=(0, 1, 2))
-        return dx, dvalues, dbias, None, None
 
 
 class SparseConv2d(BlockSparseWeight):
@@ -128,56 +92,50 @@ class SparseConv2d(BlockSparseWeight):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or unbatched), "
                              f"got {tuple(x.shape)}")
-        y = self._native_conv(x) if self._native_conv_applies(x) else self._conv(self._pad(x))
+        left, right, top, bottom = self._pad_lrtb
+        if self.padding_mode != "zeros" and any(self._pad_lrtb):
+            x = F.pad(x, self._pad_lrtb, mode=self.padding_mode)
+            left = right = top = bottom = 0
+        kh, kw = self.kernel_size
+        out_h = (x.shape[2] + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (x.shape[3] + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(f"input of size {tuple(x.shape[2:])} (padding included) is smaller than the kernel")
+        if self.groups != 1:
+            y = self._dense_grouped_conv(F.pad(x, (left, right, top, bottom)))
+        else:
+            y = self._block_sparse_conv(x, (top, left), (out_h, out_w))
         return y.squeeze(0) if unbatched else y
 
-    def _native_conv_applies(self, x: Tensor) -> bool:
-        # DST's gradient scores need the unfolded input: those steps take the GEMM path.
-        return (x.device.type == "cpu" and self.groups == 1 and self.padding_mode == "zeros"
-                and not self.capture_grad_scores
-                and self.in_channels % self.block_size == 0
+    def _block_sparse_conv(self, x: Tensor, padding, output_size) -> Tensor:
+        """groups=1: the implicit-GEMM op where it has a fast kernel, else im2col + the block-sparse GEMM."""
+        x_nhwc = x.permute(0, 2, 3, 1)
+        if self._implicit_gemm_applies(x):
+            y = ops.bsr_conv2d(x_nhwc, self.layout, self.values, self.bias, self.kernel_size, self.stride, padding,
+                               self.dilation, output_size)
+        else:
+            cols = reference.unfold_nhwc(x_nhwc, self.kernel_size, self.stride, padding, self.dilation, output_size)
+            y = self._gemm(cols).view(x.shape[0], *output_size, self.out_channels)
+        return y.permute(0, 3, 1, 2)  # NCHW-shaped, channels_last in memory: no copy
+
+    def _implicit_gemm_applies(self, x: Tensor) -> bool:
+        """Whether the bsr_conv2d op has a fast kernel for this call (today: the native CPU one, which takes
+        fp32/fp64 and in_channels a multiple of the block). DST's gradient scores need the unfolded input,
+        so update steps take the im2col path."""
+        return (not self.capture_grad_scores and self.in_channels % self.block_size == 0
                 and x.dtype in (torch.float32, torch.float64) and x.dtype == self.values.dtype
-                and not torch.is_autocast_enabled("cpu")
-                and ops.requested_backend() in ("auto", "cpu")
-                and _native.has_kernel("native_bsr_conv2d", "cpu"))
+                and not torch.is_autocast_enabled(x.device.type)
+                and ops.select_backend("bsr_conv2d", x.device, x.dtype) != "reference")
 
-    def _native_conv(self, x: Tensor) -> Tensor:
-        left, right, top, bottom = self._pad_lrtb
-        height, width = x.shape[2] + top + bottom, x.shape[3] + left + right
-        kh, kw = self.kernel_size
-        out_h = (height - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        if out_h <= 0 or out_w <= 0:
-            raise ValueError(f"input of size {height}x{width} (after padding) is smaller than the kernel")
-        geometry = (list(self.kernel_size), list(self.stride), [top, left], list(self.dilation), [out_h, out_w],
-                    self.out_channels)
-        return _NativeConv2d.apply(x, self.values, self.bias, self.layout.index_tensors(), geometry)
-
-    def _pad(self, x: Tensor) -> Tensor:
-        if not any(self._pad_lrtb):
-            return x
-        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, self._pad_lrtb, mode=mode)
-
-    def _conv(self, x: Tensor) -> Tensor:
-        if self.groups != 1:
-            weight = self.dense_weight()
-            if self.capture_grad_scores and weight.requires_grad:
-                # The dense fallback has the exact dense weight gradient at hand.
-                weight.register_hook(lambda grad: self._record_grad_scores(
-                    reference.block_norms(self._weight_to_matrix(grad).float(), self.block_size)))
-            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        batch, cin, height, width = x.shape
-        kh, kw = self.kernel_size
-        out_h = (height - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        if out_h <= 0 or out_w <= 0:
-            raise ValueError(f"input of size {height}x{width} (after padding) is smaller than the kernel")
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [B, cin*kh*kw, L]
-        cols = cols.view(batch, cin, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, kh * kw * cin)
-        y = self._gemm(cols)  # [B*L, out]
-        # [B, H, W, C] viewed as NCHW: the result is channels_last in memory, with no copy.
-        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+    def _dense_grouped_conv(self, x: Tensor) -> Tensor:
+        """Grouped convolutions: a dense conv with the densified filter (per-group matrices are too narrow
+        for block sparsity to pay off)."""
+        weight = self.dense_weight()
+        if self.capture_grad_scores and weight.requires_grad:
+            # The dense fallback has the exact dense weight gradient at hand.
+            weight.register_hook(lambda grad: self._record_grad_scores(
+                reference.block_norms(self._weight_to_matrix(grad).float(), self.block_size)))
+        return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: float = 0.9, block_size: int = 32) -> "SparseConv2d":
