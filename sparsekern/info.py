@@ -51,8 +51,10 @@ def report() -> str:
         native = [b for b in ("cpu", "cuda", "triton") if ops.backend_has_op(b, op)]
         picks = ", ".join(f"{d}: {ops.select_backend(op, torch.device(d))}" for d in devices)
         lines.append(f"  {op:<22} auto -> {picks:<28} kernels: {', '.join(native) or 'reference only'}")
-    lines += ["", "convolution: SparseConv2d runs unfold + bsr_linear for groups=1; grouped/depthwise "
-              "convolutions use a dense conv2d with the densified filter (block sparsity cannot help there)."]
+    lines += ["", "convolution (SparseConv2d, groups=1): the implicit-GEMM bsr_conv2d op where a backend has a kernel "
+              "for it (native CPU: fp32/fp64, in_channels a multiple of the block), else im2col + bsr_linear. "
+              "Grouped/depthwise convolutions use a dense conv2d with the densified filter (block sparsity "
+              "cannot help there)."]
     return "\n".join(lines)
 
 
