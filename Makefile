@@ -6,7 +6,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # 2 cores: keep ninja from starting more compilers than there are cores.
 export MAX_JOBS ?= 2
-DEMO_STEPS ?= 150
+DEMO_STEPS ?= 300
 # torch's CUDA build compiles the CUDA kernels when a toolkit is found; /usr/local/cuda is where ours is.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
