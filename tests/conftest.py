@@ -82,3 +82,24 @@ def backend_env(monkeypatch):
         monkeypatch.setenv("SPARSEKERN_BACKEND", name)
     monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
     return set_backend
+
+
+def index_oracle(block_mask):
+    """Block-CSR in row-major order and block-CSC in column-major order, by definition (plain loops)."""
+    mask = block_mask.tolist()
+    n_rows, n_cols = block_mask.shape
+    csr = [(r, c) for r in range(n_rows) for c in range(n_cols) if mask[r][c]]
+    csc = [(r, c) for c in range(n_cols) for r in range(n_rows) if mask[r][c]]
+    row_ptr, col_ptr = [0], [0]
+    for r in range(n_rows):
+        row_ptr.append(row_ptr[-1] + sum(mask[r]))
+    for c in range(n_cols):
+        col_ptr.append(col_ptr[-1] + sum(mask[r][c] for r in range(n_rows)))
+    return {
+        "row_ptr": row_ptr,
+        "col_idx": [c for _, c in csr],
+        "coo_row": [r for r, _ in csr],
+        "col_ptr": col_ptr,
+        "row_idx": [r for r, _ in csc],
+        "perm": [csr.index(block) for block in csc],
+    }

@@ -3,32 +3,11 @@ import pytest
 import torch
 
 import sparsekern as sk
-from conftest import generator, random_block_mask
+from conftest import generator, index_oracle, random_block_mask
 
 INDEX_NAMES = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
 GRIDS = [(1, 1), (3, 5), (7, 40), (40, 3)]
 DENSITIES = [0.0, 0.3, 1.0]
-
-
-def index_oracle(block_mask):
-    """Block-CSR in row-major order and block-CSC in column-major order, by definition (plain loops)."""
-    mask = block_mask.tolist()
-    n_rows, n_cols = len(mask), len(mask[0])
-    csr = [(r, c) for r in range(n_rows) for c in range(n_cols) if mask[r][c]]
-    csc = [(r, c) for c in range(n_cols) for r in range(n_rows) if mask[r][c]]
-    row_ptr, col_ptr = [0], [0]
-    for r in range(n_rows):
-        row_ptr.append(row_ptr[-1] + sum(mask[r]))
-    for c in range(n_cols):
-        col_ptr.append(col_ptr[-1] + sum(mask[r][c] for r in range(n_rows)))
-    return {
-        "row_ptr": row_ptr,
-        "col_idx": [c for _, c in csr],
-        "coo_row": [r for r, _ in csr],
-        "col_ptr": col_ptr,
-        "row_idx": [r for r, _ in csc],
-        "perm": [csr.index(block) for block in csc],
-    }
 
 
 def assert_index(layout, block_mask):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsekern import _native
+from conftest import index_oracle as oracle
 
 OP_NAME = "native_build_layout_index_"
 INDEX_NAMES = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
@@ -13,28 +14,6 @@ SHAPES = [(1, 1), (3, 5), (7, 40), (40, 3), (33, 70), (1100, 3), (3, 1100)]
 DENSITIES = [0.0, 0.3, 1.0]
 
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason=f"sparsekern._C not loaded: {_native.LOAD_ERROR}")
-
-
-def oracle(block_mask):
-    """The layout index, by definition: CSR in row-major order, CSC in column-major order."""
-    mask = block_mask.tolist()
-    n_rows, n_cols = block_mask.shape
-    csr = [(r, c) for r in range(n_rows) for c in range(n_cols) if mask[r][c]]
-    csc = [(r, c) for c in range(n_cols) for r in range(n_rows) if mask[r][c]]
-    csr_position = {block: p for p, block in enumerate(csr)}
-    row_ptr, col_ptr = [0], [0]
-    for r in range(n_rows):
-        row_ptr.append(row_ptr[-1] + sum(1 for c in range(n_cols) if mask[r][c]))
-    for c in range(n_cols):
-        col_ptr.append(col_ptr[-1] + sum(1 for r in range(n_rows) if mask[r][c]))
-    return {
-        "row_ptr": row_ptr,
-        "col_idx": [c for _, c in csr],
-        "coo_row": [r for r, _ in csr],
-        "col_ptr": col_ptr,
-        "row_idx": [r for r, _ in csc],
-        "perm": [csr_position[block] for block in csc],
-    }
 
 
 def empty_index(n_rows, n_cols, capacity, device):
