@@ -82,6 +82,22 @@ def _stem_filter(module: nn.Module, name: str) -> bool:
     return not (isinstance(module, nn.Conv2d) and module.in_channels <= 3)
 
 
+def masks_agree_across_ranks(model: nn.Module) -> bool:
+    """Whether every rank holds the same block masks and values (DST must keep them identical under DDP).
+
+    The values are compared too: DDP re-broadcasts buffers (the layout) from rank 0 on every forward, so a
+    rank that had moved its blocks differently would show it only in its values.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))]
+    if not layers or not torch.distributed.is_initialized():
+        return True
+    index = torch.cat([torch.cat([m.layout.coo_row, m.layout.col_idx]) for m in layers]).double()
+    mine = torch.cat([index] + [m.values.detach().double().flatten() for m in layers])
+    everyone = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, mine)
+    return all(torch.equal(mine, other) for other in everyone)
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args, autocast) -> float:
     model.eval()
     correct = 0
@@ -177,6 +193,8 @@ def main(argv=None) -> dict:
                             img_s=f"{seen * world / elapsed:.0f}")
         train_seconds = time.perf_counter() - started
         test_accuracy = evaluate(model, data.test_x, data.test_y, args, autocast)
+        if not masks_agree_across_ranks(model):
+            raise RuntimeError("the block masks differ between ranks: DST updates must be broadcast")
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
                   "train_accuracy": correct / max(seen, 1), "test_accuracy": test_accuracy,
                   "epoch_seconds": train_seconds, "images_per_second": seen * world / train_seconds,
@@ -200,6 +218,8 @@ def main(argv=None) -> dict:
         "mask_update_overhead": log[-1]["mask_update_overhead"] if log else None,
         "layer_densities": {name: m.density for name, m in model.named_modules()
                             if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))},
+        "world_size": world,
+        "masks_agree_across_ranks": masks_agree_across_ranks(model),
     }
     if rank == 0:
         with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -81,3 +81,19 @@ def test_truncated_idx_file_is_rejected(tmp_path):
         f.write(struct.pack(">HBB", 0, 0x08, 1) + struct.pack(">I", 10) + b"\x00" * 3)
     with pytest.raises(ValueError, match="header says"):
         data.read_idx(str(path))
+
+
+def test_torchrun_ddp_two_gloo_processes_keep_identical_masks(tmp_path):
+    """RigL grows from rank-local gradient scores (different data per rank): only the broadcast of rank 0's
+    decision keeps the masks equal."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "sparsekern.train", *FAST, "--method", "rigl", "--max-steps-per-epoch", "6", "--device", "cpu", "--out", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["masks_agree_across_ranks"] is True
