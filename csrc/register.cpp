@@ -25,6 +25,7 @@ constexpr const char* kNativeOps[] = {
     "native_bsr_conv2d",
     "native_bsr_conv2d_dgrad",
     "native_bsr_conv2d_wgrad",
+    "native_masked_sgd_",
 };
 
 #ifdef SPARSEKERN_WITH_CUDA
@@ -104,6 +105,14 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("native_bsr_conv2d_wgrad(Tensor dy, Tensor x, " SK_LAYOUT_ARGS ", int block_size, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
 #undef SK_LAYOUT_ARGS
+
+  // One fused SGD step in place, in torch.optim.SGD's order (sparsekern.reference.masked_sgd_): weights =
+  // master if given, else param; grad_scale [param.shape[0]] scales each leading slice (block); a non-zero
+  // found_inf skips the step; step (0-dim int64) counts the steps taken. No host synchronisation on CUDA.
+  m.def(
+      "native_masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!)? master, "
+      "Tensor(d!) step, Tensor? grad_scale, Tensor? inv_loss_scale, Tensor? found_inf, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool decoupled_weight_decay) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

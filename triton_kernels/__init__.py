@@ -7,6 +7,7 @@ from ._common import DTYPES
 from .grad_scores import block_grad_scores
 from .linear import bsr_linear
 from .linear_dx import bsr_linear_dx
+from .masked_sgd import masked_sgd_
 from .sddmm import bsr_sddmm
 
-__all__ = ["DTYPES", "block_grad_scores", "bsr_linear", "bsr_linear_dx", "bsr_sddmm"]
+__all__ = ["DTYPES", "block_grad_scores", "bsr_linear", "bsr_linear_dx", "bsr_sddmm", "masked_sgd_"]
