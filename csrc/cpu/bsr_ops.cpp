@@ -11,6 +11,7 @@
 // avx512|avx2|scalar forces one, for tests); fp64 runs the portable kernels; fp16 and bf16 are computed
 // in fp32 and rounded once at the end. Tasks are split with at::parallel_for and each output element is
 // computed by one task in a fixed order, so results are bit-identical for any number of threads.
+#include "cpu/isa.h"
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -41,38 +42,9 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // Instruction set
 
-enum class Isa { kAvx512, kAvx2, kScalar };
+using cpu::Isa;
 
-bool cpu_has(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                              __builtin_cpu_supports("avx512dq");
-    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case Isa::kScalar: return true;
-  }
-  return false;
-}
-
-Isa chosen_isa() {
-  const char* env = std::getenv("SPARSEKERN_CPU_ISA");
-  const std::string requested = env == nullptr ? "auto" : env;
-  if (requested.empty() || requested == "auto") {
-    if (cpu_has(Isa::kAvx512)) return Isa::kAvx512;
-    if (cpu_has(Isa::kAvx2)) return Isa::kAvx2;
-    return Isa::kScalar;
-  }
-  Isa isa = Isa::kScalar;
-  if (requested == "avx512") {
-    isa = Isa::kAvx512;
-  } else if (requested == "avx2") {
-    isa = Isa::kAvx2;
-  } else {
-    TORCH_CHECK(requested == "scalar", "SPARSEKERN_CPU_ISA must be auto, avx512, avx2 or scalar, got '", requested,
-                "'");
-  }
-  TORCH_CHECK(cpu_has(isa), "SPARSEKERN_CPU_ISA=", requested, " but this CPU does not support it");
-  return isa;
-}
+Isa chosen_isa() { return cpu::chosen_isa(/*with_half_conversions=*/false); }
 
 template <typename T>
 const cpu::KernelTable<T>* kernels();

@@ -13,6 +13,7 @@
 // torch uses FMA (every AVX2/AVX-512 part) the result is bit-identical to the reference. Nothing here is
 // written as a*b + c, so floating-point contraction cannot change it. Every element is computed by one
 // task in the same way, so the result does not depend on the number of threads.
+#include "cpu/isa.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -192,42 +193,9 @@ SK_ISA_WRAPPERS(scalar)
 // ---------------------------------------------------------------------------------------------
 // Instruction set (same rules and variable as the GEMMs in bsr_ops.cpp)
 
-enum class Isa { kAvx512, kAvx2, kScalar };
+using cpu::Isa;
 
-bool cpu_has(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("f16c");
-    case Isa::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case Isa::kScalar:
-      return true;
-  }
-  return false;
-}
-
-Isa chosen_isa() {
-  const char* env = std::getenv("SPARSEKERN_CPU_ISA");
-  const std::string requested = env == nullptr ? "auto" : env;
-  if (requested.empty() || requested == "auto") {
-    if (cpu_has(Isa::kAvx512)) return Isa::kAvx512;
-    if (cpu_has(Isa::kAvx2)) return Isa::kAvx2;
-    return Isa::kScalar;
-  }
-  Isa isa = Isa::kScalar;
-  if (requested == "avx512") {
-    isa = Isa::kAvx512;
-  } else if (requested == "avx2") {
-    isa = Isa::kAvx2;
-  } else {
-    TORCH_CHECK(requested == "scalar", "SPARSEKERN_CPU_ISA must be auto, avx512, avx2 or scalar, got '", requested,
-                "'");
-  }
-  TORCH_CHECK(cpu_has(isa), "SPARSEKERN_CPU_ISA=", requested, " but this CPU does not support it");
-  return isa;
-}
+Isa chosen_isa() { return cpu::chosen_isa(/*with_half_conversions=*/true); }
 
 // ---------------------------------------------------------------------------------------------
 // Glue
