@@ -37,7 +37,8 @@ struct Im2col {
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
 };
 
-// Y [M, N] = A [M, K] Wᵀ (+ bias). Tasks: (m-chunk, block-row), m-chunk major.
+// Y [M, N] = A [M, K] Wᵀ (+ bias). Tasks: (m-chunk, group of block-rows), m-chunk major; the block-rows
+// are split into `groups` equal groups (1 when there are enough m-chunks to keep the threads busy).
 template <typename T>
 struct ForwardArgs {
   const T* x;       // Linear: [M, K]; convolution: the NHWC image
@@ -48,10 +49,11 @@ struct ForwardArgs {
   Im2col geometry;
   int64_t M, N, K;
   int bs;
-  int64_t m_chunk;  // rows per task, a multiple of 12
+  int64_t m_chunk;  // rows per task
+  int64_t groups;
 };
 
-// Linear: dX [M, K] = dY [M, N] W through the block-CSC index. Tasks: (m-chunk, block-column).
+// Linear: dX [M, K] = dY [M, N] W through the block-CSC index. Tasks: (m-chunk, group of block-columns).
 // Convolution (data gradient, a transposed convolution written directly into the NHWC dX):
 // tasks are (image b, input row ih, column phase pw < stride_w, channel group g).
 template <typename T>
@@ -63,12 +65,15 @@ struct BackwardInputArgs {
   Im2col geometry;
   int64_t M, N, K;
   int bs;
-  int64_t m_chunk;
+  int64_t m_chunk;  // Linear only, as in ForwardArgs
+  int64_t groups;
 };
 
 // dW blocks [nnz, bs, bs] = (dYᵀ A) at the layout's blocks, zero in the padding past N or K.
 // Tasks: stored blocks in CSR order. Also the dense variant for block_grad_scores: every block of
-// the R x C grid (row-major), each reduced to its Frobenius norm in `scores` [R, C].
+// the R x C grid, each reduced to its Frobenius norm in `scores` [R, C]; tasks are groups of
+// `group_rows` block-rows. The reduction over M runs in chunks of m_chunk rows (a constant of the
+// shapes, never of the thread count).
 template <typename T>
 struct WeightGradArgs {
   const T* dy;  // [M, N]
@@ -79,6 +84,8 @@ struct WeightGradArgs {
   Im2col geometry;
   int64_t M, N, K;
   int bs;
+  int64_t m_chunk;
+  int64_t group_rows;  // block_grad_scores: block-rows per task
 };
 
 // Each function runs the tasks [task_begin, task_end) in order; `scratch` is the calling thread's
@@ -92,13 +99,28 @@ struct KernelTable {
   void (*block_scores)(const WeightGradArgs<T>& args, int64_t task_begin, int64_t task_end, void* scratch);
 };
 
-// Per-thread scratch for any of the kernels: the forward's packed block-row (and its block
-// references), or the weight gradient's row pointers for one M chunk and its run of score tiles.
-// `static`: every unit keeps its own copy (see above).
-static inline int64_t scratch_bytes(int64_t max_blocks_per_row, int64_t block_size, int64_t element_size) {
-  const int64_t forward = max_blocks_per_row * (block_size * block_size * element_size + 64);
-  const int64_t weight_grad = 8 * block_size * block_size * element_size + 256 * sizeof(void*);
-  return (forward > weight_grad ? forward : weight_grad) + 64;
+// Per-thread scratch. The kernels copy the m-chunk of the dense operand they work on into panels,
+// block-column by block-column ([column block][row][bs], see bsr_gemm_impl.h); a panel set for
+// `columns` column blocks of `rows` rows takes panel_bytes(). `static`: every unit keeps its own copy
+// (see above).
+static inline int64_t panel_bytes(int64_t columns, int64_t rows, int64_t block_size, int64_t element_size) {
+  return columns * (rows * block_size * element_size + 8) + 128;
+}
+
+// Forward / linear input gradient: the operand's panels, plus the blocks of one block-line of W (packed
+// for the forward) and a pointer and depth per block.
+static inline int64_t gemm_scratch_bytes(int64_t panel_columns, int64_t m_chunk, int64_t max_blocks_per_line,
+                                         int64_t block_size, int64_t element_size) {
+  return panel_bytes(panel_columns, m_chunk, block_size, element_size) +
+         max_blocks_per_line * (block_size * block_size * element_size + 64) + 128;
+}
+
+// Weight gradient: panels of dY and of A, plus (block_grad_scores) the tiles of a group of block-rows.
+static inline int64_t weight_grad_scratch_bytes(int64_t dy_columns, int64_t a_columns, int64_t m_chunk,
+                                                int64_t score_tiles, int64_t block_size, int64_t element_size) {
+  return panel_bytes(dy_columns, m_chunk, block_size, element_size) +
+         panel_bytes(a_columns, m_chunk, block_size, element_size) +
+         score_tiles * block_size * block_size * element_size + 128;
 }
 
 // nullptr when the kernels of that instruction set were not compiled in.

@@ -30,6 +30,8 @@ struct Avx2 {
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static reg load_partial(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static void stream(float* p, reg v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
+  static void stream_fence() { _mm_sfence(); }
   static void store_partial(float* p, reg v, int n) { _mm256_maskstore_ps(p, lanes(n), v); }
   static reg set1(float v) { return _mm256_set1_ps(v); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }

@@ -28,6 +28,8 @@ struct Avx512 {
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static reg load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, reg v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
+  static void stream_fence() { _mm_sfence(); }
   static void store_partial(float* p, reg v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
   static reg set1(float v) { return _mm512_set1_ps(v); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }

@@ -72,17 +72,29 @@ struct RowTile {
       for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
   }
 
+  // Row i of A at a[i] (conv dgrad: rows gathered from anywhere, or a row of zeros).
   SK_INLINE void update(const T* const* a, int depth, const T* b, int64_t ldb) {
     const T* a_row[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) a_row[i] = a[i];
-    for (int t = 0; t < depth; ++t) {
+    update_rows([&](int i, int64_t t) { return a_row[i][t]; }, depth, b, ldb);
+  }
+
+  // Row i of A at a + i * LDA (a panel): one base register and constant offsets for the broadcasts.
+  template <int LDA>
+  SK_INLINE void update_panel(const T* a, int depth, const T* b, int64_t ldb) {
+    update_rows([&](int i, int64_t t) { return a[t + i * LDA]; }, depth, b, ldb);
+  }
+
+  template <class A>
+  SK_INLINE void update_rows(A&& a_at, int depth, const T* b, int64_t ldb) {
+    for (int64_t t = 0; t < depth; ++t) {  // 64-bit: no sign extension in the address arithmetic
       R b_vec[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) b_vec[v] = V::load(b + t * ldb + v * V::W);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
-        const R a_val = V::set1(a_row[i][t]);
+        const R a_val = V::set1(a_at(i, t));
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(a_val, b_vec[v], acc[i][v]);
       }
@@ -95,7 +107,7 @@ struct RowTile {
   }
 
   // Rows i of C at c + i * ldc; `cols` valid columns of the strip; bias (strip-aligned) or nullptr.
-  SK_INLINE void store(T* c, int64_t ldc, int cols, const T* bias) const {
+  SK_INLINE void store(T* c, int64_t ldc, int cols, const T* bias, bool stream = false) const {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const int n = cols - v * V::W;
@@ -106,7 +118,9 @@ struct RowTile {
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const R out = bias != nullptr ? V::add(acc[i][v], b_vec) : acc[i][v];
-        if (full)
+        if (full && stream)
+          V::stream(c + i * ldc + v * V::W, out);
+        else if (full)
           V::store(c + i * ldc + v * V::W, out);
         else
           V::store_partial(c + i * ldc + v * V::W, out, n);
@@ -165,9 +179,75 @@ SK_INLINE const T* operand_row(const T* x, const Im2col& g, int64_t K, int64_t m
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: Y[m, r-block] = Σ over the row's blocks of A[m, c-block] · W_blockᵀ (+ bias).
-// The row's blocks are packed transposed (k-major) once per task into the scratch, so that the
-// inner loop is a broadcast of A times contiguous output-width vectors of Wᵀ.
+// Panels. A task copies the m-chunk of the dense operand it multiplies (X, dY, or the implicit im2col
+// of an image) block-column by block-column into [column block][row][BS], zero past K, the first time
+// it needs that block-column, and reads it from there: the rows of a micro-tile are then BS elements
+// apart instead of a whole row. Whole rows apart (8 KB for K = 2048) they all fall into one L1 set,
+// evict each other and the B panel, and defeat the hardware prefetcher.
+
+template <class V, int BS, bool CONV>
+struct Panels {
+  using T = typename V::T;
+  const T* a;         // the operand: [M, width] or, for a convolution, the NHWC image
+  const Im2col* geometry;
+  int64_t width;      // K of the operand
+  int64_t capacity;   // rows of a panel
+  T* data;            // [columns][capacity][BS]
+  int64_t* chunk_of;  // per column block: which m-chunk its panel holds, or -1
+
+  // Carves the panels for `columns` column blocks out of `scratch`; returns the bytes after them.
+  char* init(char* scratch, const T* operand, const Im2col& g, int64_t operand_width, int64_t columns,
+             int64_t rows) {
+    a = operand;
+    geometry = &g;
+    width = operand_width;
+    capacity = rows;
+    chunk_of = reinterpret_cast<int64_t*>(scratch);
+    for (int64_t c = 0; c < columns; ++c) chunk_of[c] = -1;
+    data = reinterpret_cast<T*>(align64(scratch + columns * sizeof(int64_t)));
+    return align64(reinterpret_cast<char*>(data + columns * capacity * BS));
+  }
+
+  // Column block c of rows [m_begin, m_end) (m-chunk `chunk`).
+  SK_INLINE const T* column(int64_t chunk, int64_t m_begin, int64_t m_end, int64_t c) {
+    T* panel = data + c * capacity * BS;
+    if (chunk_of[c] != chunk) {
+      pack(m_begin, m_end, c, panel);
+      chunk_of[c] = chunk;
+    }
+    return panel;
+  }
+
+  static char* align64(char* p) {
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  }
+
+  void pack(int64_t m_begin, int64_t m_end, int64_t c, T* panel) const {
+    const Im2col& g = *geometry;
+    const BlockRef ref = block_ref(g, c, BS, width);
+    constexpr int64_t kAhead = 8;  // rows prefetched ahead: the source rows are on different pages
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      ConvRow row{};
+      if constexpr (CONV) row = conv_row(g, m);
+      const T* src = operand_row<CONV>(a, g, width, m, row, ref);
+      if (!CONV && m + kAhead < m_end) prefetch_row(src + kAhead * width, ref.depth, false);
+      T* dst = panel + (m - m_begin) * BS;
+#pragma GCC unroll 8
+      for (int e = 0; e < BS; e += V::W) {
+        const int n = ref.depth - e;
+        V::store(dst + e, n >= V::W ? V::load(src + e) : n > 0 ? V::load_partial(src + e, n) : V::zero());
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward and linear input gradient: one GEMM walker over the block-lines of W.
+//   forward: Y[m, r-block] = Σ over block-row r's blocks (CSR) of A[m, c-block] · W_blockᵀ (+ bias);
+//            the row's blocks are packed transposed (k-major) once per task into the scratch, so that the
+//            inner loop is a broadcast of A times contiguous output-width vectors of Wᵀ.
+//   dX:      dX[m, c-block] = Σ over block-column c's blocks (CSC) of dY[m, r-block] · W_block; W_block's
+//            rows are contiguous along k, so it is used in place.
 
 template <class V, int BS>
 SK_INLINE void pack_transposed(const typename V::T* block, typename V::T* packed) {
@@ -177,117 +257,114 @@ SK_INLINE void pack_transposed(const typename V::T* block, typename V::T* packed
     for (int k0 = 0; k0 < BS; k0 += TB) V::transpose_tile(block + n0 * BS + k0, BS, packed + k0 * BS + n0, BS);
 }
 
-template <class V, int BS, int MR, bool CONV>
-SK_INLINE void forward_tile(const ForwardArgs<typename V::T>& p, int64_t m0, int64_t r, const typename V::T* packed,
-                            const BlockRef* refs, int n_blocks) {
+template <typename T>
+struct GemmWalk {
+  const T* a;              // the dense operand (X, or dY)
+  const Im2col* geometry;  // its addressing
+  int64_t a_width;         // K of the operand
+  const int32_t* line_ptr;    // row_ptr (forward) or col_ptr (dX)
+  const int32_t* line_index;  // col_idx (forward) or row_idx (dX): the operand's column block
+  const int32_t* perm;        // nullptr (forward: blocks in CSR order) or CSC -> CSR
+  int64_t lines;              // block-lines of W walked: R (forward) or C (dX)
+  int64_t panel_columns;      // column blocks of the operand
+  const T* values;
+  bool transpose_blocks;  // forward: Wᵀ
+  const T* bias;          // [out width] or nullptr
+  T* out;                 // [M, out_width]
+  int64_t out_width;
+  int64_t M, m_chunk, groups;
+};
+
+template <class V, int BS, int MR>
+SK_INLINE void gemm_tile(const GemmWalk<typename V::T>& w, int64_t m0, int64_t local_m, int64_t line,
+                         const typename V::T* const* panels, const int* depths, const typename V::T* const* blocks,
+                         int n_blocks) {
   using T = typename V::T;
   using S = TileShape<V, BS>;
-  ConvRow rows[MR] = {};
-  if constexpr (CONV) {
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) rows[i] = conv_row(p.geometry, m0 + i);
-  }
   for (int s = 0; s < S::STRIPS; ++s) {
-    const int64_t col0 = r * BS + s * S::STRIP;
-    if (col0 >= p.N) break;
-    const int cols = static_cast<int>(min_of<int64_t>(S::STRIP, p.N - col0));
-    RowTile<V, MR, S::NV>::prefetch_c(p.y + m0 * p.N + col0, p.N, cols);
+    const int64_t col0 = line * BS + s * S::STRIP;
+    if (col0 >= w.out_width) break;
+    const int cols = static_cast<int>(min_of<int64_t>(S::STRIP, w.out_width - col0));
     RowTile<V, MR, S::NV> tile;
     tile.clear();
     for (int j = 0; j < n_blocks; ++j) {
-      const T* a[MR];
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) a[i] = operand_row<CONV>(p.x, p.geometry, p.K, m0 + i, rows[i], refs[j]);
-      if (!CONV && s == 0 && m0 + 2 * MR <= p.M) {
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) prefetch_row(a[i] + MR * p.K, refs[j].depth, false);
-      }
-      tile.update(a, refs[j].depth, packed + j * BS * BS + s * S::STRIP, BS);
+      // The next slice of the panel while this one is multiplied: its MR rows are short streams (BS
+      // elements each) that the hardware prefetcher does not pick up in time.
+      const typename V::T* next = j + 1 < n_blocks ? panels[j + 1] + local_m * BS : panels[0] + (local_m + MR) * BS;
+      prefetch_row(next, MR * BS, false);
+      tile.template update_panel<BS>(panels[j] + local_m * BS, depths[j], blocks[j] + s * S::STRIP, BS);
     }
-    tile.store(p.y + m0 * p.N + col0, p.N, cols, p.bias != nullptr ? p.bias + col0 : nullptr);
+    T* out = w.out + m0 * w.out_width + col0;
+    const bool aligned = (reinterpret_cast<uintptr_t>(out) | (w.out_width * sizeof(T))) % 64 == 0;
+    tile.store(out, w.out_width, cols, w.bias != nullptr ? w.bias + col0 : nullptr, aligned);
   }
 }
 
 template <class V, int BS, bool CONV>
-void forward_tasks(const ForwardArgs<typename V::T>& p, int64_t task_begin, int64_t task_end, void* scratch) {
+void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t task_end, void* scratch) {
   using T = typename V::T;
   using S = TileShape<V, BS>;
-  const int64_t R = p.index.n_block_rows;
-  // Scratch: the packed row (max blocks per row x BS x BS), then its block references.
-  T* packed = static_cast<T*>(scratch);
   int64_t max_blocks = 0;
-  for (int64_t r = 0; r < R; ++r)
-    max_blocks = max_blocks > p.index.row_ptr[r + 1] - p.index.row_ptr[r] ? max_blocks
-                                                                          : p.index.row_ptr[r + 1] - p.index.row_ptr[r];
-  BlockRef* refs = reinterpret_cast<BlockRef*>(packed + max_blocks * BS * BS);
-  for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t chunk = task / R;
-    const int64_t r = task - chunk * R;
-    const int64_t m_begin = chunk * p.m_chunk;
-    const int64_t m_end = min_of(p.M, m_begin + p.m_chunk);
-    const int64_t first = p.index.row_ptr[r];
-    const int n_blocks = static_cast<int>(p.index.row_ptr[r + 1] - first);
-    for (int j = 0; j < n_blocks; ++j) {
-      pack_transposed<V, BS>(p.values + (first + j) * BS * BS, packed + j * BS * BS);
-      refs[j] = block_ref(p.geometry, p.index.col_idx[first + j], BS, p.K);
-    }
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += S::MR) {
-      with_rows<S::MR>(static_cast<int>(min_of<int64_t>(S::MR, m_end - m0)), [&](auto rows) {
-        forward_tile<V, BS, decltype(rows)::value, CONV>(p, m0, r, packed, refs, n_blocks);
-      });
-    }
+  for (int64_t l = 0; l < w.lines; ++l) {
+    const int64_t blocks = w.line_ptr[l + 1] - w.line_ptr[l];
+    max_blocks = blocks > max_blocks ? blocks : max_blocks;
   }
+  Panels<V, BS, CONV> panels;
+  char* rest = panels.init(static_cast<char*>(scratch), w.a, *w.geometry, w.a_width, w.panel_columns, w.m_chunk);
+  T* packed = reinterpret_cast<T*>(rest);  // the forward's transposed blocks of one line
+  const T** panel_of = reinterpret_cast<const T**>(packed + (w.transpose_blocks ? max_blocks * BS * BS : 0));
+  const T** block_of = panel_of + max_blocks;
+  int* depth_of = reinterpret_cast<int*>(block_of + max_blocks);
+  const int64_t lines_per_group = (w.lines + w.groups - 1) / w.groups;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t chunk = task / w.groups;
+    const int64_t group = task - chunk * w.groups;
+    const int64_t m_begin = chunk * w.m_chunk;
+    const int64_t m_end = min_of(w.M, m_begin + w.m_chunk);
+    const int64_t line_end = min_of(w.lines, (group + 1) * lines_per_group);
+    for (int64_t line = group * lines_per_group; line < line_end; ++line) {
+      const int64_t first = w.line_ptr[line];
+      const int n_blocks = static_cast<int>(w.line_ptr[line + 1] - first);
+      for (int j = 0; j < n_blocks; ++j) {
+        const int64_t column = w.line_index[first + j];
+        const int64_t stored = w.perm != nullptr ? w.perm[first + j] : first + j;
+        if (w.transpose_blocks) {
+          pack_transposed<V, BS>(w.values + stored * BS * BS, packed + j * BS * BS);
+          block_of[j] = packed + j * BS * BS;
+        } else {
+          block_of[j] = w.values + stored * BS * BS;
+        }
+        panel_of[j] = panels.column(chunk, m_begin, m_end, column);
+        depth_of[j] = static_cast<int>(min_of<int64_t>(BS, w.a_width - column * BS));
+      }
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += S::MR) {
+        with_rows<S::MR>(static_cast<int>(min_of<int64_t>(S::MR, m_end - m0)), [&](auto rows) {
+          gemm_tile<V, BS, decltype(rows)::value>(w, m0, m0 - m_begin, line, panel_of, depth_of, block_of, n_blocks);
+        });
+      }
+    }
+  }  V::stream_fence();  // streaming stores are weakly ordered: drain them before the task ends
 }
 
-// ---------------------------------------------------------------------------------------------
-// Input gradient, Linear: dX[m, c-block] = Σ over the column's blocks (CSC) of dY[m, r-block] · W_block.
-// W_block's rows are contiguous along k, so it is used in place, without a transpose.
-
-template <class V, int BS, int MR>
-SK_INLINE void backward_input_tile(const BackwardInputArgs<typename V::T>& p, int64_t m0, int64_t c) {
-  using T = typename V::T;
-  using S = TileShape<V, BS>;
-  const int64_t q_begin = p.index.col_ptr[c];
-  const int64_t q_end = p.index.col_ptr[c + 1];
-  for (int s = 0; s < S::STRIPS; ++s) {
-    const int64_t col0 = c * BS + s * S::STRIP;
-    if (col0 >= p.K) break;
-    const int cols = static_cast<int>(min_of<int64_t>(S::STRIP, p.K - col0));
-    RowTile<V, MR, S::NV>::prefetch_c(p.dx + m0 * p.K + col0, p.K, cols);
-    RowTile<V, MR, S::NV> tile;
-    tile.clear();
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      const int64_t r = p.index.row_idx[q];
-      const int depth = static_cast<int>(min_of<int64_t>(BS, p.N - r * BS));
-      const T* a[MR];
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) a[i] = p.dy + (m0 + i) * p.N + r * BS;
-      if (s == 0 && m0 + 2 * MR <= p.M) {
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) prefetch_row(a[i] + MR * p.N, depth, false);
-      }
-      tile.update(a, depth, p.values + static_cast<int64_t>(p.index.perm[q]) * BS * BS + s * S::STRIP, BS);
-    }
-    tile.store(p.dx + m0 * p.K + col0, p.K, cols, nullptr);
-  }
+template <class V, int BS, bool CONV>
+void forward_tasks(const ForwardArgs<typename V::T>& p, int64_t task_begin, int64_t task_end, void* scratch) {
+  const GemmWalk<typename V::T> walk{p.x, &p.geometry, p.K, p.index.row_ptr, p.index.col_idx, nullptr,
+                                     p.index.n_block_rows, p.index.n_block_cols, p.values, true, p.bias, p.y, p.N,
+                                     p.M, p.m_chunk, p.groups};
+  gemm_tasks<V, BS, CONV>(walk, task_begin, task_end, scratch);
 }
 
 template <class V, int BS>
-void backward_input_linear_tasks(const BackwardInputArgs<typename V::T>& p, int64_t task_begin, int64_t task_end) {
-  using S = TileShape<V, BS>;
-  const int64_t C = p.index.n_block_cols;
-  for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t chunk = task / C;
-    const int64_t c = task - chunk * C;
-    const int64_t m_end = min_of(p.M, (chunk + 1) * p.m_chunk);
-    for (int64_t m0 = chunk * p.m_chunk; m0 < m_end; m0 += S::MR) {
-      with_rows<S::MR>(static_cast<int>(min_of<int64_t>(S::MR, m_end - m0)), [&](auto rows) {
-        backward_input_tile<V, BS, decltype(rows)::value>(p, m0, c);
-      });
-    }
-  }
+void backward_input_linear_tasks(const BackwardInputArgs<typename V::T>& p, int64_t task_begin, int64_t task_end,
+                                 void* scratch) {
+  const Im2col plain{false, p.M, 1, 1, p.N, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1};
+  const GemmWalk<typename V::T> walk{p.dy, &plain, p.N, p.index.col_ptr, p.index.row_idx, p.index.perm,
+                                     p.index.n_block_cols, p.index.n_block_rows, p.values, false, nullptr, p.dx, p.K,
+                                     p.M, p.m_chunk, p.groups};
+  gemm_tasks<V, BS, false>(walk, task_begin, task_end, scratch);
 }
 
+// ---------------------------------------------------------------------------------------------
 // Input gradient, convolution: a transposed convolution straight into the NHWC dX. A task owns the
 // pixels (b, ih, iw) with iw = pw + i * stride_w (one column phase), for one group g of BS channels;
 // every pixel of a phase is reached by the same filter taps, so taps that cannot reach it are skipped
@@ -361,32 +438,25 @@ void backward_input_conv_tasks(const BackwardInputArgs<typename V::T>& p, int64_
 
 // ---------------------------------------------------------------------------------------------
 // Weight gradient: C[n, k] += Σ_m dY[m, r*BS + n] · A[m, c*BS + k] for one block. The reduction over
-// M is long and the block small, so C lives in memory (L1) and is updated by MR x strip register
-// tiles per M chunk; A's rows for the chunk are gathered into a pointer list once per block.
-
-constexpr int64_t kReductionChunk = 256;  // rows of M per pass: a block's dY and A slices stay in L1/L2
-constexpr int kScoreRun = 8;              // block_grad_scores: blocks of one block-row computed together
+// M is long and the block small, so C lives in memory (L1/L2) and is updated by MR x strip register
+// tiles, one m-chunk at a time, from the chunk's panels of dY and of A.
 
 template <class V, int MR, int NV, bool PARTIAL>
-SK_INLINE void weight_grad_tile(typename V::T* c, int64_t ldc, const typename V::T* dy, int64_t ldy,
-                                const typename V::T* const* a_rows, int64_t a_offset, int64_t count, int cols) {
+SK_INLINE void weight_grad_tile(typename V::T* c, int64_t ldc, const typename V::T* dy, const typename V::T* a,
+                                int64_t ld, int64_t count, int cols) {
   using R = typename V::reg;
   R acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[i][v] = V::load(c + i * ldc + v * V::W);
-  constexpr int64_t kAhead = 8;  // rows of A and dY prefetched ahead of use
   for (int64_t m = 0; m < count; ++m) {
-    if (m + kAhead < count) {
-      prefetch_row(a_rows[m + kAhead] + a_offset, NV * V::W, false);
-      prefetch_row(dy + (m + kAhead) * ldy, MR, false);
-    }
     R a_vec[NV];
-    const typename V::T* a = a_rows[m] + a_offset;
+    const typename V::T* a_m = a + m * ld;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) a_vec[v] = PARTIAL ? V::load_partial(a + v * V::W, cols - v * V::W) : V::load(a + v * V::W);
-    const typename V::T* d = dy + m * ldy;
+    for (int v = 0; v < NV; ++v)
+      a_vec[v] = PARTIAL ? V::load_partial(a_m + v * V::W, cols - v * V::W) : V::load(a_m + v * V::W);
+    const typename V::T* d = dy + m * ld;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const R d_val = V::set1(d[i]);
@@ -400,82 +470,87 @@ SK_INLINE void weight_grad_tile(typename V::T* c, int64_t ldc, const typename V:
     for (int v = 0; v < NV; ++v) V::store(c + i * ldc + v * V::W, acc[i][v]);
 }
 
-// Adds rows [m_begin, m_end) of the product for block (r, c) into out (BS x BS, row-major). Rows of
-// the block past N and columns past K are left alone (the caller zeroed them).
-template <class V, int BS, bool CONV>
-SK_INLINE void weight_grad_block(const WeightGradArgs<typename V::T>& p, int64_t r, int64_t c, int64_t m_begin,
-                                 int64_t m_end, typename V::T* out, const typename V::T** a_rows) {
-  using T = typename V::T;
+// Adds `count` rows of the product of two panel columns (dY's block-row r, A's block-column c) into out
+// (BS x BS, row-major). Rows of the block past N and columns past K are left alone (the caller zeroed them).
+template <class V, int BS>
+SK_INLINE void weight_grad_block(const typename V::T* dy_panel, const typename V::T* a_panel, int64_t count,
+                                 int n_valid, int depth, typename V::T* out) {
   using S = TileShape<V, BS>;
-  const BlockRef ref = block_ref(p.geometry, c, BS, p.K);
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    ConvRow row{};
-    if constexpr (CONV) row = conv_row(p.geometry, m);
-    a_rows[m - m_begin] = operand_row<CONV>(p.x, p.geometry, p.K, m, row, ref);
-  }
-  const int n_valid = static_cast<int>(min_of<int64_t>(BS, p.N - r * BS));
-  const T* dy = p.dy + m_begin * p.N + r * BS;
   for (int s = 0; s < S::STRIPS; ++s) {
-    const int cols = static_cast<int>(min_of<int64_t>(S::STRIP, ref.depth - s * S::STRIP));
+    const int cols = min_of(S::STRIP, depth - s * S::STRIP);
     if (cols <= 0) break;
     for (int n0 = 0; n0 < n_valid; n0 += S::MR) {
       with_rows<S::MR>(min_of(S::MR, n_valid - n0), [&](auto rows) {
         constexpr int MR = decltype(rows)::value;
-        T* c_tile = out + n0 * BS + s * S::STRIP;
+        auto* c_tile = out + n0 * BS + s * S::STRIP;
         if (cols == S::STRIP)
-          weight_grad_tile<V, MR, S::NV, false>(c_tile, BS, dy + n0, p.N, a_rows, s * S::STRIP,
-                                                m_end - m_begin, cols);
+          weight_grad_tile<V, MR, S::NV, false>(c_tile, BS, dy_panel + n0, a_panel + s * S::STRIP, BS, count, cols);
         else
-          weight_grad_tile<V, MR, S::NV, true>(c_tile, BS, dy + n0, p.N, a_rows, s * S::STRIP,
-                                               m_end - m_begin, cols);
+          weight_grad_tile<V, MR, S::NV, true>(c_tile, BS, dy_panel + n0, a_panel + s * S::STRIP, BS, count, cols);
       });
     }
   }
 }
 
+// The panels of dY (over block-rows) and of A (over block-columns) of one reduction.
+template <class V, int BS, bool CONV>
+struct WeightGradPanels {
+  Im2col plain;
+  Panels<V, BS, false> dy;
+  Panels<V, BS, CONV> a;
+
+  char* init(const WeightGradArgs<typename V::T>& p, void* scratch) {
+    plain = Im2col{false, p.M, 1, 1, p.N, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1};
+    char* rest = dy.init(static_cast<char*>(scratch), p.dy, plain, p.N, p.index.n_block_rows, p.m_chunk);
+    return a.init(rest, p.x, p.geometry, p.K, p.index.n_block_cols, p.m_chunk);
+  }
+
+  // Adds chunk `chunk`'s rows of block (r, c) into out.
+  SK_INLINE void accumulate(const WeightGradArgs<typename V::T>& p, int64_t chunk, int64_t r, int64_t c,
+                            typename V::T* out) {
+    const int64_t m_begin = chunk * p.m_chunk;
+    const int64_t m_end = min_of(p.M, m_begin + p.m_chunk);
+    weight_grad_block<V, BS>(dy.column(chunk, m_begin, m_end, r), a.column(chunk, m_begin, m_end, c), m_end - m_begin,
+                             static_cast<int>(min_of<int64_t>(BS, p.N - r * BS)),
+                             static_cast<int>(min_of<int64_t>(BS, p.K - c * BS)), out);
+  }
+};
+
 template <class V, int BS, bool CONV>
 void sddmm_tasks(const WeightGradArgs<typename V::T>& p, int64_t task_begin, int64_t task_end, void* scratch) {
   using T = typename V::T;
-  const T** a_rows = static_cast<const T**>(scratch);
-  for (int64_t j = task_begin; j < task_end; ++j)
-    for (int64_t e = 0; e < BS * BS; ++e) p.out[j * BS * BS + e] = T(0);
-  // Blocks of one block-row share dY's slice: run over them inside each M chunk.
-  for (int64_t run = task_begin; run < task_end;) {
-    const int64_t r = p.index.coo_row[run];
-    int64_t run_end = run + 1;
-    while (run_end < task_end && p.index.coo_row[run_end] == r) ++run_end;
-    for (int64_t m0 = 0; m0 < p.M; m0 += kReductionChunk) {
-      const int64_t m1 = min_of(p.M, m0 + kReductionChunk);
-      for (int64_t j = run; j < run_end; ++j)
-        weight_grad_block<V, BS, CONV>(p, r, p.index.col_idx[j], m0, m1, p.out + j * BS * BS, a_rows);
-    }
-    run = run_end;
-  }
+  for (int64_t e = task_begin * BS * BS; e < task_end * BS * BS; ++e) p.out[e] = T(0);
+  WeightGradPanels<V, BS, CONV> panels;
+  panels.init(p, scratch);
+  // Chunk-outer: a chunk's panels serve every block of the task range before the next chunk is packed.
+  const int64_t chunks = (p.M + p.m_chunk - 1) / p.m_chunk;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t j = task_begin; j < task_end; ++j)
+      panels.accumulate(p, chunk, p.index.coo_row[j], p.index.col_idx[j], p.out + j * BS * BS);
 }
 
+// Tasks are groups of p.group_rows block-rows; their tiles live in the scratch until reduced to norms.
 template <class V, int BS>
 void block_scores_tasks(const WeightGradArgs<typename V::T>& p, int64_t task_begin, int64_t task_end,
                         void* scratch) {
   using T = typename V::T;
-  const int64_t C = p.index.n_block_cols;
-  T* tiles = static_cast<T*>(scratch);
-  const T** a_rows = reinterpret_cast<const T**>(tiles + kScoreRun * BS * BS);
-  for (int64_t run = task_begin; run < task_end;) {
-    const int64_t r = run / C;
-    const int64_t run_end = min_of(min_of(task_end, (r + 1) * C), run + kScoreRun);
-    for (int64_t e = 0; e < (run_end - run) * BS * BS; ++e) tiles[e] = T(0);
-    for (int64_t m0 = 0; m0 < p.M; m0 += kReductionChunk) {
-      const int64_t m1 = min_of(p.M, m0 + kReductionChunk);
-      for (int64_t j = run; j < run_end; ++j)
-        weight_grad_block<V, BS, false>(p, r, j - r * C, m0, m1, tiles + (j - run) * BS * BS, a_rows);
-    }
-    for (int64_t j = run; j < run_end; ++j) {
-      const T* tile = tiles + (j - run) * BS * BS;
+  const int64_t R = p.index.n_block_rows, C = p.index.n_block_cols;
+  WeightGradPanels<V, BS, false> panels;
+  T* tiles = reinterpret_cast<T*>(panels.init(p, scratch));
+  const int64_t chunks = (p.M + p.m_chunk - 1) / p.m_chunk;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t r_begin = task * p.group_rows;
+    const int64_t r_end = min_of(R, r_begin + p.group_rows);
+    const int64_t n_tiles = (r_end - r_begin) * C;
+    for (int64_t e = 0; e < n_tiles * BS * BS; ++e) tiles[e] = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      for (int64_t t = 0; t < n_tiles; ++t) panels.accumulate(p, chunk, r_begin + t / C, t % C, tiles + t * BS * BS);
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const T* tile = tiles + t * BS * BS;
       double sum = 0.0;  // fixed order, in double: the norm of a block is a sum of BS*BS squares
       for (int64_t e = 0; e < BS * BS; ++e) sum += static_cast<double>(tile[e]) * static_cast<double>(tile[e]);
-      p.scores[j] = static_cast<T>(__builtin_sqrt(sum));
+      p.scores[r_begin * C + t] = static_cast<T>(__builtin_sqrt(sum));
     }
-    run = run_end;
   }
 }
 
@@ -496,13 +571,13 @@ struct Entry {
     }
   }
 
-  static void backward_input(const BackwardInputArgs<T>& p, int64_t begin, int64_t end, void*) {
+  static void backward_input(const BackwardInputArgs<T>& p, int64_t begin, int64_t end, void* scratch) {
     const bool conv = p.geometry.is_conv;
     switch (p.bs) {
-      case 16: return conv ? backward_input_conv_tasks<V, 16>(p, begin, end) : backward_input_linear_tasks<V, 16>(p, begin, end);
-      case 32: return conv ? backward_input_conv_tasks<V, 32>(p, begin, end) : backward_input_linear_tasks<V, 32>(p, begin, end);
-      case 64: return conv ? backward_input_conv_tasks<V, 64>(p, begin, end) : backward_input_linear_tasks<V, 64>(p, begin, end);
-      case 128: return conv ? backward_input_conv_tasks<V, 128>(p, begin, end) : backward_input_linear_tasks<V, 128>(p, begin, end);
+      case 16: return conv ? backward_input_conv_tasks<V, 16>(p, begin, end) : backward_input_linear_tasks<V, 16>(p, begin, end, scratch);
+      case 32: return conv ? backward_input_conv_tasks<V, 32>(p, begin, end) : backward_input_linear_tasks<V, 32>(p, begin, end, scratch);
+      case 64: return conv ? backward_input_conv_tasks<V, 64>(p, begin, end) : backward_input_linear_tasks<V, 64>(p, begin, end, scratch);
+      case 128: return conv ? backward_input_conv_tasks<V, 128>(p, begin, end) : backward_input_linear_tasks<V, 128>(p, begin, end, scratch);
     }
   }
 

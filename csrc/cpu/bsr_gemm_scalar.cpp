@@ -23,6 +23,8 @@ struct Scalar {
   static reg load(const T* p) { return *p; }
   static reg load_partial(const T* p, int n) { return n > 0 ? *p : T(0); }
   static void store(T* p, reg v) { *p = v; }
+  static void stream(T* p, reg v) { *p = v; }
+  static void stream_fence() {}
   static void store_partial(T* p, reg v, int n) {
     if (n > 0) *p = v;
   }

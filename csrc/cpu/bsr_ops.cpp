@@ -161,21 +161,37 @@ int64_t check_values(const Tensor& values, const Tensor& like, const char* like_
   return bs;
 }
 
-int64_t max_blocks_per_row(const cpu::BsrIndex& index) {
+int64_t max_blocks_per_line(const int32_t* line_ptr, int64_t lines) {
   int64_t most = 0;
-  for (int64_t r = 0; r < index.n_block_rows; ++r)
-    most = std::max<int64_t>(most, index.row_ptr[r + 1] - index.row_ptr[r]);
+  for (int64_t l = 0; l < lines; ++l) most = std::max<int64_t>(most, line_ptr[l + 1] - line_ptr[l]);
   return most;
 }
 
-// Rows of M per task: a chunk's slice of the dense operand fits the cache budget, and there are
-// enough tasks to keep every thread busy (the split does not change any result).
-int64_t m_chunk_rows(int64_t M, int64_t width, int64_t element_size, int64_t tasks_per_chunk) {
-  int64_t rows = kCacheBudget / std::max<int64_t>(1, width * element_size);
-  rows = std::min<int64_t>(std::max<int64_t>(rows, 48), 480);
-  const int64_t wanted_tasks = 4 * at::get_num_threads();
-  while (rows > 12 && cdiv(M, rows) * tasks_per_chunk < wanted_tasks) rows /= 2;
-  return std::max<int64_t>(12, rows / 12 * 12);
+// How a GEMM over M rows is cut into tasks: m-chunks whose panel of the dense operand (`width` wide)
+// fits the cache budget, as many chunks as a multiple of the thread count so that they balance, and
+// the block-lines of W split into groups only when there are too few chunks to keep the threads busy.
+// (The split changes no result: each output element is one task's fixed sequence of FMAs.)
+struct GemmSplit {
+  int64_t m_chunk, groups, tasks;
+};
+
+GemmSplit split_gemm(int64_t M, int64_t width, int64_t element_size, int64_t lines) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t max_rows = std::min<int64_t>(std::max<int64_t>(kCacheBudget / std::max<int64_t>(1, width * element_size), 48), 480);
+  int64_t chunks = cdiv(cdiv(M, max_rows), threads) * threads;
+  chunks = std::max<int64_t>(1, std::min(chunks, cdiv(M, 12)));
+  // Equal chunks matter more than whole micro-tiles (a short last tile per chunk costs a few percent).
+  const int64_t m_chunk = cdiv(cdiv(M, chunks), 4) * 4;
+  chunks = cdiv(M, m_chunk);
+  const int64_t groups = std::max<int64_t>(1, std::min(lines, cdiv(2 * threads, chunks)));
+  return {m_chunk, groups, chunks * groups};
+}
+
+// Rows per chunk of a weight-gradient reduction: the panels of dY and A for one chunk fit the cache
+// budget. A function of the shapes only, so that the summation order never depends on the threads.
+int64_t reduction_chunk(int64_t N, int64_t K, int64_t element_size) {
+  const int64_t rows = kCacheBudget / std::max<int64_t>(1, (N + K) * element_size);
+  return std::min<int64_t>(std::max<int64_t>(rows, 16), 256);
 }
 
 // Half and bfloat16 are computed in fp32.
@@ -194,34 +210,43 @@ cpu::Im2col plain_matrix(int64_t M, int64_t K) {
 template <typename T>
 void run_forward(const Tensor& x, const Tensor& values, const c10::optional<Tensor>& bias, Tensor& y,
                  const cpu::BsrIndex& index, const cpu::Im2col& geometry, int64_t M, int64_t N, int64_t K, int64_t bs) {
+  const GemmSplit split = split_gemm(M, K, sizeof(T), index.n_block_rows);
   cpu::ForwardArgs<T> args{x.data_ptr<T>(), values.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr,
-                           y.data_ptr<T>(), index, geometry, M, N, K, static_cast<int>(bs), 0};
-  args.m_chunk = m_chunk_rows(M, K, sizeof(T), index.n_block_rows);
-  const int64_t tasks = cdiv(M, args.m_chunk) * index.n_block_rows;
-  run_tasks(tasks, cpu::scratch_bytes(max_blocks_per_row(index), bs, sizeof(T)), args, kernels<T>()->forward);
+                           y.data_ptr<T>(), index, geometry, M, N, K, static_cast<int>(bs), split.m_chunk, split.groups};
+  run_tasks(split.tasks,
+            cpu::gemm_scratch_bytes(index.n_block_cols, split.m_chunk,
+                                    max_blocks_per_line(index.row_ptr, index.n_block_rows), bs, sizeof(T)),
+            args, kernels<T>()->forward);
 }
 
 template <typename T>
 void run_backward_input(const Tensor& dy, const Tensor& values, Tensor& dx, const cpu::BsrIndex& index,
                         const cpu::Im2col& geometry, int64_t M, int64_t N, int64_t K, int64_t bs) {
   cpu::BackwardInputArgs<T> args{dy.data_ptr<T>(), values.data_ptr<T>(), dx.data_ptr<T>(), index, geometry, M, N, K,
-                                 static_cast<int>(bs), 0};
-  int64_t tasks = 0;
+                                 static_cast<int>(bs), 0, 1};
   if (geometry.is_conv) {
-    tasks = geometry.batch * geometry.height * geometry.stride_w * (geometry.channels / bs);
-  } else {
-    args.m_chunk = m_chunk_rows(M, N, sizeof(T), index.n_block_cols);
-    tasks = cdiv(M, args.m_chunk) * index.n_block_cols;
+    const int64_t tasks = geometry.batch * geometry.height * geometry.stride_w * (geometry.channels / bs);
+    run_tasks(tasks, 64, args, kernels<T>()->backward_input);
+    return;
   }
-  run_tasks(tasks, cpu::scratch_bytes(0, bs, sizeof(T)), args, kernels<T>()->backward_input);
+  const GemmSplit split = split_gemm(M, N, sizeof(T), index.n_block_cols);
+  args.m_chunk = split.m_chunk;
+  args.groups = split.groups;
+  run_tasks(split.tasks,
+            cpu::gemm_scratch_bytes(index.n_block_rows, split.m_chunk,
+                                    max_blocks_per_line(index.col_ptr, index.n_block_cols), bs, sizeof(T)),
+            args, kernels<T>()->backward_input);
 }
 
 template <typename T>
 void run_sddmm(const Tensor& dy, const Tensor& x, Tensor& out, const cpu::BsrIndex& index, const cpu::Im2col& geometry,
                int64_t M, int64_t N, int64_t K, int64_t bs) {
+  const int64_t m_chunk = reduction_chunk(N, K, sizeof(T));
   cpu::WeightGradArgs<T> args{dy.data_ptr<T>(), x.data_ptr<T>(), out.data_ptr<T>(), nullptr, index, geometry,
-                              M, N, K, static_cast<int>(bs)};
-  run_tasks(index.nnz, cpu::scratch_bytes(0, bs, sizeof(T)), args, kernels<T>()->sddmm);
+                              M, N, K, static_cast<int>(bs), m_chunk, 0};
+  run_tasks(index.nnz,
+            cpu::weight_grad_scratch_bytes(index.n_block_rows, index.n_block_cols, m_chunk, 0, bs, sizeof(T)), args,
+            kernels<T>()->sddmm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,10 +326,17 @@ void run_block_scores(const Tensor& dy, const Tensor& x, Tensor& scores, int64_t
   cpu::BsrIndex grid{};
   grid.n_block_rows = cdiv(N, bs);
   grid.n_block_cols = cdiv(K, bs);
+  // A task keeps the tiles of its block-rows (about a cache budget's worth) until they are reduced.
+  const int64_t row_bytes = grid.n_block_cols * bs * bs * static_cast<int64_t>(sizeof(T));
+  const int64_t group_rows =
+      std::max<int64_t>(1, std::min(kCacheBudget / row_bytes, cdiv(grid.n_block_rows, at::get_num_threads())));
+  const int64_t m_chunk = reduction_chunk(N, K, sizeof(T));
   cpu::WeightGradArgs<T> args{dy.data_ptr<T>(), x.data_ptr<T>(), nullptr, scores.data_ptr<T>(), grid,
-                              plain_matrix(M, K), M, N, K, static_cast<int>(bs)};
-  run_tasks(grid.n_block_rows * grid.n_block_cols, cpu::scratch_bytes(0, bs, sizeof(T)), args,
-            kernels<T>()->block_scores);
+                              plain_matrix(M, K), M, N, K, static_cast<int>(bs), m_chunk, group_rows};
+  run_tasks(cdiv(grid.n_block_rows, group_rows),
+            cpu::weight_grad_scratch_bytes(grid.n_block_rows, grid.n_block_cols, m_chunk,
+                                           group_rows * grid.n_block_cols, bs, sizeof(T)),
+            args, kernels<T>()->block_scores);
 }
 
 Tensor block_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t block_size) {
