@@ -37,14 +37,22 @@ struct Im2col {
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
 };
 
+// The forward's blocks, transposed once per call: out[j] = values[j]ᵀ. Tasks: blocks.
+template <typename T>
+struct TransposeArgs {
+  const T* values;  // [nnz, bs, bs]
+  T* out;           // [nnz, bs, bs]
+  int bs;
+};
+
 // Y [M, N] = A [M, K] Wᵀ (+ bias). Tasks: (m-chunk, group of block-rows), m-chunk major; the block-rows
 // are split into `groups` equal groups (1 when there are enough m-chunks to keep the threads busy).
 template <typename T>
 struct ForwardArgs {
-  const T* x;       // Linear: [M, K]; convolution: the NHWC image
-  const T* values;  // [nnz, bs, bs]
-  const T* bias;    // [N] or nullptr
-  T* y;             // [M, N]
+  const T* x;         // Linear: [M, K]; convolution: the NHWC image
+  const T* values_t;  // [nnz, bs, bs], each block transposed (TransposeArgs)
+  const T* bias;      // [N] or nullptr
+  T* y;               // [M, N]
   BsrIndex index;
   Im2col geometry;
   int64_t M, N, K;
@@ -93,6 +101,7 @@ struct WeightGradArgs {
 template <typename T>
 struct KernelTable {
   const char* isa;
+  void (*transpose_blocks)(const TransposeArgs<T>& args, int64_t task_begin, int64_t task_end, void* scratch);
   void (*forward)(const ForwardArgs<T>& args, int64_t task_begin, int64_t task_end, void* scratch);
   void (*backward_input)(const BackwardInputArgs<T>& args, int64_t task_begin, int64_t task_end, void* scratch);
   void (*sddmm)(const WeightGradArgs<T>& args, int64_t task_begin, int64_t task_end, void* scratch);
@@ -104,15 +113,14 @@ struct KernelTable {
 // `columns` column blocks of `rows` rows takes panel_bytes(). `static`: every unit keeps its own copy
 // (see above).
 static inline int64_t panel_bytes(int64_t columns, int64_t rows, int64_t block_size, int64_t element_size) {
-  return columns * (rows * block_size * element_size + 8) + 128;
+  return columns * (rows * block_size * element_size + 64) + 192;
 }
 
-// Forward / linear input gradient: the operand's panels, plus the blocks of one block-line of W (packed
-// for the forward) and a pointer and depth per block.
+// Forward / linear input gradient: the operand's panels, plus a panel pointer, block pointer and depth per
+// block of one block-line of W.
 static inline int64_t gemm_scratch_bytes(int64_t panel_columns, int64_t m_chunk, int64_t max_blocks_per_line,
                                          int64_t block_size, int64_t element_size) {
-  return panel_bytes(panel_columns, m_chunk, block_size, element_size) +
-         max_blocks_per_line * (block_size * block_size * element_size + 64) + 128;
+  return panel_bytes(panel_columns, m_chunk, block_size, element_size) + max_blocks_per_line * 24 + 128;
 }
 
 // Weight gradient: panels of dY and of A, plus (block_grad_scores) the tiles of a group of block-rows.

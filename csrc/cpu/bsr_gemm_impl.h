@@ -180,9 +180,8 @@ SK_INLINE const T* operand_row(const T* x, const Im2col& g, int64_t K, int64_t m
 
 // ---------------------------------------------------------------------------------------------
 // Panels. A task copies the m-chunk of the dense operand it multiplies (X, dY, or the implicit im2col
-// of an image) block-column by block-column into [column block][row][BS], zero past K, the first time
-// it needs that block-column, and reads it from there: the rows of a micro-tile are then BS elements
-// apart instead of a whole row. Whole rows apart (8 KB for K = 2048) they all fall into one L1 set,
+// of an image), the block-columns it needs, into [column block][row][BS], zero past K, and reads it from
+// there: the rows of a micro-tile are then BS elements apart instead of a whole row. Whole rows apart (8 KB for K = 2048) they all fall into one L1 set,
 // evict each other and the B panel, and defeat the hardware prefetcher.
 
 template <class V, int BS, bool CONV>
@@ -191,70 +190,83 @@ struct Panels {
   const T* a;         // the operand: [M, width] or, for a convolution, the NHWC image
   const Im2col* geometry;
   int64_t width;      // K of the operand
+  int64_t columns;    // column blocks of the operand
   int64_t capacity;   // rows of a panel
   T* data;            // [columns][capacity][BS]
-  int64_t* chunk_of;  // per column block: which m-chunk its panel holds, or -1
+  uint8_t* wanted;    // per column block: whether load() packs it
+  BlockRef* refs;     // the wanted column blocks, ascending
+  int64_t n_wanted;
 
-  // Carves the panels for `columns` column blocks out of `scratch`; returns the bytes after them.
-  char* init(char* scratch, const T* operand, const Im2col& g, int64_t operand_width, int64_t columns,
+  // Carves the panels out of `scratch` (panel_bytes(columns, rows, ...) of it); returns the bytes after them.
+  char* init(char* scratch, const T* operand, const Im2col& g, int64_t operand_width, int64_t n_columns,
              int64_t rows) {
     a = operand;
     geometry = &g;
     width = operand_width;
+    columns = n_columns;
     capacity = rows;
-    chunk_of = reinterpret_cast<int64_t*>(scratch);
-    for (int64_t c = 0; c < columns; ++c) chunk_of[c] = -1;
-    data = reinterpret_cast<T*>(align64(scratch + columns * sizeof(int64_t)));
+    refs = reinterpret_cast<BlockRef*>(align64(scratch));
+    wanted = reinterpret_cast<uint8_t*>(refs + columns);
+    data = reinterpret_cast<T*>(align64(reinterpret_cast<char*>(wanted + columns)));
+    clear();
     return align64(reinterpret_cast<char*>(data + columns * capacity * BS));
   }
 
-  // Column block c of rows [m_begin, m_end) (m-chunk `chunk`).
-  SK_INLINE const T* column(int64_t chunk, int64_t m_begin, int64_t m_end, int64_t c) {
-    T* panel = data + c * capacity * BS;
-    if (chunk_of[c] != chunk) {
-      pack(m_begin, m_end, c, panel);
-      chunk_of[c] = chunk;
-    }
-    return panel;
+  void clear() {
+    for (int64_t c = 0; c < columns; ++c) wanted[c] = 0;
   }
+  void want(int64_t c) { wanted[c] = 1; }
 
-  static char* align64(char* p) {
-    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-  }
-
-  void pack(int64_t m_begin, int64_t m_end, int64_t c, T* panel) const {
+  // Packs the wanted column blocks of rows [m_begin, m_end), row by row: each source row is read front to
+  // back once, a stream the hardware prefetcher follows (column by column it would not: rows are pages apart).
+  void load(int64_t m_begin, int64_t m_end) {
     const Im2col& g = *geometry;
-    const BlockRef ref = block_ref(g, c, BS, width);
-    constexpr int64_t kAhead = 8;  // rows prefetched ahead: the source rows are on different pages
+    n_wanted = 0;
+    for (int64_t c = 0; c < columns; ++c)
+      if (wanted[c]) refs[n_wanted++] = block_ref(g, c, BS, width);
     for (int64_t m = m_begin; m < m_end; ++m) {
       ConvRow row{};
       if constexpr (CONV) row = conv_row(g, m);
-      const T* src = operand_row<CONV>(a, g, width, m, row, ref);
-      if (!CONV && m + kAhead < m_end) prefetch_row(src + kAhead * width, ref.depth, false);
-      T* dst = panel + (m - m_begin) * BS;
+      T* dst_row = data + (m - m_begin) * BS;
+      for (int64_t w = 0; w < n_wanted; ++w) {
+        const BlockRef& ref = refs[w];
+        const T* src = operand_row<CONV>(a, g, width, m, row, ref);
+        T* dst = dst_row + (ref.col / BS) * capacity * BS;
 #pragma GCC unroll 8
-      for (int e = 0; e < BS; e += V::W) {
-        const int n = ref.depth - e;
-        V::store(dst + e, n >= V::W ? V::load(src + e) : n > 0 ? V::load_partial(src + e, n) : V::zero());
+        for (int e = 0; e < BS; e += V::W) {
+          const int n = ref.depth - e;
+          V::store(dst + e, n >= V::W ? V::load(src + e) : n > 0 ? V::load_partial(src + e, n) : V::zero());
+        }
       }
     }
+  }
+
+  // Column block c (wanted, loaded): [rows][BS].
+  SK_INLINE const T* column(int64_t c) const { return data + c * capacity * BS; }
+
+  static char* align64(char* p) {
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
   }
 };
 
 // ---------------------------------------------------------------------------------------------
 // Forward and linear input gradient: one GEMM walker over the block-lines of W.
-//   forward: Y[m, r-block] = Σ over block-row r's blocks (CSR) of A[m, c-block] · W_blockᵀ (+ bias);
-//            the row's blocks are packed transposed (k-major) once per task into the scratch, so that the
-//            inner loop is a broadcast of A times contiguous output-width vectors of Wᵀ.
+//   forward: Y[m, r-block] = Σ over block-row r's blocks (CSR) of A[m, c-block] · W_blockᵀ (+ bias), with
+//            the blocks transposed (k-major) beforehand (transpose_blocks_tasks), so that the inner loop is a
+//            broadcast of A times contiguous output-width vectors of Wᵀ;
 //   dX:      dX[m, c-block] = Σ over block-column c's blocks (CSC) of dY[m, r-block] · W_block; W_block's
-//            rows are contiguous along k, so it is used in place.
+//            rows are contiguous along k, so it is used as stored.
 
 template <class V, int BS>
-SK_INLINE void pack_transposed(const typename V::T* block, typename V::T* packed) {
+void transpose_blocks_tasks(const TransposeArgs<typename V::T>& p, int64_t task_begin, int64_t task_end) {
   // In V::kTransposeTile square tiles, transposed in registers.
   constexpr int TB = V::kTransposeTile;
-  for (int n0 = 0; n0 < BS; n0 += TB)
-    for (int k0 = 0; k0 < BS; k0 += TB) V::transpose_tile(block + n0 * BS + k0, BS, packed + k0 * BS + n0, BS);
+  for (int64_t j = task_begin; j < task_end; ++j) {
+    const typename V::T* block = p.values + j * BS * BS;
+    typename V::T* out = p.out + j * BS * BS;
+    for (int n0 = 0; n0 < BS; n0 += TB)
+      for (int k0 = 0; k0 < BS; k0 += TB) V::transpose_tile(block + n0 * BS + k0, BS, out + k0 * BS + n0, BS);
+  }
 }
 
 template <typename T>
@@ -267,8 +279,7 @@ struct GemmWalk {
   const int32_t* perm;        // nullptr (forward: blocks in CSR order) or CSC -> CSR
   int64_t lines;              // block-lines of W walked: R (forward) or C (dX)
   int64_t panel_columns;      // column blocks of the operand
-  const T* values;
-  bool transpose_blocks;  // forward: Wᵀ
+  const T* values;        // [nnz, BS, BS]: the forward's transposed blocks, or W's
   const T* bias;          // [out width] or nullptr
   T* out;                 // [M, out_width]
   int64_t out_width;
@@ -311,8 +322,7 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
   }
   Panels<V, BS, CONV> panels;
   char* rest = panels.init(static_cast<char*>(scratch), w.a, *w.geometry, w.a_width, w.panel_columns, w.m_chunk);
-  T* packed = reinterpret_cast<T*>(rest);  // the forward's transposed blocks of one line
-  const T** panel_of = reinterpret_cast<const T**>(packed + (w.transpose_blocks ? max_blocks * BS * BS : 0));
+  const T** panel_of = reinterpret_cast<const T**>(rest);
   const T** block_of = panel_of + max_blocks;
   int* depth_of = reinterpret_cast<int*>(block_of + max_blocks);
   const int64_t lines_per_group = (w.lines + w.groups - 1) / w.groups;
@@ -321,20 +331,19 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
     const int64_t group = task - chunk * w.groups;
     const int64_t m_begin = chunk * w.m_chunk;
     const int64_t m_end = min_of(w.M, m_begin + w.m_chunk);
-    const int64_t line_end = min_of(w.lines, (group + 1) * lines_per_group);
-    for (int64_t line = group * lines_per_group; line < line_end; ++line) {
+    const int64_t line_begin = group * lines_per_group;
+    const int64_t line_end = min_of(w.lines, line_begin + lines_per_group);
+    panels.clear();
+    for (int64_t q = w.line_ptr[line_begin]; q < w.line_ptr[line_end]; ++q) panels.want(w.line_index[q]);
+    panels.load(m_begin, m_end);
+    for (int64_t line = line_begin; line < line_end; ++line) {
       const int64_t first = w.line_ptr[line];
       const int n_blocks = static_cast<int>(w.line_ptr[line + 1] - first);
       for (int j = 0; j < n_blocks; ++j) {
         const int64_t column = w.line_index[first + j];
         const int64_t stored = w.perm != nullptr ? w.perm[first + j] : first + j;
-        if (w.transpose_blocks) {
-          pack_transposed<V, BS>(w.values + stored * BS * BS, packed + j * BS * BS);
-          block_of[j] = packed + j * BS * BS;
-        } else {
-          block_of[j] = w.values + stored * BS * BS;
-        }
-        panel_of[j] = panels.column(chunk, m_begin, m_end, column);
+        block_of[j] = w.values + stored * BS * BS;
+        panel_of[j] = panels.column(column);
         depth_of[j] = static_cast<int>(min_of<int64_t>(BS, w.a_width - column * BS));
       }
       for (int64_t m0 = m_begin; m0 < m_end; m0 += S::MR) {
@@ -349,7 +358,7 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
 template <class V, int BS, bool CONV>
 void forward_tasks(const ForwardArgs<typename V::T>& p, int64_t task_begin, int64_t task_end, void* scratch) {
   const GemmWalk<typename V::T> walk{p.x, &p.geometry, p.K, p.index.row_ptr, p.index.col_idx, nullptr,
-                                     p.index.n_block_rows, p.index.n_block_cols, p.values, true, p.bias, p.y, p.N,
+                                     p.index.n_block_rows, p.index.n_block_cols, p.values_t, p.bias, p.y, p.N,
                                      p.M, p.m_chunk, p.groups};
   gemm_tasks<V, BS, CONV>(walk, task_begin, task_end, scratch);
 }
@@ -359,7 +368,7 @@ void backward_input_linear_tasks(const BackwardInputArgs<typename V::T>& p, int6
                                  void* scratch) {
   const Im2col plain{false, p.M, 1, 1, p.N, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1};
   const GemmWalk<typename V::T> walk{p.dy, &plain, p.N, p.index.col_ptr, p.index.row_idx, p.index.perm,
-                                     p.index.n_block_cols, p.index.n_block_rows, p.values, false, nullptr, p.dx, p.K,
+                                     p.index.n_block_cols, p.index.n_block_rows, p.values, nullptr, p.dx, p.K,
                                      p.M, p.m_chunk, p.groups};
   gemm_tasks<V, BS, false>(walk, task_begin, task_end, scratch);
 }
@@ -505,12 +514,19 @@ struct WeightGradPanels {
     return a.init(rest, p.x, p.geometry, p.K, p.index.n_block_cols, p.m_chunk);
   }
 
-  // Adds chunk `chunk`'s rows of block (r, c) into out.
-  SK_INLINE void accumulate(const WeightGradArgs<typename V::T>& p, int64_t chunk, int64_t r, int64_t c,
-                            typename V::T* out) {
+  void load(const WeightGradArgs<typename V::T>& p, int64_t chunk) {
     const int64_t m_begin = chunk * p.m_chunk;
     const int64_t m_end = min_of(p.M, m_begin + p.m_chunk);
-    weight_grad_block<V, BS>(dy.column(chunk, m_begin, m_end, r), a.column(chunk, m_begin, m_end, c), m_end - m_begin,
+    dy.load(m_begin, m_end);
+    a.load(m_begin, m_end);
+  }
+
+  // Adds the loaded chunk's rows of block (r, c) into out.
+  SK_INLINE void accumulate(const WeightGradArgs<typename V::T>& p, int64_t chunk, int64_t r, int64_t c,
+                            typename V::T* out) const {
+    const int64_t m_begin = chunk * p.m_chunk;
+    const int64_t m_end = min_of(p.M, m_begin + p.m_chunk);
+    weight_grad_block<V, BS>(dy.column(r), a.column(c), m_end - m_begin,
                              static_cast<int>(min_of<int64_t>(BS, p.N - r * BS)),
                              static_cast<int>(min_of<int64_t>(BS, p.K - c * BS)), out);
   }
@@ -523,10 +539,16 @@ void sddmm_tasks(const WeightGradArgs<typename V::T>& p, int64_t task_begin, int
   WeightGradPanels<V, BS, CONV> panels;
   panels.init(p, scratch);
   // Chunk-outer: a chunk's panels serve every block of the task range before the next chunk is packed.
+  for (int64_t j = task_begin; j < task_end; ++j) {
+    panels.dy.want(p.index.coo_row[j]);
+    panels.a.want(p.index.col_idx[j]);
+  }
   const int64_t chunks = (p.M + p.m_chunk - 1) / p.m_chunk;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    panels.load(p, chunk);
     for (int64_t j = task_begin; j < task_end; ++j)
       panels.accumulate(p, chunk, p.index.coo_row[j], p.index.col_idx[j], p.out + j * BS * BS);
+  }
 }
 
 // Tasks are groups of p.group_rows block-rows; their tiles live in the scratch until reduced to norms.
@@ -543,8 +565,13 @@ void block_scores_tasks(const WeightGradArgs<typename V::T>& p, int64_t task_beg
     const int64_t r_end = min_of(R, r_begin + p.group_rows);
     const int64_t n_tiles = (r_end - r_begin) * C;
     for (int64_t e = 0; e < n_tiles * BS * BS; ++e) tiles[e] = T(0);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    panels.dy.clear();
+    for (int64_t r = r_begin; r < r_end; ++r) panels.dy.want(r);
+    for (int64_t c = 0; c < C; ++c) panels.a.want(c);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      panels.load(p, chunk);
       for (int64_t t = 0; t < n_tiles; ++t) panels.accumulate(p, chunk, r_begin + t / C, t % C, tiles + t * BS * BS);
+    }
     for (int64_t t = 0; t < n_tiles; ++t) {
       const T* tile = tiles + t * BS * BS;
       double sum = 0.0;  // fixed order, in double: the norm of a block is a sum of BS*BS squares
@@ -600,7 +627,18 @@ struct Entry {
     }
   }
 
-  static KernelTable<T> table(const char* isa) { return {isa, &forward, &backward_input, &sddmm, &block_scores}; }
+  static void transpose_blocks(const TransposeArgs<T>& p, int64_t begin, int64_t end, void*) {
+    switch (p.bs) {
+      case 16: return transpose_blocks_tasks<V, 16>(p, begin, end);
+      case 32: return transpose_blocks_tasks<V, 32>(p, begin, end);
+      case 64: return transpose_blocks_tasks<V, 64>(p, begin, end);
+      case 128: return transpose_blocks_tasks<V, 128>(p, begin, end);
+    }
+  }
+
+  static KernelTable<T> table(const char* isa) {
+    return {isa, &transpose_blocks, &forward, &backward_input, &sddmm, &block_scores};
+  }
 };
 
 #undef SK_INLINE

@@ -64,16 +64,30 @@ const cpu::KernelTable<double>* kernels<double>() {
   return cpu::kernels_scalar_f64();
 }
 
+// The calling thread's scratch of at least `bytes` bytes (64-byte aligned), kept between calls: it holds
+// about a cache budget of panels, and fresh pages on every call would cost page faults.
+char* thread_scratch(int64_t bytes) {
+  struct Buffer {
+    char* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { ::operator delete[](data, std::align_val_t(64)); }
+  };
+  thread_local Buffer buffer;
+  if (bytes > buffer.size) {
+    ::operator delete[](buffer.data, std::align_val_t(64));
+    buffer.data = nullptr;
+    buffer.size = 0;
+    buffer.data = static_cast<char*>(::operator new[](bytes, std::align_val_t(64)));
+    buffer.size = bytes;
+  }
+  return buffer.data;
+}
+
 // Runs tasks [0, n_tasks) in parallel, each thread with its own scratch.
 template <typename Args, typename Fn>
 void run_tasks(int64_t n_tasks, int64_t scratch_bytes, const Args& args, Fn fn) {
   if (n_tasks <= 0) return;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<char[], void (*)(char*)> scratch(
-        static_cast<char*>(::operator new[](scratch_bytes, std::align_val_t(64))),
-        [](char* p) { ::operator delete[](p, std::align_val_t(64)); });
-    fn(args, begin, end, scratch.get());
-  });
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end, thread_scratch(scratch_bytes)); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -210,8 +224,12 @@ cpu::Im2col plain_matrix(int64_t M, int64_t K) {
 template <typename T>
 void run_forward(const Tensor& x, const Tensor& values, const c10::optional<Tensor>& bias, Tensor& y,
                  const cpu::BsrIndex& index, const cpu::Im2col& geometry, int64_t M, int64_t N, int64_t K, int64_t bs) {
+  // The blocks transposed once per call (a workspace the size of the values): every m-chunk reads them.
+  Tensor values_t = at::empty_like(values);
+  const cpu::TransposeArgs<T> transpose{values.data_ptr<T>(), values_t.data_ptr<T>(), static_cast<int>(bs)};
+  run_tasks(index.nnz, 0, transpose, kernels<T>()->transpose_blocks);
   const GemmSplit split = split_gemm(M, K, sizeof(T), index.n_block_rows);
-  cpu::ForwardArgs<T> args{x.data_ptr<T>(), values.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr,
+  cpu::ForwardArgs<T> args{x.data_ptr<T>(), values_t.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr,
                            y.data_ptr<T>(), index, geometry, M, N, K, static_cast<int>(bs), split.m_chunk, split.groups};
   run_tasks(split.tasks,
             cpu::gemm_scratch_bytes(index.n_block_cols, split.m_chunk,
