@@ -358,6 +358,27 @@ def test_static_report_runs_the_script_without_the_interpreter(tmp_path, monkeyp
     assert not (tmp_path / f"{bench.device_name(CPU)}.csv").exists()  # --static alone runs no suite
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_suites_run_on_cuda(tmp_path, monkeypatch):
+    """The three suites on small GPU cases in bf16: every result correct, dense timed as a replayed CUDA graph."""
+    monkeypatch.setattr(gpu_optim, "resnet50_sparse_shapes", lambda: TINY_LAYERS)
+    common_args = ["--device", "cuda", "--reps", "2", "--no-plots", "--out", str(tmp_path)]
+    assert bench.main(["--suite", "gpu-linear", "--shape", "512,256,256", "--sparsities", "0.9", "--blocks", "32,128",
+                       *common_args]) == 0
+    assert bench.main(["--suite", "gpu-optim", "--sgd-numel", str(1 << 20), *common_args]) == 0
+    assert bench.main(["--suite", "gpu-conv", "--models", "resnet18", "--image-size", "8", "--batch", "4",
+                       "--sparsities", "0.9", "--blocks", "32", *common_args]) == 0
+    name = bench.device_name(torch.device("cuda"))
+    for suite in ("gpu_linear", "gpu_optim", "gpu_conv"):
+        _, rows = _read_csv(tmp_path / f"{name}_{suite}.csv")
+        ours = [r for r in rows if r["impl"] in sk.ops.BACKENDS]
+        assert ours and all(r["status"] in ("ok", "n/a") for r in ours), suite
+        assert any(r["status"] == "ok" for r in ours), suite
+        if suite != "gpu_optim":
+            assert all(r["timing"] == "graph" for r in rows if r["impl"] == "dense" and r.get("layer") != "total")
+
+
 # -- convergence.py -----------------------------------------------------------------------------------------
 def _fake_log(accuracies, seconds=10.0, rate=100.0, overhead=0.01):
     return [{"epoch": i + 1, "step": 50 * (i + 1), "test_accuracy": a, "epoch_seconds": seconds,

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "on the device, the reference excluded); one that lacks an op gets an n/a row")
 
     gpu = parser.add_argument_group("GPU suites")
-    gpu.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
-                     help="data type of gpu-linear and gpu-conv (default bfloat16; use float32 on a CPU)")
+    gpu.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                     help="data type of gpu-linear and gpu-conv (default: bfloat16 on a GPU, float32 on a CPU, "
+                          "where the Triton interpreter computes bf16 wrongly)")
     gpu.add_argument("--shape", type=_ints, default=None, metavar="M,N,K",
                      help="gpu-linear: x [M, K], W [N, K] (default 8192,4096,4096)")
     gpu.add_argument("--no-graphs", action="store_true",
@@ -175,8 +176,8 @@ def _write(rows: List[dict], fields, args, device, suite: str, plot_rows: Option
 
 
 def run_gpu_suites(args, device: torch.device, suites: List[str]) -> int:
-    dtype = DTYPES[args.dtype]
     on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     use_graphs = not args.no_graphs
     print(f"device: {device_name(device)} ({device}), torch {torch.__version__}, sparsekern backends here: "
           f"{', '.join(b for b in sk.ops.BACKENDS if sk.ops.backend_unavailable_reason(b, device.type) is None)}"
@@ -241,6 +242,8 @@ def run_static(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.shape is not None and (len(args.shape) != 3 or min(args.shape) <= 0):
+        parser.error(f"--shape takes three positive sizes M,N,K, got {args.shape}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")

@@ -8,8 +8,8 @@ each block size and sparsity:
 | --- | --- | --- | --- | --- |
 | linear_fwd | ``x @ W.t()`` | ``F.linear(x, W.to_sparse_bsr)`` | ``stk.ops.dds(x, W.t())`` | ``bsr_linear`` |
 | linear_dx | ``dy @ W`` | ``F.linear(dy, Wᵀ.to_sparse_bsr)`` | ``stk.ops.dds(dy, W)`` | ``bsr_linear_dx`` |
-| linear_sddmm | ``dy.t() @ x`` | ``torch.sparse.sampled_addmm`` (BSR, else CSR) | ``stk.ops.sdd(dy.t(), x, W)`` | ``bsr_sddmm`` |
-| block_grad_scores | ``dy.t() @ x`` (one dense dW GEMM) | ``dy.t() @ x``, then block norms | - | ``block_grad_scores`` |
+| linear_sddmm | ``dy.t() @ x`` | ``sampled_addmm`` (BSR, else CSR) | ``stk.ops.sdd(dy.t(), x, W)`` | ``bsr_sddmm`` |
+| block_grad_scores | ``dy.t() @ x`` (one dW GEMM) | ``dy.t() @ x``, block norms | - | ``block_grad_scores`` |
 
 ``block_grad_scores`` does not depend on the layout: it runs once per block size (sparsity left empty).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
