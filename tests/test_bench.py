@@ -1,5 +1,6 @@
-"""The benchmark tools on tiny shapes: bench.py's training loops, tables, CSV and plots, its --help, and
-convergence.py's report writer on made-up run results."""
+"""The benchmark tools on tiny shapes: the default suite's training loops, tables, CSV and plots, the GPU suites
+(gpu-linear, gpu-optim, gpu-conv) run end to end on the CPU, their correctness check catching wrong backends, --help
+and --static, and convergence.py's report writer on made-up run results."""
 import csv
 import importlib.util
 import os
@@ -12,6 +13,7 @@ from torch import nn
 
 import sparsekern as sk
 from sparsekern import bench
+from sparsekern.bench import common, gpu_conv, gpu_linear, gpu_optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +44,8 @@ def test_help_runs():
     result = subprocess.run([sys.executable, "-m", "sparsekern.bench", "--help"], capture_output=True, text=True,
                             cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
-    for flag in ("--quick", "--skip-e2e", "--skip-kernels", "--no-plots", "--e2e-reps"):
+    for flag in ("--quick", "--skip-e2e", "--skip-kernels", "--no-plots", "--e2e-reps", "--suite", "--static",
+                 "--shape", "--dtype", "--sparsities", "--blocks", "--backends", "--batch", "--image-size"):
         assert flag in result.stdout
 
 
@@ -120,13 +123,260 @@ def test_kernel_speedup_plot(tmp_path):
 
 def test_main_writes_e2e_outputs_only_when_asked(tmp_path, monkeypatch):
     # The CLI's e2e path on a tiny case, without running the real models.
-    monkeypatch.setattr(bench, "e2e_cases", lambda device, quick: [TINY])
+    monkeypatch.setattr(bench.e2e, "e2e_cases", lambda device, quick: [TINY])
     assert bench.main(["--quick", "--skip-kernels", "--e2e-reps", "1", "--out", str(tmp_path)]) == 0
     name = bench.device_name(CPU)
     assert (tmp_path / f"{name}_e2e.csv").exists()
     assert not (tmp_path / f"{name}.csv").exists()  # the kernel CSV is left alone
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / f"{name}_e2e.png").exists()
+
+
+# -- the GPU suites, run on the CPU with tiny shapes ---------------------------------------------------------
+# The Triton backend is among them when conftest runs Triton in the interpreter; the native CPU one when built.
+CPU_BACKENDS = [b for b in ("triton", "cpu") if sk.ops.backend_unavailable_reason(b, "cpu") is None]
+NATIVE_OR_REFERENCE = "cpu" if "cpu" in CPU_BACKENDS else "reference"
+
+
+def _read_csv(path):
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def _suite_csv(tmp_path, suite):
+    return tmp_path / f"{bench.device_name(CPU)}_{suite}.csv"
+
+
+def _linear_args(tmp_path, blocks="32", extra=()):
+    # N = 128, K = 96: at block 64 the last block-column is half padding.
+    return ["--device", "cpu", "--suite", "gpu-linear", "--shape", "192,128,96", "--dtype", "float32",
+            "--sparsities", "0.5", "--blocks", blocks, "--reps", "1", "--no-plots", "--out", str(tmp_path), *extra]
+
+
+def test_gpu_linear_suite_runs_on_cpu(tmp_path, capsys):
+    assert bench.main(_linear_args(tmp_path, blocks="32,64")) == 0
+    fields, rows = _read_csv(_suite_csv(tmp_path, "gpu_linear"))
+    assert fields == gpu_linear.FIELDS
+    for op in ("linear_fwd", "linear_dx", "linear_sddmm", "block_grad_scores"):
+        for block in ("32", "64"):
+            group = {r["impl"]: r for r in rows if r["op"] == op and r["block"] == block}
+            expected = {"dense", "torch", *CPU_BACKENDS} | ({"stk"} if op != "block_grad_scores" else set())
+            assert set(group) == expected, (op, block)
+            assert float(group["dense"]["speedup"]) == 1.0
+            for name in CPU_BACKENDS:
+                row = group[name]
+                assert row["status"] == "ok", row
+                assert float(row["ms"]) > 0 and float(row["rel_err"]) <= float(row["err_limit"])
+                assert float(row["speedup"]) == pytest.approx(float(row["dense_ms"]) / float(row["ms"]))
+                if op != "block_grad_scores":
+                    assert float(row["frac_ideal"]) == pytest.approx(float(row["density"]) * float(row["speedup"]),
+                                                                     rel=1e-3)
+            if op != "block_grad_scores":
+                assert group["stk"]["status"] == "n/a" and group["stk"]["note"]  # block != 128 or not installed
+    assert "goals (issues #4/#5" in capsys.readouterr().out
+
+
+def test_gpu_linear_marks_a_backend_that_loses_a_block(tmp_path, monkeypatch, capsys):
+    original = sk.reference.bsr_linear
+
+    def loses_last_block(x, values, *rest):
+        values = values.clone()
+        values[-1] = 0
+        return original(x, values, *rest)
+
+    monkeypatch.setattr(sk.reference, "bsr_linear", loses_last_block)
+    backends = ",".join(["reference", *(["cpu"] if "cpu" in CPU_BACKENDS else [])])
+    assert bench.main(_linear_args(tmp_path, extra=("--backends", backends))) == 1
+    _, rows = _read_csv(_suite_csv(tmp_path, "gpu_linear"))
+    wrong = next(r for r in rows if r["op"] == "linear_fwd" and r["impl"] == "reference")
+    assert wrong["status"] == "MISMATCH" and wrong["ms"] == "" and wrong["speedup"] == ""
+    assert float(wrong["rel_err"]) > float(wrong["err_limit"])
+    others = [r for r in rows if r["impl"] in ("cpu", "reference") and r is not wrong]
+    assert others and all(r["status"] == "ok" and float(r["speedup"]) > 0 for r in others)
+    out = capsys.readouterr().out
+    assert "!!! MISMATCH linear_fwd block 32 sparsity 0.50 [reference]" in out
+    assert "1 case(s) where a sparsekern backend gave a wrong result" in out
+
+
+def test_check_and_time_outcomes():
+    ref = torch.linspace(1.0, 2.0, 7)
+    check = lambda out: {"out": common.rel_err(out, ref)}
+
+    def broken():
+        raise RuntimeError("no kernel image for this device\nmore")
+
+    impls = [common.Impl("dense", "d", lambda: ref * (1 + 1e-8), check),
+             common.Impl("exact", "e", lambda: ref.clone(), check),
+             common.Impl("off", "o", lambda: ref * 1.001, check),
+             common.Impl("nan", "n", lambda: ref * float("nan"), check),
+             common.Impl("broken", "b", broken, check),
+             common.Impl("absent", "a", why="no kernel")]
+    lines = []
+    out = common.check_and_time("case", impls, CPU, reps=1, dtype=torch.float32, report=lines.append)
+    assert {k: v.status for k, v in out.items()} == {"dense": "ok", "exact": "ok", "off": "MISMATCH",
+                                                     "nan": "MISMATCH", "broken": "error", "absent": "n/a"}
+    assert out["exact"].ms > 0 and out["off"].ms is None and out["absent"].note == "no kernel"
+    assert out["off"].limits["out"] == common.ERROR_FLOOR[torch.float32]  # the dense error is below the floor
+    assert out["broken"].note == "RuntimeError: no kernel image for this device"
+    assert any(line.startswith("!!! MISMATCH case [off]") for line in lines)
+    assert any(line.startswith("!!! ERROR case [broken]") for line in lines)
+    assert common.error_limit(1e-2, torch.bfloat16) == 2e-2
+    assert common.error_limit(1e-6, torch.bfloat16) == common.ERROR_FLOOR[torch.bfloat16]
+    timed = common.prepare_timing(lambda: None, CPU)
+    assert (timed.mode, timed.calls) == ("host", 1)
+
+
+def test_backend_choices_report_missing_kernels():
+    choices = dict(common.backend_choices("build_layout_index_", CPU, None, ["reference", "triton", "cuda"]))
+    assert choices["reference"] is None
+    assert "no build_layout_index_ kernel" in choices["triton"] or "TRITON_INTERPRET" in choices["triton"]
+    assert "cuda" in choices["cuda"]  # a CUDA backend cannot run on CPU tensors
+
+
+TINY_LAYERS = [(64, 96), (70, 64), (32, 288)]  # 70 rows: the last block-row is partly padding
+
+
+def test_gpu_optim_suite_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_optim, "resnet50_sparse_shapes", lambda: TINY_LAYERS)
+    assert bench.main(["--device", "cpu", "--suite", "gpu-optim", "--reps", "1", "--out", str(tmp_path)]) == 0
+    fields, rows = _read_csv(_suite_csv(tmp_path, "gpu_optim"))
+    assert fields == gpu_optim.FIELDS
+    sgd = [r for r in rows if r["test"] == "masked_sgd_"]
+    assert {(float(r["density"]), r["impl"]) for r in sgd} == {(d, b) for d in (0.1, 0.5, 1.0) for b in CPU_BACKENDS}
+    for row in sgd:
+        assert row["status"] == "ok" and float(row["gbps"]) > 0 and float(row["frac_copy"]) > 0
+        assert float(row["rel_err"]) <= gpu_optim.SGD_TOLERANCE
+        assert int(row["bytes"]) == gpu_optim.SGD_BYTES_PER_WEIGHT * int(row["numel"])
+        if float(row["density"]) == 1.0:
+            assert float(row["time_vs_full"]) == 1.0
+    update = {r["impl"]: r for r in rows if r["test"] == "layout_update_"}
+    assert update["reference"]["status"] == "ok" and float(update["reference"]["ms"]) > 0
+    assert update["reference"]["layers"] == str(len(TINY_LAYERS))
+    if "triton" in CPU_BACKENDS:
+        assert update["triton"]["status"] == "n/a"  # Triton has no index-build kernel
+    if "cpu" in CPU_BACKENDS:
+        assert update["cpu"]["status"] == "ok"
+    assert [r["impl"] for r in rows if r["test"] == "copy"] == ["torch copy_"]
+
+
+def test_resnet50_sparse_shapes_are_what_sparsify_makes_sparse():
+    shapes = gpu_optim.resnet50_sparse_shapes()
+    from sparsekern.models import resnet50
+    from sparsekern.train import _stem_filter
+    sparse = sk.sparsify(resnet50(), 0.9, 32, distribution="uniform", filter_fn=_stem_filter)
+    layers = [m for m in sparse.modules() if isinstance(m, (sk.SparseConv2d, sk.SparseLinear))]
+    assert sorted(shapes) == sorted(m.layout.shape for m in layers)
+    assert len(shapes) == 53
+
+
+def test_layout_update_check_catches_unmoved_values_and_a_wrong_index(monkeypatch):
+    monkeypatch.setattr(gpu_optim, "resnet50_sparse_shapes", lambda: TINY_LAYERS[:2])
+    original = sk.ops.layout_update_
+    # rewrites the index but leaves the values and momentum where they were
+    monkeypatch.setattr(sk.ops, "layout_update_", lambda layout, mask, block_tensors=(): original(layout, mask, ()))
+    lines = []
+    rows = gpu_optim.bench_layout_update(CPU, reps=1, backends=None, use_graphs=False, report=lines.append)
+    assert {r["impl"]: r["status"] for r in rows}["reference"] == "MISMATCH"
+    assert all(r["status"] in ("MISMATCH", "n/a") for r in rows)
+    assert any("values or momentum not moved exactly" in line for line in lines)
+    monkeypatch.setattr(sk.ops, "layout_update_", original)
+
+    layer = gpu_optim.UpdateLayer((64, 96), CPU, torch.Generator().manual_seed(0))
+    with bench.backend("reference"):
+        layer.update(1)
+        expected = [[t.clone() for t in layer.layout.index_tensors()]]
+        layer.update(0)
+    assert gpu_optim._update_check("reference", [layer], expected) is None
+    expected[0][1][0] += 1  # a wrong col_idx
+    assert "index differs" in gpu_optim._update_check("reference", [layer], expected)
+
+
+def test_conv_layers_of_the_models():
+    resnet18 = [(s.in_channels, s.out_channels, s.kernel_size[0], s.stride[0], s.input_size[0], count)
+                for s, count in gpu_conv.conv_layers("resnet18", 32)]
+    assert resnet18 == bench.RESNET18_CIFAR_CONVS
+    resnet50 = gpu_conv.conv_layers("resnet50", 224)
+    assert len(resnet50) == 22 and sum(c for _, c in resnet50) == 52  # 53 convolutions, the stem left out
+    first, count = resnet50[0]
+    assert (first.in_channels, first.out_channels, first.kernel_size, first.input_size, count) == \
+        (64, 64, (1, 1), (56, 56), 1)
+    assert all(s.in_channels > 3 for s, _ in resnet50)
+
+
+def _conv_args(tmp_path, backends):
+    return ["--device", "cpu", "--suite", "gpu-conv", "--models", "resnet18", "--image-size", "8", "--batch", "2",
+            "--dtype", "float32", "--sparsities", "0.5", "--blocks", "32", "--reps", "1", "--backends", backends,
+            "--no-plots", "--out", str(tmp_path)]
+
+
+def test_gpu_conv_suite_runs_on_cpu(tmp_path):
+    assert bench.main(_conv_args(tmp_path, NATIVE_OR_REFERENCE)) == 0
+    fields, rows = _read_csv(_suite_csv(tmp_path, "gpu_conv"))
+    assert fields == gpu_conv.FIELDS
+    layers = gpu_conv.conv_layers("resnet18", 8)
+    for pass_name in gpu_conv.PASSES:
+        mine = [r for r in rows if r["pass"] == pass_name and r["layer"] != "total"]
+        assert [r["layer"] for r in mine if r["impl"] == "dense"] == [s.label for s, _ in layers]
+        assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in mine)
+        for impl in ("dense", NATIVE_OR_REFERENCE):
+            total = next(r for r in rows if r["pass"] == pass_name and r["layer"] == "total" and r["impl"] == impl)
+            assert int(total["count"]) == 19
+            layer_ms = sum(int(r["count"]) * float(r["ms"]) for r in mine if r["impl"] == impl)
+            assert float(total["ms"]) == pytest.approx(layer_ms)
+
+
+def test_gpu_conv_marks_a_wrong_weight_gradient(tmp_path, monkeypatch, capsys):
+    original = sk.reference.bsr_sddmm
+
+    def shifts_first_block(*args):
+        out = original(*args)
+        out[0] += 1.0  # (zeroing it could go unnoticed: a block that only sees padding has a zero gradient)
+        return out
+
+    monkeypatch.setattr(sk.reference, "bsr_sddmm", shifts_first_block)
+    assert bench.main(_conv_args(tmp_path, "reference")) == 1
+    _, rows = _read_csv(_suite_csv(tmp_path, "gpu_conv"))
+    ours = [r for r in rows if r["impl"] == "reference" and r["layer"] != "total"]
+    assert all(r["status"] == "ok" for r in ours if r["pass"] == "forward")
+    backward = [r for r in ours if r["pass"] == "forward+backward"]
+    assert backward and all(r["status"] == "MISMATCH" and "dW rel err" in r["note"] for r in backward)
+    assert "!!! MISMATCH resnet18" in capsys.readouterr().out
+
+
+def test_static_report_runs_the_script_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    assert os.path.exists(bench.cli.STATIC_REPORT)  # the repository's benchmarks/triton_static_report.py
+    script = tmp_path / "report.py"
+    script.write_text("import os, sys\nprint('args', sys.argv[1:])\n"
+                      "print('interpret', os.environ.get('TRITON_INTERPRET'))\n")
+    monkeypatch.setattr(bench.cli, "STATIC_REPORT", str(script))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert bench.main(["--static", "--static-arch", "90", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "args ['--subset', 'ci', '--arch', '90']" in out and "interpret None" in out
+    assert "args" in (tmp_path / "triton_static_report.txt").read_text()
+    assert not (tmp_path / f"{bench.device_name(CPU)}.csv").exists()  # --static alone runs no suite
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_suites_run_on_cuda(tmp_path, monkeypatch):
+    """The three suites on small GPU cases in bf16: every result correct, dense timed as a replayed CUDA graph."""
+    monkeypatch.setattr(gpu_optim, "resnet50_sparse_shapes", lambda: TINY_LAYERS)
+    common_args = ["--device", "cuda", "--reps", "2", "--no-plots", "--out", str(tmp_path)]
+    assert bench.main(["--suite", "gpu-linear", "--shape", "512,256,256", "--sparsities", "0.9", "--blocks", "32,128",
+                       *common_args]) == 0
+    assert bench.main(["--suite", "gpu-optim", "--sgd-numel", str(1 << 20), *common_args]) == 0
+    assert bench.main(["--suite", "gpu-conv", "--models", "resnet18", "--image-size", "8", "--batch", "4",
+                       "--sparsities", "0.9", "--blocks", "32", *common_args]) == 0
+    name = bench.device_name(torch.device("cuda"))
+    for suite in ("gpu_linear", "gpu_optim", "gpu_conv"):
+        _, rows = _read_csv(tmp_path / f"{name}_{suite}.csv")
+        ours = [r for r in rows if r["impl"] in sk.ops.BACKENDS]
+        assert ours and all(r["status"] in ("ok", "n/a") for r in ours), suite
+        assert any(r["status"] == "ok" for r in ours), suite
+        if suite != "gpu_optim":
+            assert all(r["timing"] == "graph" for r in rows if r["impl"] == "dense" and r.get("layer") != "total")
 
 
 # -- convergence.py -----------------------------------------------------------------------------------------
