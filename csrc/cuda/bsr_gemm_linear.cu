@@ -60,6 +60,7 @@ struct GemmLayout : GemmConfig<T, BS, TRANS> {
       imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * Cfg::BM * LDT * static_cast<int>(sizeof(float)));
   static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
   static_assert(BS % Cfg::KS == 0, "slices must cover the block");
+  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
 };
 
 template <typename T>
@@ -77,7 +78,7 @@ struct GemmParams {
 };
 
 template <typename T, int BS, bool TRANS>
-__global__ void __launch_bounds__(GemmLayout<T, BS, TRANS>::kThreads)
+__global__ void __launch_bounds__(GemmLayout<T, BS, TRANS>::kThreads, GemmLayout<T, BS, TRANS>::kMinBlocks)
 bsr_gemm_kernel(const GemmParams<T> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = GemmLayout<T, BS, TRANS>;
@@ -100,16 +101,26 @@ bsr_gemm_kernel(const GemmParams<T> p) {
   const auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes); };
   const auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes + L::kABytes); };
 
+  // The index of the block being loaded: block-column (forward) or block-row (transposed) of W, and where its
+  // values are. The pipeline loads steps in order, so the next block's index is fetched while the current one
+  // is loaded, and its latency hides behind a stage of math instead of stalling the next load.
+  int held_block = n_blocks > 0 ? p.line_idx[first] : 0;
+  int held_values = TRANS && n_blocks > 0 ? p.perm[first] : first;
   const auto load = [&](int step, int s) {
-    const int j = first + step / L::kSlices;  // position in the line (CSR or CSC order)
     const int slice = step % L::kSlices;
-    const int64_t block = p.line_idx[j];  // block-column (forward) or block-row (transposed) of W
+    const int64_t block = held_block;
+    const int64_t values_at = held_values;
+    const int j = first + step / L::kSlices;  // position in the line (CSR or CSC order)
+    if (slice == L::kSlices - 1 && j + 1 < first + n_blocks) {
+      held_block = p.line_idx[j + 1];
+      held_values = TRANS ? p.perm[j + 1] : j + 1;
+    }
     const int64_t red0 = block * BS + slice * KS;
     // Reduction entries past the dense operand's width (the padding of the last block) load as zeros on both
     // sides, so whatever the padding of `values` holds never reaches the sums.
     const int red = clamp_count(p.a_cols, red0, KS);
     load_tile<T, BM, KS, L::LDA, kThreads>(stage_a(s), a_tile + red0, p.lda, rows, red, p.vec, tid);
-    const T* w = p.values + (TRANS ? static_cast<int64_t>(p.perm[j]) : static_cast<int64_t>(j)) * (BS * BS);
+    const T* w = p.values + values_at * (BS * BS);
     if (TRANS) {
       load_tile<T, KS, BS, L::LDB, kThreads>(stage_b(s), w + slice * KS * BS, BS, red, BS, p.vec, tid);
     } else {

@@ -362,6 +362,11 @@ struct FmaMath {
   }
 };
 
+// CTAs per SM that a kernel's shared memory allows on an A100 (164 KB per SM, 1 KB reserved per CTA): the
+// occupancy to give __launch_bounds__, so that ptxas budgets registers for it. Left to itself, ptxas aims for
+// more CTAs than the shared memory allows and spills registers to get there.
+constexpr int ctas_per_sm(int smem_bytes) { return imax(1, (164 * 1024) / (smem_bytes + 1024)); }
+
 // Row stride (floats) of the fp32 tile that the accumulators are written to.
 template <int COLS>
 constexpr int kTileStride = COLS + 8;

@@ -49,6 +49,7 @@ struct WgradLayout : WgradConfig<T, TILE> {
   static constexpr int kSmemBytes =
       imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * TILE * LDT * static_cast<int>(sizeof(float)));
   static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
+  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
 };
 
 template <typename T>
@@ -73,7 +74,7 @@ struct WgradParams {
 // SCORES = false: grid (nnz, splits), one stored block (TILE == BS) and one M-chunk per CTA.
 // SCORES = true: grid (tiles of N x tiles of K), all of M per CTA.
 template <typename T, int TILE, int BS, bool SCORES>
-__global__ void __launch_bounds__(WgradLayout<T, TILE>::kThreads)
+__global__ void __launch_bounds__(WgradLayout<T, TILE>::kThreads, WgradLayout<T, TILE>::kMinBlocks)
 weight_grad_kernel(const WgradParams<T> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = WgradLayout<T, TILE>;
