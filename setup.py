@@ -128,7 +128,9 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            # --resource-usage: ptxas prints registers, shared memory and spills of every kernel in the build log
+            # (tests/test_cuda_static.py asserts no spills); -lineinfo: compute-sanitizer reports source lines.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--resource-usage", "-lineinfo"]},
             extra_link_args=extra_link_args,
         )
     ]

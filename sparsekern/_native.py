@@ -8,7 +8,8 @@ the reference backend.
 - ``LOAD_ERROR``: why they are not (None when loaded).
 - ``BUILD_INFO``: ``sparsekern._C.build_info()`` (torch_version, cuda, cuda_version, cuda_archs,
   native_ops); ``{}`` when not loaded.
-- ``has_kernel(op_name, device_type)``: whether ``sparsekern::<op_name>`` has a kernel for that device.
+- ``has_kernel(op_name, device_type, dtype=None)``: whether ``sparsekern::<op_name>`` has a kernel for that
+  device (that takes ``dtype``, when given).
 """
 import importlib
 import warnings
@@ -17,6 +18,10 @@ import torch
 
 _REBUILD_HINT = "Rebuild with `pip install --no-build-isolation --no-deps -e .`"
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# Kernels that take only some dtypes, by (op, device type); the others take every dtype their op does. The CUDA
+# GEMMs have no float64 path, so sparsekern.ops runs float64 CUDA tensors on the reference instead.
+_KERNEL_DTYPES = {(f"native_{op}", "cuda"): (torch.float16, torch.bfloat16, torch.float32)
+                  for op in ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores")}
 
 LOADED = False
 LOAD_ERROR = None
@@ -49,15 +54,19 @@ def _load():
     return info, None
 
 
-def has_kernel(op_name: str, device_type: str) -> bool:
-    """Whether the native op ``sparsekern::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
-    key = _DISPATCH_KEYS.get(str(device_type).lower())
+def has_kernel(op_name: str, device_type: str, dtype: torch.dtype = None) -> bool:
+    """Whether the native op ``sparsekern::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda") that
+    takes operands of ``dtype`` (any dtype of the op when None)."""
+    device_type = str(device_type).lower()
+    key = _DISPATCH_KEYS.get(device_type)
     if not LOADED or key is None:
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op_name}", key)
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op_name}", key)
     except RuntimeError:  # no such op
         return False
+    dtypes = _KERNEL_DTYPES.get((op_name, device_type))
+    return registered and (dtype is None or dtypes is None or dtype in dtypes)
 
 
 _info, LOAD_ERROR = _load()

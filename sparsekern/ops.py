@@ -83,7 +83,7 @@ def backend_has_op(backend: str, op: str, dtype: Optional[torch.dtype] = None) -
     if backend == "triton":
         module = _triton_module()[0]
         return module is not None and hasattr(module, op) and (dtype is None or dtype in module.DTYPES)
-    return _native.has_kernel(f"native_{op}", backend)
+    return _native.has_kernel(f"native_{op}", backend, dtype)
 
 
 def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:

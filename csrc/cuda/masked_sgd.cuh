@@ -6,10 +6,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "element_type.cuh"
+
 namespace sparsekern {
 namespace cuda {
-
-enum class ElementType : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // One SGD step in place over `numel` contiguous elements, with the arithmetic of
 // sparsekern.reference.masked_sgd_. Supported types: weights fp32 with param fp32/bf16/fp16 and grad of the

@@ -1,0 +1,214 @@
+// The forward and input-gradient GEMMs of a block-sparse W, one kernel for both:
+//   bsr_linear     Y [M, N]  = X [M, K] Wᵀ (+ bias), walking the block-rows of W (block-CSR);
+//   bsr_linear_dx  dX [M, K] = dY [M, N] W, walking the block-columns of W (block-CSC through perm).
+// A CTA owns BM = 128 rows of the dense operand (the MMA's M side) and one line of W (its bs output features,
+// the MMA's N side) and walks the line's blocks: each block adds a [BM, bs] x [bs, bs] product, its reduction
+// (K = bs) cut into slices of KS. One pipeline step is one slice of one block, so the cp.async ring keeps
+// STAGES - 1 slices in flight across the blocks of the line (a single block gives too little K to hide latency).
+// The block values are read in their storage order in both directions: W[n][k] is the MMA's B stored
+// [col][red] in the forward pass and [red][col] in the input gradient (ldmatrix .trans), never transposed in
+// memory. An empty line computes nothing and writes zeros (or the bias).
+#include "bsr_gemm.cuh"
+#include "bsr_gemm_tiles.cuh"
+
+namespace sparsekern {
+namespace cuda {
+namespace {
+
+using namespace tiles;
+
+// Tile shapes per element type and block size. Shared memory stays under 99 KB so that every sm_80+ part
+// (A100 163 KB, H100 227 KB, consumer 99 KB per block) can run every configuration.
+template <typename T, int BS, bool TRANS, bool MMA = Elem<T>::kTensorCores>
+struct GemmConfig;
+
+// fp16 / bf16: warps of 64 or 32 rows x 16..32 columns of mma.m16n8k16.
+template <typename T, int BS, bool TRANS>
+struct GemmConfig<T, BS, TRANS, true> {
+  static constexpr int BM = 128;
+  static constexpr int KS = BS == 128 ? 32 : BS;
+  static constexpr int STAGES = BS == 64 ? 3 : 4;
+  static constexpr int WARPS_R = BS >= 64 ? 2 : 4;
+  static constexpr int WARPS_C = BS == 128 ? 4 : (BS == 64 ? 2 : 1);
+  using Math = MmaMath<T, BM, BS, KS, 1, WARPS_R, WARPS_C, false, TRANS>;
+};
+
+// fp32: 8 x (2..8) outputs per thread, FFMA.
+template <int BS, bool TRANS>
+struct GemmConfig<float, BS, TRANS, false> {
+  static constexpr int BM = 128;
+  static constexpr int KS = BS <= 32 ? BS : 16;
+  static constexpr int STAGES = BS <= 32 ? 3 : 4;
+  using Math = FmaMath<BM, BS, KS, 1, 16, BS == 128 ? 16 : 8, false, TRANS>;
+};
+
+// Shared-memory layout derived from a config: per stage A [BM][LDA] then B ([BS][LDB] forward, [KS][LDB]
+// transposed); after the pipeline, the fp32 tile [groups][BM][LDT] over the same memory.
+template <typename T, int BS, bool TRANS>
+struct GemmLayout : GemmConfig<T, BS, TRANS> {
+  using Cfg = GemmConfig<T, BS, TRANS>;
+  static constexpr int kThreads = Cfg::Math::kThreads;
+  static constexpr int kSlices = BS / Cfg::KS;
+  static constexpr int LDA = Cfg::KS + kPad<T>;
+  static constexpr int B_ROWS = TRANS ? Cfg::KS : BS;
+  static constexpr int B_COLS = TRANS ? BS : Cfg::KS;
+  static constexpr int LDB = B_COLS + kPad<T>;
+  static constexpr int LDT = kTileStride<BS>;
+  static constexpr int kABytes = Cfg::BM * LDA * static_cast<int>(sizeof(T));
+  static constexpr int kStageBytes = kABytes + B_ROWS * LDB * static_cast<int>(sizeof(T));
+  static constexpr int kSmemBytes =
+      imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * Cfg::BM * LDT * static_cast<int>(sizeof(float)));
+  static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
+  static_assert(BS % Cfg::KS == 0, "slices must cover the block");
+  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
+};
+
+template <typename T>
+struct GemmParams {
+  const T* a;
+  int64_t lda;
+  const T* values;
+  const T* bias;
+  T* out;
+  const int32_t* line_ptr;
+  const int32_t* line_idx;
+  const int32_t* perm;
+  int64_t M, a_cols, out_cols, n_lines;
+  bool vec;  // 16-byte cp.async copies (see load_tile)
+};
+
+template <typename T, int BS, bool TRANS>
+__global__ void __launch_bounds__(GemmLayout<T, BS, TRANS>::kThreads, GemmLayout<T, BS, TRANS>::kMinBlocks)
+bsr_gemm_kernel(const GemmParams<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using L = GemmLayout<T, BS, TRANS>;
+  constexpr int BM = L::BM;
+  constexpr int KS = L::KS;
+  constexpr int kThreads = L::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x;
+
+  // Line fastest: consecutive CTAs share the dense operand's M-tile while it is in L2.
+  const int64_t line = blockIdx.x % p.n_lines;
+  const int64_t m0 = (blockIdx.x / p.n_lines) * static_cast<int64_t>(BM);
+  const int first = p.line_ptr[line];
+  const int n_blocks = p.line_ptr[line + 1] - first;
+  const int64_t out_col0 = line * BS;
+  const int rows = clamp_count(p.M, m0, BM);
+  const T* a_tile = p.a + m0 * p.lda;
+
+  typename L::Math math(tid);
+  const auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes); };
+  const auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes + L::kABytes); };
+
+  // The index of the block being loaded: block-column (forward) or block-row (transposed) of W, and where its
+  // values are. The pipeline loads steps in order, so the next block's index is fetched while the current one
+  // is loaded, and its latency hides behind a stage of math instead of stalling the next load.
+  int held_block = n_blocks > 0 ? p.line_idx[first] : 0;
+  int held_values = TRANS && n_blocks > 0 ? p.perm[first] : first;
+  const auto load = [&](int step, int s) {
+    const int slice = step % L::kSlices;
+    const int64_t block = held_block;
+    const int64_t values_at = held_values;
+    const int j = first + step / L::kSlices;  // position in the line (CSR or CSC order)
+    if (slice == L::kSlices - 1 && j + 1 < first + n_blocks) {
+      held_block = p.line_idx[j + 1];
+      held_values = TRANS ? p.perm[j + 1] : j + 1;
+    }
+    const int64_t red0 = block * BS + slice * KS;
+    // Reduction entries past the dense operand's width (the padding of the last block) load as zeros on both
+    // sides, so whatever the padding of `values` holds never reaches the sums.
+    const int red = clamp_count(p.a_cols, red0, KS);
+    load_tile<T, BM, KS, L::LDA, kThreads>(stage_a(s), a_tile + red0, p.lda, rows, red, p.vec, tid);
+    const T* w = p.values + values_at * (BS * BS);
+    if (TRANS) {
+      load_tile<T, KS, BS, L::LDB, kThreads>(stage_b(s), w + slice * KS * BS, BS, red, BS, p.vec, tid);
+    } else {
+      load_tile<T, BS, KS, L::LDB, kThreads>(stage_b(s), w + slice * KS, BS, BS, red, p.vec, tid);
+    }
+  };
+  run_pipeline<L::STAGES>(n_blocks * L::kSlices, load,
+                          [&](int s) { math.stage(stage_a(s), L::LDA, stage_b(s), L::LDB); });
+
+  float* c = reinterpret_cast<float*>(smem);
+  math.store(c, L::LDT);
+  __syncthreads();
+  const int cols = clamp_count(p.out_cols, out_col0, BS);
+  T* out = p.out + m0 * p.out_cols + out_col0;
+  for (int e = tid; e < BM * BS; e += kThreads) {
+    const int row = e / BS;
+    const int col = e % BS;
+    if (row < rows && col < cols) {
+      float v = c[row * L::LDT + col];
+#pragma unroll
+      for (int g = 1; g < L::Math::kGroups; ++g) v += c[(g * BM + row) * L::LDT + col];
+      if (p.bias != nullptr) v += Elem<T>::to_float(p.bias[out_col0 + col]);  // before the one rounding
+      out[row * p.out_cols + col] = Elem<T>::from_float(v);
+    }
+  }
+#endif
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
+
+template <typename T, int BS, bool TRANS>
+cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
+  using L = GemmLayout<T, BS, TRANS>;
+  constexpr int kVec = kVecBytes / sizeof(T);
+  GemmParams<T> p;
+  p.a = static_cast<const T*>(a.a);
+  p.lda = a.lda;
+  p.values = static_cast<const T*>(a.values);
+  p.bias = static_cast<const T*>(a.bias);
+  p.out = static_cast<T*>(a.out);
+  p.line_ptr = a.line_ptr;
+  p.line_idx = a.line_idx;
+  p.perm = a.perm;
+  p.M = a.M;
+  p.a_cols = a.a_cols;
+  p.out_cols = a.out_cols;
+  p.n_lines = a.n_lines;
+  // Whole 16-byte chunks only: rows aligned and the width a multiple of the chunk, so that a chunk is either
+  // entirely inside the matrix or entirely outside (values blocks are bs*bs elements: always whole chunks).
+  p.vec = aligned16(a.a) && aligned16(a.values) && a.lda % kVec == 0 && a.a_cols % kVec == 0;
+
+  const int64_t ctas = cdiv(a.M, L::BM) * a.n_lines;
+  if (ctas == 0) return cudaSuccess;
+  if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+  const auto kernel = bsr_gemm_kernel<T, BS, TRANS>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(ctas), L::kThreads, L::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool TRANS>
+cudaError_t dispatch_block_size(const BsrGemmArgs& a, cudaStream_t stream) {
+  switch (a.block_size) {
+    case 16: return launch<T, 16, TRANS>(a, stream);
+    case 32: return launch<T, 32, TRANS>(a, stream);
+    case 64: return launch<T, 64, TRANS>(a, stream);
+    case 128: return launch<T, 128, TRANS>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t dispatch_direction(const BsrGemmArgs& a, cudaStream_t stream) {
+  return a.transposed ? dispatch_block_size<T, true>(a, stream) : dispatch_block_size<T, false>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream) {
+  if (args.transposed == (args.perm == nullptr)) return cudaErrorInvalidValue;
+  switch (args.type) {
+    case ElementType::kFloat32: return dispatch_direction<float>(args, stream);
+    case ElementType::kFloat16: return dispatch_direction<__half>(args, stream);
+    case ElementType::kBFloat16: return dispatch_direction<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace sparsekern

@@ -1,0 +1,376 @@
+// Device building blocks of the block-sparse GEMM kernels (bsr_gemm_linear.cu, bsr_gemm_wgrad.cu): element
+// traits, cp.async / ldmatrix / mma.sync wrappers, the tile loader, the multi-stage shared-memory pipeline, and
+// the two kinds of tile math (tensor cores for 16-bit types, FFMA for fp32). CUDA headers only (no torch), and
+// only sm_80+ instructions: include it only from device code compiled for sm_80 or newer.
+//
+// Conventions shared by every kernel. A CTA computes an fp32 tile C[ROWS][COLS] = Σ_red A[row][red] B[col][red]
+// where, per pipeline stage, a slice of the reduction of both operands sits in shared memory:
+//   A stored [row][red] (A_TRANS = false) or [red][row] (A_TRANS = true),
+//   B stored [col][red] (B_TRANS = false) or [red][col] (B_TRANS = true),
+// each shared-memory row padded by 16 bytes, which makes every ldmatrix, cp.async and FFMA operand read free of
+// bank conflicts (row strides of 48, 80, 144 or 272 bytes put 8 consecutive rows on 8 distinct 16-byte bank
+// groups). After the last stage the tile math writes its accumulators to an fp32 tile in shared memory (row
+// stride COLS + 8 floats: 8-byte stores of 4 consecutive rows hit distinct banks), and the kernel's epilogue
+// reads that tile with consecutive threads on consecutive columns (coalesced global stores).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace sparsekern {
+namespace cuda {
+namespace tiles {
+
+constexpr int kWarp = 32;
+constexpr int kVecBytes = 16;  // one cp.async: 16 bytes
+
+__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+
+// How many of `size` rows/columns starting at `start` lie below `limit`, as an int in [0, size].
+__device__ __forceinline__ int clamp_count(int64_t limit, int64_t start, int size) {
+  const int64_t n = limit - start;
+  return n <= 0 ? 0 : (n >= size ? size : static_cast<int>(n));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types (no implicit conversions: torch compiles with __CUDA_NO_HALF_CONVERSIONS__ and friends)
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static constexpr bool kTensorCores = false;
+  __device__ static float to_float(float v) { return v; }
+  __device__ static float from_float(float v) { return v; }
+};
+
+template <>
+struct Elem<__half> {
+  static constexpr bool kTensorCores = true;
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr bool kTensorCores = true;
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Shared-memory row padding in elements (16 bytes).
+template <typename T>
+constexpr int kPad = kVecBytes / sizeof(T);
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; the bytes past `src_bytes` (0..16) are written as zeros and not read.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d (16x8 fp32) += a (16x16) b (16x8), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loader: global [ROWS][COLS] (row stride ld elements) -> shared [ROWS][LDS]. Entries at row >= rows or
+// col >= cols are written as zero and never read, so tiles may hang over the edge of a matrix (or of a block's
+// valid region). `vec`: the 16-byte path with cp.async, valid when src and ld keep every 16-byte chunk of a row
+// aligned (the caller checks); otherwise a synchronous element-by-element copy. Plain shared-memory stores (the
+// zero chunks, the element path) are ordered by the pipeline's __syncthreads like the asynchronous copies.
+template <typename T, int ROWS, int COLS, int LDS, int THREADS>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int cols, bool vec, int tid) {
+  constexpr int kVec = kVecBytes / sizeof(T);
+  static_assert(COLS % kVec == 0 && LDS % kVec == 0, "tile rows must be whole 16-byte chunks");
+  if (vec) {
+    constexpr int kChunksPerRow = COLS / kVec;
+    constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+    for (int c0 = 0; c0 < kChunks; c0 += THREADS) {
+      const int c = c0 + tid;
+      if (kChunks % THREADS == 0 || c < kChunks) {
+        const int row = c / kChunksPerRow;
+        const int col = (c % kChunksPerRow) * kVec;
+        const int valid = row < rows ? (cols - col >= kVec ? kVec : (cols > col ? cols - col : 0)) : 0;
+        if (valid > 0) {
+          cp_async_16(dst + row * LDS + col, src + row * ld + col, valid * static_cast<int>(sizeof(T)));
+        } else {  // outside the matrix: no address is formed from it at all
+          *reinterpret_cast<uint4*>(dst + row * LDS + col) = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+    }
+  } else {
+    const T zero = Elem<T>::from_float(0.0f);
+    for (int e = tid; e < ROWS * COLS; e += THREADS) {
+      const int row = e / COLS;
+      const int col = e % COLS;
+      dst[row * LDS + col] = (row < rows && col < cols) ? src[row * ld + col] : zero;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multi-stage pipeline over `n_steps` reduction steps: a ring of STAGES shared-memory stages, STAGES - 1 steps'
+// copies in flight while one is computed. load(step, stage) issues the copies of a step (every thread, then one
+// commit per thread per step, empty groups included, so that the group count is the same in every thread);
+// compute(stage) reads a stage. On return every copy has landed and every warp is done with the stages, so the
+// caller may reuse the shared memory.
+template <int STAGES, class Load, class Compute>
+__device__ __forceinline__ void run_pipeline(int n_steps, Load&& load, Compute&& compute) {
+  static_assert(STAGES >= 2, "a pipeline needs at least two stages");
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_steps) load(s, s);
+    cp_async_commit();
+  }
+  int stage = 0;           // stage holding step t
+  int refill = STAGES - 1;  // stage for step t + STAGES - 1: the one computed at step t - 1
+  for (int t = 0; t < n_steps; ++t) {
+    // Groups committed so far: STAGES - 1 + t; allowing STAGES - 2 in flight means steps 0..t have landed.
+    cp_async_wait<STAGES - 2>();
+    // Makes step t visible to every thread, and marks every warp done with step t - 1 (the stage refilled next).
+    __syncthreads();
+    if (t + STAGES - 1 < n_steps) load(t + STAGES - 1, refill);
+    cp_async_commit();
+    compute(stage);
+    stage = stage + 1 == STAGES ? 0 : stage + 1;
+    refill = refill + 1 == STAGES ? 0 : refill + 1;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core tile math (16-bit types): the m16n8k16 fragments of a warp's MT x NT grid of 16x8 tiles, loaded
+// with ldmatrix (.trans where the operand is stored reduction-major).
+//
+// Fragment layout of mma.m16n8k16 (g = lane / 4, t = lane % 4): a0 (row g, red 2t..2t+1), a1 (row g+8),
+// a2 (row g, red 2t+8..), a3 (row g+8, red 2t+8..); b0 (red 2t..2t+1, col g), b1 (red 2t+8.., col g);
+// c0,c1 (row g, col 2t..2t+1), c2,c3 (row g+8). ldmatrix hands thread `lane` the pair (row lane/4, cols
+// 2(lane%4)..+1) of each 8x8 matrix as stored, or (rows 2(lane%4)..+1, col lane/4) with .trans; so a matrix
+// stored [row][red] (or [col][red]) is read plainly and one stored [red][row] (or [red][col]) with .trans.
+template <typename T, int MT, int NT, bool A_TRANS, bool B_TRANS>
+struct MmaWarpTile {
+  static_assert(NT % 2 == 0, "B fragments are loaded two 8-column tiles at a time");
+  float acc[MT][NT][4];
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  }
+
+  // One k16 step at reduction offset red0 of the stage; the warp's tile starts at (row0, col0).
+  __device__ __forceinline__ void step(const T* a_s, int lda, const T* b_s, int ldb, int row0, int col0, int red0,
+                                       int lane) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      if (A_TRANS) {
+        // matrix lane/8: red half (lane >> 4), row half ((lane >> 3) & 1)
+        ldmatrix_x4_trans(a[i], a_s + (red0 + (lane & 7) + ((lane >> 4) << 3)) * lda + row0 + i * 16 +
+                                    (((lane >> 3) & 1) << 3));
+      } else {
+        // matrix lane/8: row half ((lane >> 3) & 1), red half (lane >> 4)
+        ldmatrix_x4(a[i], a_s + (row0 + i * 16 + (lane & 15)) * lda + red0 + ((lane >> 4) << 3));
+      }
+    }
+    uint32_t b[NT][2];
+#pragma unroll
+    for (int jp = 0; jp < NT / 2; ++jp) {
+      // matrices: (cols 0-7, red 0-7) (cols 0-7, red 8-15) (cols 8-15, red 0-7) (cols 8-15, red 8-15)
+      // = b0, b1 of tile 2jp, then b0, b1 of tile 2jp + 1
+      uint32_t r[4];
+      if (B_TRANS) {
+        ldmatrix_x4_trans(r, b_s + (red0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * ldb + col0 + jp * 16 +
+                                 ((lane >> 4) << 3));
+      } else {
+        ldmatrix_x4(r, b_s + (col0 + jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * ldb + red0 +
+                           (((lane >> 3) & 1) << 3));
+      }
+      b[2 * jp][0] = r[0];
+      b[2 * jp][1] = r[1];
+      b[2 * jp + 1][0] = r[2];
+      b[2 * jp + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mma_16816<T>(acc[i][j], a[i], b[j][0], b[j][1]);
+  }
+
+  __device__ __forceinline__ void store(float* c, int ldc, int row0, int col0, int lane) const {
+    const int g = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float2 v;
+          v.x = acc[i][j][2 * h];
+          v.y = acc[i][j][2 * h + 1];
+          *reinterpret_cast<float2*>(c + (row0 + i * 16 + g + 8 * h) * ldc + col0 + j * 8 + 2 * t) = v;
+        }
+  }
+};
+
+// The CTA's C[ROWS][COLS] with tensor cores: GROUPS groups of WARPS_R x WARPS_C warps; each group takes every
+// GROUPS-th k16 step of a stage (a split of the reduction inside the CTA, for tiles too small to give every warp
+// its own part of C) and keeps its own partial C; store() writes group g's partial at c + g * ROWS * ldc.
+template <typename T, int ROWS, int COLS, int RED, int GROUPS, int WARPS_R, int WARPS_C, bool A_TRANS, bool B_TRANS>
+struct MmaMath {
+  static constexpr int kThreads = GROUPS * WARPS_R * WARPS_C * kWarp;
+  static constexpr int kGroups = GROUPS;
+  static constexpr int kWarpRows = ROWS / WARPS_R;
+  static constexpr int kWarpCols = COLS / WARPS_C;
+  static constexpr int kSteps = RED / 16;
+  static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0 && RED % 16 == 0, "tile does not split into MMAs");
+  static_assert(kSteps % GROUPS == 0, "every group takes the same number of k16 steps");
+
+  MmaWarpTile<T, kWarpRows / 16, kWarpCols / 8, A_TRANS, B_TRANS> tile;
+  int row0, col0, group, lane;
+
+  __device__ __forceinline__ explicit MmaMath(int tid) {
+    const int warp = tid / kWarp;
+    const int in_group = warp % (WARPS_R * WARPS_C);
+    lane = tid % kWarp;
+    group = warp / (WARPS_R * WARPS_C);
+    row0 = (in_group / WARPS_C) * kWarpRows;
+    col0 = (in_group % WARPS_C) * kWarpCols;
+    tile.clear();
+  }
+
+  __device__ __forceinline__ void stage(const T* a_s, int lda, const T* b_s, int ldb) {
+#pragma unroll
+    for (int s = 0; s < kSteps / GROUPS; ++s) tile.step(a_s, lda, b_s, ldb, row0, col0, (s * GROUPS + group) * 16, lane);
+  }
+
+  __device__ __forceinline__ void store(float* c, int ldc) const {
+    tile.store(c + group * ROWS * ldc, ldc, row0, col0, lane);
+  }
+};
+
+// FFMA tile math (fp32): GROUPS groups of an RY x RX grid of threads; thread (ty, tx) owns rows ty + i RY and
+// columns tx + j RX (i < TM, j < TN). Each warp is 4 rows x 8 columns of the grid, so an operand read is a
+// broadcast of 4 consecutive A rows and 8 consecutive B columns: conflict-free in either storage order with the
+// padded strides. Group g takes the reduction indices red = g, g + GROUPS, ... of a stage.
+template <int ROWS, int COLS, int RED, int GROUPS, int RY, int RX, bool A_TRANS, bool B_TRANS>
+struct FmaMath {
+  static constexpr int kThreads = GROUPS * RY * RX;
+  static constexpr int kGroups = GROUPS;
+  static constexpr int TM = ROWS / RY;
+  static constexpr int TN = COLS / RX;
+  static_assert(TM * RY == ROWS && TN * RX == COLS, "thread grid does not cover the tile");
+  static_assert(RY % 4 == 0 && RX % 8 == 0, "a warp is 4 x 8 threads of the grid");
+  static_assert(RED % GROUPS == 0, "every group takes the same number of reduction indices");
+
+  float acc[TM][TN];
+  int ty, tx, group;
+
+  __device__ __forceinline__ explicit FmaMath(int tid) {
+    group = tid / (RY * RX);
+    const int in_group = tid % (RY * RX);
+    const int warp = in_group / kWarp;
+    const int lane = in_group % kWarp;
+    ty = (warp / (RX / 8)) * 4 + lane / 8;
+    tx = (warp % (RX / 8)) * 8 + lane % 8;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+  }
+
+  __device__ __forceinline__ void stage(const float* a_s, int lda, const float* b_s, int ldb) {
+#pragma unroll
+    for (int s = 0; s < RED / GROUPS; ++s) {
+      const int red = s * GROUPS + group;
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = A_TRANS ? a_s[red * lda + ty + i * RY] : a_s[(ty + i * RY) * lda + red];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = B_TRANS ? b_s[red * ldb + tx + j * RX] : b_s[(tx + j * RX) * ldb + red];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* c, int ldc) const {
+    float* mine = c + group * ROWS * ldc;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) mine[(ty + i * RY) * ldc + tx + j * RX] = acc[i][j];
+  }
+};
+
+// CTAs per SM that a kernel's shared memory allows on an A100 (164 KB per SM, 1 KB reserved per CTA): the
+// occupancy to give __launch_bounds__, so that ptxas budgets registers for it. Left to itself, ptxas aims for
+// more CTAs than the shared memory allows and spills registers to get there.
+constexpr int ctas_per_sm(int smem_bytes) { return imax(1, (164 * 1024) / (smem_bytes + 1024)); }
+
+// Row stride (floats) of the fp32 tile that the accumulators are written to.
+template <int COLS>
+constexpr int kTileStride = COLS + 8;
+
+}  // namespace tiles
+}  // namespace cuda
+}  // namespace sparsekern

@@ -1,0 +1,293 @@
+// The weight-gradient GEMMs: tiles of dYᵀX [N, K] reduced over the M rows of dY [M, N] and X [M, K].
+//   bsr_sddmm          one bs x bs tile per stored block (coo_row, col_idx), M split into chunks across CTAs
+//                      when there are too few blocks to fill the GPU (fp32 partials, summed in a fixed order);
+//   block_grad_scores  every TILE x TILE tile of the dense dYᵀX (TILE = 64, or 128 for 128-wide blocks), folded
+//                      into the Frobenius norms of its blocks in the epilogue, so the dense gradient is never
+//                      written. A norm needs the whole sum before squaring, so M is not split there.
+// Per pipeline step a CTA stages BLOCK_M rows of dY (its tile's columns n) and of X (columns k); both are the
+// MMA operands stored reduction-major, read with ldmatrix .trans. Rows past M (or past the chunk) and columns past
+// N or K load as zeros, so the padding of a block comes out exactly zero (sddmm) or adds nothing (norms).
+#include "bsr_gemm.cuh"
+#include "bsr_gemm_tiles.cuh"
+
+namespace sparsekern {
+namespace cuda {
+namespace {
+
+using namespace tiles;
+
+// Tile shapes per element type and tile width (under 99 KB of shared memory, see bsr_gemm_linear.cu). Tiles of
+// 16 and 32 are too small for one warp per piece of C: four warps each reduce every fourth k16 step (or row)
+// of a stage into their own copy of the tile, summed in the epilogue.
+template <typename T, int TILE, bool MMA = Elem<T>::kTensorCores>
+struct WgradConfig;
+
+template <typename T, int TILE>
+struct WgradConfig<T, TILE, true> {
+  static constexpr int BLOCK_M = TILE <= 32 ? 64 : 32;
+  static constexpr int STAGES = 4;
+  using Math = MmaMath<T, TILE, TILE, BLOCK_M, TILE <= 32 ? 4 : 1, TILE <= 32 ? 1 : 2,
+                       TILE <= 32 ? 1 : (TILE == 64 ? 2 : 4), true, true>;
+};
+
+template <int TILE>
+struct WgradConfig<float, TILE, false> {
+  static constexpr int BLOCK_M = TILE <= 32 ? 32 : 16;
+  static constexpr int STAGES = 4;
+  using Math = FmaMath<TILE, TILE, BLOCK_M, TILE <= 32 ? 4 : 1, TILE <= 32 ? 4 : 16, TILE == 128 ? 16 : 8, true, true>;
+};
+
+// Per stage dY [BLOCK_M][LD] then X [BLOCK_M][LD]; after the pipeline the fp32 tile [groups][TILE][LDT].
+template <typename T, int TILE>
+struct WgradLayout : WgradConfig<T, TILE> {
+  using Cfg = WgradConfig<T, TILE>;
+  static constexpr int kThreads = Cfg::Math::kThreads;
+  static constexpr int LD = TILE + kPad<T>;
+  static constexpr int LDT = kTileStride<TILE>;
+  static constexpr int kABytes = Cfg::BLOCK_M * LD * static_cast<int>(sizeof(T));
+  static constexpr int kStageBytes = 2 * kABytes;
+  static constexpr int kSmemBytes =
+      imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * TILE * LDT * static_cast<int>(sizeof(float)));
+  static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
+  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
+};
+
+template <typename T>
+struct WgradParams {
+  const T* dy;
+  int64_t ld_dy;
+  const T* x;
+  int64_t ld_x;
+  int64_t M, N, K;
+  bool vec;
+  // bsr_sddmm
+  const int32_t* coo_row;
+  const int32_t* col_idx;
+  int64_t nnz, chunk;
+  float* partial;
+  T* out;
+  // block_grad_scores
+  int64_t n_tile_cols, n_block_rows, n_block_cols;
+  float* scores;
+};
+
+// SCORES = false: grid (nnz, splits), one stored block (TILE == BS) and one M-chunk per CTA.
+// SCORES = true: grid (tiles of N x tiles of K), all of M per CTA.
+template <typename T, int TILE, int BS, bool SCORES>
+__global__ void __launch_bounds__(WgradLayout<T, TILE>::kThreads, WgradLayout<T, TILE>::kMinBlocks)
+weight_grad_kernel(const WgradParams<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using L = WgradLayout<T, TILE>;
+  static_assert(SCORES || TILE == BS, "an SDDMM tile is one block");
+  static_assert(TILE % BS == 0, "a score tile holds whole blocks");
+  constexpr int BLOCK_M = L::BLOCK_M;
+  constexpr int kThreads = L::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x;
+
+  int64_t n0, k0, m_begin, m_end;
+  if (SCORES) {
+    n0 = (blockIdx.x / p.n_tile_cols) * TILE;
+    k0 = (blockIdx.x % p.n_tile_cols) * TILE;
+    m_begin = 0;
+    m_end = p.M;
+  } else {
+    n0 = static_cast<int64_t>(p.coo_row[blockIdx.x]) * BS;
+    k0 = static_cast<int64_t>(p.col_idx[blockIdx.x]) * BS;
+    m_begin = blockIdx.y * p.chunk;
+    m_end = m_begin + p.chunk < p.M ? m_begin + p.chunk : p.M;
+  }
+  const int n_valid = clamp_count(p.N, n0, TILE);
+  const int k_valid = clamp_count(p.K, k0, TILE);
+
+  typename L::Math math(tid);
+  const auto stage_dy = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes); };
+  const auto stage_x = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes + L::kABytes); };
+  const auto load = [&](int step, int s) {
+    const int64_t m = m_begin + static_cast<int64_t>(step) * BLOCK_M;
+    const int rows = clamp_count(m_end, m, BLOCK_M);
+    load_tile<T, BLOCK_M, TILE, L::LD, kThreads>(stage_dy(s), p.dy + m * p.ld_dy + n0, p.ld_dy, rows, n_valid,
+                                                 p.vec, tid);
+    load_tile<T, BLOCK_M, TILE, L::LD, kThreads>(stage_x(s), p.x + m * p.ld_x + k0, p.ld_x, rows, k_valid, p.vec,
+                                                 tid);
+  };
+  run_pipeline<L::STAGES>(static_cast<int>(cdiv(m_end - m_begin, BLOCK_M)), load,
+                          [&](int s) { math.stage(stage_dy(s), L::LD, stage_x(s), L::LD); });
+
+  float* c = reinterpret_cast<float*>(smem);
+  math.store(c, L::LDT);
+  __syncthreads();
+  // Entry (row, col) of the CTA's tile, the groups' partial tiles summed in a fixed order.
+  const auto tile_at = [&](int row, int col) {
+    float v = c[row * L::LDT + col];
+#pragma unroll
+    for (int g = 1; g < L::Math::kGroups; ++g) v += c[(g * TILE + row) * L::LDT + col];
+    return v;
+  };
+
+  if (SCORES) {
+    // One warp per block of the tile: sum of squares over its lanes, then a fixed butterfly (deterministic).
+    constexpr int kBlocks = (TILE / BS) * (TILE / BS);
+    const int warp = tid / kWarp;
+    const int lane = tid % kWarp;
+    for (int b = warp; b < kBlocks; b += kThreads / kWarp) {
+      const int br = b / (TILE / BS);
+      const int bc = b % (TILE / BS);
+      float sum = 0.0f;
+      for (int e = lane; e < BS * BS; e += kWarp) {
+        const float v = tile_at(br * BS + e / BS, bc * BS + e % BS);
+        sum = fmaf(v, v, sum);
+      }
+#pragma unroll
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      const int64_t r = n0 / BS + br;
+      const int64_t col = k0 / BS + bc;
+      if (lane == 0 && r < p.n_block_rows && col < p.n_block_cols) p.scores[r * p.n_block_cols + col] = sqrtf(sum);
+    }
+  } else {
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * (BS * BS);
+    for (int e = tid; e < BS * BS; e += kThreads) {
+      const float v = tile_at(e / BS, e % BS);
+      if (p.partial != nullptr) {
+        p.partial[blockIdx.y * p.nnz * (BS * BS) + first + e] = v;
+      } else {
+        p.out[first + e] = Elem<T>::from_float(v);
+      }
+    }
+  }
+#endif
+}
+
+// out[e] = Σ_s partial[s][e], s in order, rounded once.
+template <typename T>
+__global__ void __launch_bounds__(256)
+sum_partials_kernel(const float* __restrict__ partial, int64_t splits, int64_t total, T* __restrict__ out) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    float v = partial[e];
+    for (int64_t s = 1; s < splits; ++s) v += partial[s * total + e];
+    out[e] = Elem<T>::from_float(v);
+  }
+#endif
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
+
+template <typename T>
+WgradParams<T> common_params(const void* dy, int64_t ld_dy, const void* x, int64_t ld_x, int64_t M, int64_t N,
+                             int64_t K) {
+  constexpr int kVec = kVecBytes / sizeof(T);
+  WgradParams<T> p{};
+  p.dy = static_cast<const T*>(dy);
+  p.ld_dy = ld_dy;
+  p.x = static_cast<const T*>(x);
+  p.ld_x = ld_x;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  // Whole 16-byte chunks only (see bsr_gemm_linear.cu).
+  p.vec = aligned16(dy) && aligned16(x) && ld_dy % kVec == 0 && ld_x % kVec == 0 && N % kVec == 0 &&
+          K % kVec == 0;
+  return p;
+}
+
+template <typename T, int TILE, int BS, bool SCORES>
+cudaError_t launch_weight_grad(const WgradParams<T>& p, dim3 grid, cudaStream_t stream) {
+  using L = WgradLayout<T, TILE>;
+  const auto kernel = weight_grad_kernel<T, TILE, BS, SCORES>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int BS>
+cudaError_t sddmm(const SddmmArgs& a, cudaStream_t stream) {
+  WgradParams<T> p = common_params<T>(a.dy, a.ld_dy, a.x, a.ld_x, a.M, a.N, a.K);
+  p.coo_row = a.coo_row;
+  p.col_idx = a.col_idx;
+  p.nnz = a.nnz;
+  p.chunk = a.chunk;
+  p.partial = a.splits > 1 ? a.partial : nullptr;
+  p.out = static_cast<T*>(a.out);
+  if (a.nnz == 0 || a.M == 0) return cudaSuccess;  // the caller fills the empty cases
+  if (a.nnz > INT32_MAX || a.splits > 65535 || a.splits * a.chunk < a.M || (a.splits > 1 && a.partial == nullptr))
+    return cudaErrorInvalidValue;
+  cudaError_t err = launch_weight_grad<T, BS, BS, false>(
+      p, dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)), stream);
+  if (err != cudaSuccess || a.splits == 1) return err;
+  const int64_t total = a.nnz * BS * BS;
+  const int64_t blocks = cdiv(total, 256) < 65536 ? cdiv(total, 256) : 65536;
+  sum_partials_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a.partial, a.splits, total, p.out);
+  return cudaGetLastError();
+}
+
+template <typename T, int BS>
+cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
+  constexpr int TILE = BS <= 64 ? 64 : 128;
+  WgradParams<T> p = common_params<T>(a.dy, a.ld_dy, a.x, a.ld_x, a.M, a.N, a.K);
+  p.n_tile_cols = cdiv(a.K, TILE);
+  p.n_block_rows = cdiv(a.N, BS);
+  p.n_block_cols = cdiv(a.K, BS);
+  p.scores = a.scores;
+  const int64_t ctas = cdiv(a.N, TILE) * p.n_tile_cols;
+  if (ctas == 0 || a.M == 0) return cudaSuccess;  // the caller fills the empty cases
+  if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+  return launch_weight_grad<T, TILE, BS, true>(p, dim3(static_cast<unsigned>(ctas)), stream);
+}
+
+template <typename T>
+cudaError_t sddmm_block_size(const SddmmArgs& a, cudaStream_t stream) {
+  switch (a.block_size) {
+    case 16: return sddmm<T, 16>(a, stream);
+    case 32: return sddmm<T, 32>(a, stream);
+    case 64: return sddmm<T, 64>(a, stream);
+    case 128: return sddmm<T, 128>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t scores_block_size(const BlockScoresArgs& a, cudaStream_t stream) {
+  switch (a.block_size) {
+    case 16: return scores<T, 16>(a, stream);
+    case 32: return scores<T, 32>(a, stream);
+    case 64: return scores<T, 64>(a, stream);
+    case 128: return scores<T, 128>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count) {
+  constexpr int64_t kMinRows = 256;  // a chunk long enough for the pipeline to reach its steady state
+  constexpr int64_t kGranule = 128;
+  const int64_t wanted = cdiv(4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1), nnz > 0 ? nnz : 1);
+  int64_t splits = wanted < M / kMinRows ? wanted : M / kMinRows;
+  splits = splits < 1 ? 1 : (splits > 65535 ? 65535 : splits);
+  const int64_t chunk = cdiv(cdiv(M, splits), kGranule) * kGranule;
+  return {cdiv(M, chunk), chunk};
+}
+
+cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {
+  switch (args.type) {
+    case ElementType::kFloat32: return sddmm_block_size<float>(args, stream);
+    case ElementType::kFloat16: return sddmm_block_size<__half>(args, stream);
+    case ElementType::kBFloat16: return sddmm_block_size<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream) {
+  switch (args.type) {
+    case ElementType::kFloat32: return scores_block_size<float>(args, stream);
+    case ElementType::kFloat16: return scores_block_size<__half>(args, stream);
+    case ElementType::kBFloat16: return scores_block_size<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace sparsekern

@@ -1,0 +1,62 @@
+"""Small cases of every CUDA GEMM kernel, to run under compute-sanitizer (tests/test_cuda_kernels.py):
+
+    compute-sanitizer --tool=memcheck python tests/cuda_sanitizer_cases.py [all|small]
+
+Each (dtype, block size) runs the forward with and without bias, the input gradient, the SDDMM with one and with
+several M-chunks, and the block scores, on a shape with odd features (element-wise loads) and one with multiples
+of 8 (16-byte cp.async loads), both with partial last blocks, M not a multiple of the tile and an empty block-row.
+"small" (for the slower racecheck) keeps fp16 and fp32 and the odd shape. The results are only checked for
+being finite: correctness is the job of test_cuda_kernels.py.
+"""
+import sys
+
+import torch
+
+import sparsekern as sk
+
+
+def layout_for(n, k, bs, seed):
+    grid = (-(-n // bs), -(-k // bs))
+    mask = torch.rand(grid, generator=torch.Generator().manual_seed(seed)) < 0.6
+    mask[0] = False  # an empty block-row
+    mask[-1, -1] = True  # the partial corner block
+    return sk.BlockSparseLayout.from_block_mask(mask.cuda(), bs, (n, k))
+
+
+def run_case(dtype, bs, m, n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype=dtype, device="cuda")  # noqa: E731
+    layout = layout_for(n, k, bs, seed)
+    index = layout.index_tensors()
+    values = randn(layout.nnz_blocks, bs, bs)
+    x, dy, bias = randn(m, k), randn(m, n), randn(n)
+    native = torch.ops.sparsekern
+    outputs = [
+        native.native_bsr_linear(x, values, *index, n, bias),
+        native.native_bsr_linear(x, values, *index, n, None),
+        native.native_bsr_linear_dx(dy, values, *index, k),
+        native.native_bsr_sddmm(dy, x, *index, bs),
+        # 3000 rows and at most a few blocks: several M-chunks, fp32 partials and the summing pass.
+        native.native_bsr_sddmm(randn(3000, n), randn(3000, k), *index, bs),
+        native.native_block_grad_scores(dy, x, bs),
+    ]
+    torch.cuda.synchronize()
+    for out in outputs:
+        assert torch.isfinite(out).all()
+
+
+def main(subset):
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if subset == "all" else (torch.float16, torch.float32)
+    count = 0
+    for dtype in dtypes:
+        for bs in (16, 32, 64, 128):
+            # (M, N, K): odd features, then multiples of 8; the last block-row and block-column partial.
+            shapes = [(45, 2 * bs + 7, 3 * bs + 5), (130, 2 * bs + 8, 3 * bs + 8)]
+            for seed, (m, n, k) in enumerate(shapes if subset == "all" else shapes[:1]):
+                run_case(dtype, bs, m, n, k, seed)
+                count += 1
+    print(f"{count} cases ran")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "all")

@@ -1,0 +1,332 @@
+"""The hand-written CUDA backend (csrc/cuda): registration and dispatch everywhere, and on a GPU every GEMM op
+against sparsekern.reference.
+
+Without a GPU (CI) only the registration and dispatch tests run: the extension is compiled with CUDA there.
+The `cuda`-marked tests need a GPU. Tolerance is design §6's rule (flash-attention's): the kernel's error against
+a float64 reference may be at most twice the error of the same computation done by plain PyTorch in the kernel's
+precision, plus one ulp of the result's magnitude. Shapes cover the kernels' two load paths: odd feature counts
+(element-by-element copies) and multiples of 8 (16-byte cp.async copies), none a multiple of the block size,
+M not a multiple of the 128-row tile; and every block size, fp16/bf16/fp32, densities 0, 0.4 and 1, empty
+block-rows and block-columns. Then compute-sanitizer (memcheck, racecheck) over small cases of every kernel
+(tests/cuda_sanitizer_cases.py).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern import _native, ops, reference
+
+HAS_GPU = torch.cuda.is_available()
+BUILT_WITH_CUDA = bool(_native.BUILD_INFO.get("cuda"))
+# The ops with a hand-written CUDA kernel, and those without one yet (the implicit-GEMM convolutions are a
+# separate piece of work): together they must be every op, so a new op or a new kernel fails here until listed.
+CUDA_OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_", "masked_sgd_")
+NOT_ON_CUDA = ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_conv2d_wgrad")
+GEMM_OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores")
+
+built_with_cuda = pytest.mark.skipif(not BUILT_WITH_CUDA, reason="sparsekern._C was built without CUDA kernels")
+needs_gpu = pytest.mark.skipif(not (HAS_GPU and BUILT_WITH_CUDA), reason="needs a CUDA GPU and the CUDA kernels")
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration and dispatch (no GPU needed)
+
+@built_with_cuda
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_cuda_kernel_registered(op):
+    assert _native.has_kernel(f"native_{op}", "cuda")
+    assert "cuda" in _native.BUILD_INFO["native_ops"][f"native_{op}"]
+
+
+@built_with_cuda
+def test_every_op_is_listed():
+    assert set(CUDA_OPS) | set(NOT_ON_CUDA) == set(ops.OPS)
+    landed = [op for op in NOT_ON_CUDA if _native.has_kernel(f"native_{op}", "cuda")]
+    assert not landed, f"{landed} now have CUDA kernels: move them to CUDA_OPS (and test them)"
+
+
+@built_with_cuda
+@pytest.mark.parametrize("op", GEMM_OPS)
+def test_forced_cuda_backend_routes_to_the_kernels(op, backend_env):
+    """SPARSEKERN_BACKEND=cuda runs the native kernels for fp16/bf16/fp32, and the reference for fp64 (which the
+    CUDA GEMMs refuse)."""
+    backend_env("cuda")
+    device = torch.device("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert ops.select_backend(op, device, dtype) == "cuda"
+    assert ops.select_backend(op, device, torch.float64) == "reference"
+    assert not _native.has_kernel(f"native_{op}", "cuda", torch.float64)
+    assert _native.has_kernel(f"native_{op}", "cpu", torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (GPU)
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=_gen(seed)).to(dtype=dtype, device="cuda")
+
+
+def make_layout(shape, bs, density, seed, empty_rows=(), empty_cols=()):
+    grid = (-(-shape[0] // bs), -(-shape[1] // bs))
+    mask = torch.ones(grid, dtype=torch.bool) if density >= 1.0 else torch.rand(grid, generator=_gen(seed)) < density
+    for r in empty_rows:
+        mask[r] = False
+    for c in empty_cols:
+        mask[:, c] = False
+    return sk.BlockSparseLayout.from_block_mask(mask.cuda(), bs, shape)
+
+
+def random_values(layout, seed, dtype):
+    """Random values everywhere, the padding of the last blocks included (the kernels must ignore it)."""
+    bs = layout.block_size
+    return randn(layout.nnz_blocks, bs, bs, seed=seed, dtype=dtype)
+
+
+def native(op):
+    return getattr(torch.ops.sparsekern, f"native_{op}")
+
+
+def _as64(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def assert_close_to_reference(op, args, out=None):
+    """|kernel - ref64| <= 2 |torch - ref64| + one ulp (of the kernel's dtype) of max |ref64|."""
+    if out is None:
+        out = native(op)(*args)
+    same_precision = getattr(reference, op)(*args)
+    exact = getattr(reference, op)(*_as64(args))
+    assert out.shape == exact.shape, f"{op}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    assert out.dtype == same_precision.dtype, f"{op}: dtype {out.dtype} != {same_precision.dtype}"
+    assert out.device == same_precision.device
+    if exact.numel() == 0:
+        return out
+    assert torch.isfinite(out).all(), f"{op}: non-finite values in the kernel's output"
+    kernel_error = (out.double() - exact).abs().max().item()
+    torch_error = (same_precision.double() - exact).abs().max().item()
+    eps = torch.finfo(out.dtype).eps * exact.abs().max().item()
+    assert kernel_error <= 2 * torch_error + eps, (
+        f"{op}: kernel error {kernel_error:.3e} > 2 x torch error {torch_error:.3e} + {eps:.1e}")
+    return out
+
+
+def linear_args(shape, bs, density, dtype, seed, bias=True, **layout_kw):
+    m, n, k = shape
+    layout = make_layout((n, k), bs, density, seed, **layout_kw)
+    values = random_values(layout, seed + 1, dtype)
+    x = randn(m, k, seed=seed + 2, dtype=dtype)
+    b = randn(n, seed=seed + 3, dtype=dtype) if bias else None
+    return layout, (x, values, *layout.index_tensors(), n, b)
+
+
+def dx_args(shape, bs, density, dtype, seed, **layout_kw):
+    m, n, k = shape
+    layout = make_layout((n, k), bs, density, seed, **layout_kw)
+    values = random_values(layout, seed + 1, dtype)
+    dy = randn(m, n, seed=seed + 2, dtype=dtype)
+    return layout, (dy, values, *layout.index_tensors(), k)
+
+
+def sddmm_args(shape, bs, density, dtype, seed, **layout_kw):
+    m, n, k = shape
+    layout = make_layout((n, k), bs, density, seed, **layout_kw)
+    dy = randn(m, n, seed=seed + 2, dtype=dtype)
+    x = randn(m, k, seed=seed + 3, dtype=dtype)
+    return layout, (dy, x, *layout.index_tensors(), bs)
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+BLOCK_SIZES = [16, 32, 64, 128]
+# (M, N, K): odd features (element-wise loads) and multiples of 8 (cp.async), never multiples of the block.
+SHAPES = [(37, 75, 53), (300, 98, 67), (200, 96, 136), (257, 264, 80)]
+DENSITIES = [0.0, 0.4, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Each op against the reference (GPU)
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bsr_linear(dtype, bs, shape, density, bias):
+    _, args = linear_args(shape, bs, density, dtype, seed=1, bias=bias)
+    assert_close_to_reference("bsr_linear", args)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bsr_linear_dx(dtype, bs, shape, density):
+    _, args = dx_args(shape, bs, density, dtype, seed=2)
+    assert_close_to_reference("bsr_linear_dx", args)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bsr_sddmm(dtype, bs, shape, density):
+    layout, args = sddmm_args(shape, bs, density, dtype, seed=3)
+    out = assert_close_to_reference("bsr_sddmm", args)
+    # The padding of every block (rows past N, columns past K) is exactly zero.
+    pad = 1.0 - layout.padding_mask()
+    assert torch.count_nonzero(out.float() * pad) == 0
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_grad_scores(dtype, bs, shape):
+    m, n, k = shape
+    dy, x = randn(m, n, seed=4, dtype=dtype), randn(m, k, seed=5, dtype=dtype)
+    out = native("block_grad_scores")(dy, x, bs)
+    assert out.dtype == torch.float32
+    assert_close_to_reference("block_grad_scores", (dy, x, bs), out=out)
+
+
+@pytest.mark.cuda
+@needs_gpu
+class TestOnGpu:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_empty_block_rows_and_columns(self, dtype):
+        """Block-rows without blocks get exactly the bias (or zeros); empty block-columns get a zero dX."""
+        shape, bs = (45, 100, 90), 16  # a 7 x 6 block grid
+        empty = dict(empty_rows=(0, 3, 6), empty_cols=(1, 5))
+        _, args = linear_args(shape, bs, 1.0, dtype, seed=9, **empty)
+        y = assert_close_to_reference("bsr_linear", args)
+        bias = args[-1]
+        for r in (0, 3):
+            assert torch.equal(y[:, r * bs:(r + 1) * bs], bias[r * bs:(r + 1) * bs].expand(shape[0], bs))
+        assert torch.equal(y[:, 96:], bias[96:].expand(shape[0], 4))  # the last block-row: partial and empty
+        assert torch.count_nonzero(native("bsr_linear")(*args[:-1], None)[:, :bs]) == 0
+
+        _, args = dx_args(shape, bs, 1.0, dtype, seed=10, **empty)
+        dx = assert_close_to_reference("bsr_linear_dx", args)
+        assert torch.count_nonzero(dx[:, bs:2 * bs]) == 0 and torch.count_nonzero(dx[:, 80:]) == 0
+
+        _, args = sddmm_args(shape, bs, 1.0, dtype, seed=11, **empty)
+        assert_close_to_reference("bsr_sddmm", args)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("bs", BLOCK_SIZES)
+    def test_sddmm_split_m(self, dtype, bs):
+        """Few blocks and a long M: the M-chunks go to different CTAs (fp32 partials summed in a fixed order).
+        With 4 blocks and M = 4096 the plan asks for min(#SMs, 4096 / 256) > 1 chunks on any multi-SM GPU."""
+        layout, args = sddmm_args((4096, 2 * bs - 3, 2 * bs - 5), bs, 1.0, dtype, seed=12)
+        assert layout.nnz_blocks == 4
+        assert torch.cuda.get_device_properties(0).multi_processor_count > 1
+        first = assert_close_to_reference("bsr_sddmm", args)
+        assert torch.equal(first, native("bsr_sddmm")(*args)), "the split SDDMM is not deterministic"
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_strided_operands(self, dtype):
+        """Rows with a stride wider than the features (a column slice) and a transposed operand (copied)."""
+        layout, args = linear_args((130, 70, 90), 32, 0.6, dtype, seed=13)
+        wide = randn(130, 104, seed=14, dtype=dtype)
+        x = wide[:, 8:98]
+        assert x.stride(0) == 104
+        assert_close_to_reference("bsr_linear", (x,) + args[1:])
+        x_t = randn(90, 130, seed=15, dtype=dtype).t()
+        assert_close_to_reference("bsr_linear", (x_t,) + args[1:])
+        _, sargs = sddmm_args((130, 70, 90), 32, 0.6, dtype, seed=16)
+        assert_close_to_reference("bsr_sddmm", (sargs[0], x) + sargs[2:])
+        assert_close_to_reference("block_grad_scores", (sargs[0], x, 32))
+
+    def test_empty_m(self):
+        _, args = linear_args((0, 40, 30), 16, 0.5, torch.float16, seed=17)
+        assert native("bsr_linear")(*args).shape == (0, 40)
+        _, args = sddmm_args((0, 40, 30), 16, 0.5, torch.float16, seed=18)
+        out = native("bsr_sddmm")(*args)
+        assert out.shape[1:] == (16, 16) and torch.count_nonzero(out) == 0
+        scores = native("block_grad_scores")(args[0], args[1], 16)
+        assert scores.shape == (3, 2) and torch.count_nonzero(scores) == 0
+
+    def test_errors_name_the_tensor(self):
+        layout, args = linear_args((20, 40, 30), 16, 0.5, torch.float32, seed=19)
+        x, values = args[0], args[1]
+        with pytest.raises(RuntimeError, match="float64"):
+            native("bsr_linear")(*_as64(args))
+        with pytest.raises(RuntimeError, match="float64"):
+            native("block_grad_scores")(x.double(), x.double(), 16)
+        with pytest.raises(RuntimeError, match="values has dtype"):
+            native("bsr_linear")(x, values.half(), *args[2:])
+        with pytest.raises(RuntimeError, match="row_ptr must be int32"):
+            native("bsr_linear")(x, values, layout.row_ptr.long(), *args[3:])
+        with pytest.raises(RuntimeError, match="row_ptr must have"):
+            native("bsr_linear")(x, values, *layout.index_tensors(), 80, None)
+        with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+            native("bsr_linear")(x.cpu(), values, *args[2:])
+        with pytest.raises(RuntimeError, match="rows"):
+            native("bsr_sddmm")(x[:5], x, *layout.index_tensors(), 16)
+
+    def test_sparse_linear_through_the_public_path(self, backend_env):
+        """SparseLinear forward and backward with SPARSEKERN_BACKEND=cuda match the reference backend."""
+        torch.manual_seed(0)
+        layer = sk.SparseLinear(150, 70, bias=True, sparsity=0.5, block_size=32).cuda()
+        x = randn(3, 41, 150, seed=20)
+        grad = randn(3, 41, 70, seed=21)
+
+        def run(backend):
+            backend_env(backend)
+            assert ops.select_backend("bsr_linear", x.device, x.dtype) == backend
+            layer.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            y.backward(grad)
+            return y.detach(), xi.grad, layer.values.grad.clone(), layer.bias.grad.clone()
+
+        expected = run("reference")
+        got = run("cuda")
+        for name, a, b in zip(("y", "dx", "dvalues", "dbias"), got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# compute-sanitizer over small cases of every kernel (GPU)
+
+def _compute_sanitizer():
+    path = shutil.which("compute-sanitizer")
+    if path:
+        return path
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for candidate in (os.path.join(home, "bin", "compute-sanitizer"),
+                      os.path.join(home, "compute-sanitizer", "compute-sanitizer")):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.skipif(_compute_sanitizer() is None, reason="needs compute-sanitizer")
+@pytest.mark.parametrize("tool,subset", [("memcheck", "all"), ("racecheck", "small")])
+def test_compute_sanitizer(tool, subset):
+    # Without the caching allocator every tensor is its own allocation, so an access past its end is caught.
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    script = Path(__file__).with_name("cuda_sanitizer_cases.py")
+    proc = subprocess.run([_compute_sanitizer(), f"--tool={tool}", "--error-exitcode=1", "--print-limit=20",
+                           sys.executable, str(script), subset],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, f"compute-sanitizer --tool={tool}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "cases ran" in proc.stdout, proc.stdout[-3000:]
