@@ -9,9 +9,10 @@ and ``opcheck`` see it. Its implementation picks a backend per call:
   tensors under ``TRITON_INTERPRET=1`` (so that CI runs them);
 - ``reference``: plain PyTorch (``sparsekern.reference``), the definition of correctness.
 
-``SPARSEKERN_BACKEND=auto|cuda|triton|cpu|reference`` overrides the choice. ``auto`` takes, in order, the
-hand-written kernel for the tensor's device, then Triton (CUDA tensors only: the interpreter is for
-tests), then the reference. A forced backend that cannot run on the device raises; a forced backend that
+``SPARSEKERN_BACKEND=auto|cuda|triton|cpu|reference`` overrides the choice. ``auto`` takes, in order: on CPU
+tensors the native kernel, then the reference; on CUDA tensors Triton, then the hand-written CUDA kernel, then
+the reference (Triton first because its kernels have run, in the interpreter, while the CUDA GEMMs have only
+been compiled: no GPU has timed the two side by side yet, which is what should decide the order per shape). A forced backend that cannot run on the device raises; a forced backend that
 lacks an op (or the operands' dtype, e.g. Triton and float64) uses the reference for that op
 (``python -m sparsekern.info`` lists which ops each backend has).
 """
@@ -28,7 +29,7 @@ from torch import Tensor
 from . import _native, reference
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
 OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d", "bsr_conv2d_dgrad",
        "bsr_conv2d_wgrad", "build_layout_index_", "masked_sgd_")

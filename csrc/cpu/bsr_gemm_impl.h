@@ -331,7 +331,7 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
     const int64_t group = task - chunk * w.groups;
     const int64_t m_begin = chunk * w.m_chunk;
     const int64_t m_end = min_of(w.M, m_begin + w.m_chunk);
-    const int64_t line_begin = group * lines_per_group;
+    const int64_t line_begin = min_of(w.lines, group * lines_per_group);  // the last groups may be empty
     const int64_t line_end = min_of(w.lines, line_begin + lines_per_group);
     panels.clear();
     for (int64_t q = w.line_ptr[line_begin]; q < w.line_ptr[line_end]; ++q) panels.want(w.line_index[q]);
