@@ -27,6 +27,19 @@ from ._common import (TunedKernels, cdiv, check, check_device, check_float, chec
                       dot_precision, gemm_configs, m_bucket)
 
 
+# Image sizes and the conv geometry change from layer to layer: Triton's JIT would compile a variant per pattern
+# of divisibility by 16 (and of == 1) of each, multiplying warm-up compiles and autotuning for nothing, since
+# only C, N and K decide whether the loads vectorise. These arguments are not specialised.
+GEOMETRY_ARGS = ("M", "B", "H", "W", "OH", "OW", "KW", "n_taps", "stride_h", "stride_w", "pad_top", "pad_left",
+                 "dil_h", "dil_w", "HP", "WP")
+
+
+def geometry_jit(fn):
+    """triton.jit without specialisation on the geometry arguments ``fn`` has."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[name for name in GEOMETRY_ARGS if name in names])
+
+
 # ----------------------------------------------------------------------------------------------
 # Implicit im2col, shared by the forward, wgrad and gradient-score kernels.
 
@@ -84,7 +97,7 @@ def im2col_tile(X, corner, ih0, iw0, m_in, offset, dh, dw, k_in, H, W):
 # ----------------------------------------------------------------------------------------------
 # Forward
 
-@triton.jit
+@geometry_jit
 def _bsr_conv2d_kernel(X, VALUES, ROW_PTR, COL_IDX, BIAS, Y,
                        M, N, K, H, W, C, OH, OW, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
                        n_block_rows, M_BUCKET,

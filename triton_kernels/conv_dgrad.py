@@ -24,10 +24,10 @@ import triton
 import triton.language as tl
 
 from ._common import TunedKernels, cdiv, check, check_index, check_values, dot_precision, gemm_configs, m_bucket
-from .conv import check_filter_layout, check_image, conv_geometry
+from .conv import check_filter_layout, check_image, conv_geometry, geometry_jit
 
 
-@triton.jit
+@geometry_jit
 def _bsr_conv2d_dgrad_kernel(DY, VALUES, COL_PTR, ROW_IDX, PERM, DX,
                              B, H, W, C, OH, OW, N, KW, n_taps, stride_h, stride_w, pad_top, pad_left,
                              dil_h, dil_w, HP, WP, n_chunks, M_BUCKET,

@@ -22,12 +22,12 @@ import triton.language as tl
 from ._common import (BLOCK_SIZES, TunedKernels, cdiv, check, check_index, dot_precision, grad_scores_configs,
                       m_bucket, sddmm_configs)
 from .conv import (check_filter_layout, check_image, conv_geometry, decode_block_columns, decode_columns,
-                   im2col_tile, output_pixels)
+                   geometry_jit, im2col_tile, output_pixels)
 from .grad_scores import store_block_norms
 from .sddmm import sddmm_splits
 
 
-@triton.jit
+@geometry_jit
 def _bsr_conv2d_wgrad_kernel(DY, X, COO_ROW, COL_IDX, OUT,
                              M, N, K, H, W, C, OH, OW, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
                              nnz, CHUNK,
@@ -60,7 +60,7 @@ def _bsr_conv2d_wgrad_kernel(DY, X, COO_ROW, COL_IDX, OUT,
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty))
 
 
-@triton.jit
+@geometry_jit
 def _conv_grad_scores_kernel(DY, X, OUT,
                              M, N, K, H, W, C, OH, OW, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
                              n_block_cols, M_BUCKET,
