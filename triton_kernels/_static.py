@@ -104,7 +104,7 @@ def _conv_specs(aligned: bool):
              "Y": "*{dtype}", "M": "i32", "N": "i32", "K": "i32", **_CONV_GEOMETRY, "n_block_rows": "i32",
              "M_BUCKET": "i32"},
             lambda bs, precision: {"HAS_BIAS": True, "CIN_ALIGNED": aligned, "BS": bs, "INPUT_PRECISION": precision},
-            _common.gemm_configs,
+            _common.conv_configs if aligned else _common.conv_gather_configs,
             ("X", "VALUES", "ROW_PTR", "COL_IDX", "BIAS", "Y", "N") + channels,
             every_bf16_config=aligned, pipelined=aligned,
         ),
@@ -114,7 +114,7 @@ def _conv_specs(aligned: bool):
              "DX": "*{dtype}", "B": "i32", **_CONV_GEOMETRY, "N": "i32", "n_taps": "i32", "HP": "i32", "WP": "i32",
              "n_chunks": "i32", "M_BUCKET": "i32"},
             lambda bs, precision: {"CIN_ALIGNED": aligned, "BS": bs, "INPUT_PRECISION": precision},
-            _common.gemm_configs,
+            _common.conv_configs if aligned else _common.conv_gather_configs,
             ("DY", "VALUES", "COL_PTR", "ROW_IDX", "PERM", "DX", "N") + channels[:1],
             every_bf16_config=aligned, pipelined=aligned,
         ),
@@ -123,7 +123,7 @@ def _conv_specs(aligned: bool):
             {"DY": "*{dtype}", "X": "*{dtype}", "COO_ROW": "*i32", "COL_IDX": "*i32", "OUT": "*fp32",
              "M": "i32", "N": "i32", "K": "i32", **_CONV_GEOMETRY, "nnz": "i32", "CHUNK": "i32"},
             lambda bs, precision: {"CIN_ALIGNED": aligned, "BS": bs, "INPUT_PRECISION": precision},
-            _common.sddmm_configs,
+            _common.sddmm_configs if aligned else _common.conv_wgrad_gather_configs,
             ("DY", "X", "COO_ROW", "COL_IDX", "OUT", "N", "CHUNK") + channels,
             every_bf16_config=aligned, pipelined=aligned,
         ),
@@ -200,7 +200,7 @@ DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 def _estimated_smem(config, spec, block_size, elem_bytes):
     m = config.kwargs
-    if spec.config_fn is _common.sddmm_configs:
+    if spec.config_fn in (_common.sddmm_configs, _common.conv_wgrad_gather_configs):
         per_stage = 2 * m["BLOCK_M"] * block_size
     elif spec.config_fn is _common.grad_scores_configs:
         per_stage = (m["TILE_N"] + m["TILE_K"]) * m["BLOCK_M"]

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (TunedKernels, cdiv, check, check_device, check_float, check_index, check_values,
-                      dot_precision, gemm_configs, m_bucket)
+                      conv_configs, conv_gather_configs, dot_precision, m_bucket)
 
 
 # Image sizes and the conv geometry change from layer to layer: Triton's JIT would compile a variant per pattern
@@ -134,7 +134,9 @@ def _bsr_conv2d_kernel(X, VALUES, ROW_PTR, COL_IDX, BIAS, Y,
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
-_tuned = TunedKernels(_bsr_conv2d_kernel, gemm_configs, key=["M_BUCKET", "N", "K"])
+# Keyed by CIN_ALIGNED: the per-column decode ships smaller tiles (see _common.CONV_GATHER_TILE_PER_THREAD).
+_tuned = {True: TunedKernels(_bsr_conv2d_kernel, conv_configs, key=["M_BUCKET", "N", "K"]),
+          False: TunedKernels(_bsr_conv2d_kernel, conv_gather_configs, key=["M_BUCKET", "N", "K"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,11 +202,12 @@ def bsr_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col
     x, values = x.contiguous(), values.contiguous()
     bias = bias.contiguous() if bias is not None else None
     n_block_rows = row_ptr.numel() - 1
-    kernel = _tuned(bs, x.dtype, x.device)
+    aligned = channels % bs == 0
+    kernel = _tuned[aligned](bs, x.dtype, x.device)
     grid = lambda meta: (n_block_rows * triton.cdiv(m, meta["BLOCK_M"]),)
     kernel[grid](x, values, row_ptr, col_idx, bias if bias is not None else y, y,
                  m, out_channels, k_features, height, width, channels, out_h, out_w, kw, sh, sw, pt, pl, dh, dw,
                  n_block_rows, m_bucket(m),
-                 HAS_BIAS=bias is not None, CIN_ALIGNED=channels % bs == 0, BS=bs,
+                 HAS_BIAS=bias is not None, CIN_ALIGNED=aligned, BS=bs,
                  INPUT_PRECISION=dot_precision(x.dtype))
     return y

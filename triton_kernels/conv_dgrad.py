@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TunedKernels, cdiv, check, check_index, check_values, dot_precision, gemm_configs, m_bucket
+from ._common import (TunedKernels, cdiv, check, check_index, check_values, conv_configs, conv_gather_configs,
+                      dot_precision, m_bucket)
 from .conv import check_filter_layout, check_image, conv_geometry, geometry_jit
 
 
@@ -105,7 +106,8 @@ def _bsr_conv2d_dgrad_kernel(DY, VALUES, COL_PTR, ROW_IDX, PERM, DX,
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=pixel_in[:, None] & ci_in[None, :])
 
 
-_tuned = TunedKernels(_bsr_conv2d_dgrad_kernel, gemm_configs, key=["M_BUCKET", "N", "C", "n_taps"])
+_tuned = {aligned: TunedKernels(_bsr_conv2d_dgrad_kernel, configs, key=["M_BUCKET", "N", "C", "n_taps"])
+          for aligned, configs in ((True, conv_configs), (False, conv_gather_configs))}
 
 
 def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -133,10 +135,11 @@ def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     hp, wp = cdiv(height, sh), cdiv(width, sw)  # pixels per phase, at most
     pixels = batch * hp * wp
     n_chunks = cdiv(in_channels, bs)
-    kernel = _tuned(bs, dy.dtype, dy.device)
+    aligned = in_channels % bs == 0
+    kernel = _tuned[aligned](bs, dy.dtype, dy.device)
     grid = lambda meta: (n_chunks * triton.cdiv(pixels, meta["BLOCK_M"]) * sh * sw,)
     kernel[grid](dy, values, col_ptr, row_idx, perm, dx,
                  batch, height, width, in_channels, out_h, out_w, n_features, kw, kh * kw, sh, sw, pt, pl, dh, dw,
                  hp, wp, n_chunks, m_bucket(pixels),
-                 CIN_ALIGNED=in_channels % bs == 0, BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+                 CIN_ALIGNED=aligned, BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     return dx

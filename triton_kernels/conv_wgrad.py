@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_SIZES, TunedKernels, cdiv, check, check_index, dot_precision, grad_scores_configs,
-                      m_bucket, sddmm_configs)
+from ._common import (BLOCK_SIZES, TunedKernels, cdiv, check, check_index, conv_wgrad_gather_configs,
+                      dot_precision, grad_scores_configs, m_bucket, sddmm_configs)
 from .conv import (check_filter_layout, check_image, conv_geometry, decode_block_columns, decode_columns,
                    geometry_jit, im2col_tile, output_pixels)
 from .grad_scores import store_block_norms
@@ -85,7 +85,8 @@ def _conv_grad_scores_kernel(DY, X, OUT,
     store_block_norms(acc, OUT, pid_n, pid_k, N, n_block_cols, BS, TILE_N, TILE_K)
 
 
-_tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_kernel, sddmm_configs, key=["CHUNK", "nnz", "N", "K"])
+_tuned_wgrad = {aligned: TunedKernels(_bsr_conv2d_wgrad_kernel, configs, key=["CHUNK", "nnz", "N", "K"])
+                for aligned, configs in ((True, sddmm_configs), (False, conv_wgrad_gather_configs))}
 _tuned_scores = TunedKernels(_conv_grad_scores_kernel, grad_scores_configs, key=["M_BUCKET", "N", "K"])
 
 
@@ -122,11 +123,12 @@ def bsr_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, c
     dy, x = dy.contiguous(), x.contiguous()
     splits, chunk = sddmm_splits(m, nnz, dy.device)
     target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
-    kernel = _tuned_wgrad(bs, dy.dtype, dy.device)
+    aligned = channels % bs == 0
+    kernel = _tuned_wgrad[aligned](bs, dy.dtype, dy.device)
     kernel[(nnz, splits)](dy, x, coo_row, col_idx, target,
                           m, n_features, k_features, height, width, channels, out_h, out_w, kw, sh, sw, pt, pl,
                           dh, dw, nnz, chunk,
-                          CIN_ALIGNED=channels % bs == 0, BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+                          CIN_ALIGNED=aligned, BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     if splits > 1:
         out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
     return out
