@@ -30,6 +30,12 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 IntPair = Union[int, Tuple[int, int]]
 
 
+@torch.compiler.assume_constant_result
+def _conv_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend bsr_conv2d runs on; a constant under torch.compile, whose tracer cannot read the dispatcher."""
+    return ops.select_backend("bsr_conv2d", device, dtype)
+
+
 class SparseConv2d(BlockSparseWeight):
     """Same constructor and semantics as nn.Conv2d, plus ``sparsity`` and ``block_size``."""
 
@@ -136,7 +142,7 @@ class SparseConv2d(BlockSparseWeight):
         fp16/bf16/fp32 (autocast included) and any in_channels; the native CPU kernel fp32/fp64 and in_channels
         a multiple of the block. Otherwise im2col + bsr_linear, which may still have a native kernel (any width)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        backend = ops.select_backend("bsr_conv2d", x.device, dtype)
+        backend = _conv_backend(x.device, dtype)
         if backend == "cpu":
             return dtype in (torch.float32, torch.float64) and self.in_channels % self.block_size == 0
         return backend != "reference"
