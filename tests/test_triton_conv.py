@@ -34,6 +34,12 @@ small = pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.cuda
 on_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32_oracles(monkeypatch):
+    """nn.Conv2d oracles in fp32 must not run in TF32 on a GPU (cuDNN allows it by default)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
 

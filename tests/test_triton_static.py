@@ -5,7 +5,8 @@ The compiles run in subprocesses (``python -m sparsekern.triton_kernels._static`
 parallel) without TRITON_INTERPRET: under the interpreter ``triton.jit`` hands back interpreted functions,
 Triton's own helpers included, which the compiler cannot lower. The CI subset compiles every config in bf16
 and, in fp16 and fp32 (TF32), the default config and the one with the most shared memory
-(``_static.selection``); ``--subset full`` on the command line compiles everything.
+(``_static.selection``; the convolutions' per-column-decode variants get those two in bf16 as well);
+``--subset full`` on the command line compiles everything.
 """
 import importlib.util
 import json
