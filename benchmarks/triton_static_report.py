@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     if tool is None:
         print("gpu_static_report.py not found: registers and spills from ptxas -v only, no SASS counts")
 
-    header = (f"{'arch':<6}{'kernel':<19}{'dtype':<6}{'bs':>4}  {'config':<44}{'regs':>5}{'spill st/ld':>13}"
+    header = (f"{'arch':<6}{'kernel':<27}{'dtype':<6}{'bs':>4}  {'config':<44}{'regs':>5}{'spill st/ld':>13}"
               f"{'smem':>8}{'wgmma':>7}{'mma':>6}  sass")
     print(header)
     print("-" * len(header))
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         try:
             compiled = _static.compile_kernel(spec, bs, dtype, config, arch)
         except Exception as error:
-            print(f"sm_{arch:<3}{spec.name:<19}{_static.TRITON_TYPES[dtype]:<6}{bs:>4}  {label:<44}"
+            print(f"sm_{arch:<3}{spec.name:<27}{_static.TRITON_TYPES[dtype]:<6}{bs:>4}  {label:<44}"
                   f"COMPILE ERROR {type(error).__name__}: {str(error)[:200]}")
             continue
         regs, spill, sass, counts = report(compiled, arch, tool)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         if spill and any(spill):
             spills.append(f"sm_{arch} {spec.name} {_static.TRITON_TYPES[dtype]} bs={bs} {label}: {spill_text} B")
         sass_text = " ".join(f"{k}={v}" for k, v in sass.items())
-        print(f"sm_{arch:<3}{spec.name:<19}{_static.TRITON_TYPES[dtype]:<6}{bs:>4}  {label:<44}{regs!s:>5}"
+        print(f"sm_{arch:<3}{spec.name:<27}{_static.TRITON_TYPES[dtype]:<6}{bs:>4}  {label:<44}{regs!s:>5}"
               f"{spill_text:>13}{_static.shared_bytes(compiled):>8}{counts['wgmma']:>7}{counts['mma.sync']:>6}  "
               f"{sass_text}", flush=True)
     print()

@@ -51,10 +51,12 @@ def report() -> str:
         native = [b for b in ("cpu", "cuda", "triton") if ops.backend_has_op(b, op)]
         picks = ", ".join(f"{d}: {ops.select_backend(op, torch.device(d))}" for d in devices)
         lines.append(f"  {op:<22} auto -> {picks:<28} kernels: {', '.join(native) or 'reference only'}")
-    lines += ["", "convolution (SparseConv2d, groups=1): the implicit-GEMM bsr_conv2d op where a backend has a kernel "
-              "for it (native CPU: fp32/fp64, in_channels a multiple of the block), else im2col + bsr_linear. "
-              "Grouped/depthwise convolutions use a dense conv2d with the densified filter (block sparsity "
-              "cannot help there)."]
+    lines += ["", "convolution (SparseConv2d):",
+              "  groups=1      implicit GEMM over NHWC, no im2col (bsr_conv2d + dgrad/wgrad/grad_scores) where the "
+              "backend has a kernel (triton: fp16/bf16/fp32, any in_channels; native cpu: fp32/fp64, in_channels a "
+              "multiple of the block); else im2col + bsr_linear. 1x1 stride-1: bsr_linear on the pixels.",
+              "  groups>1      dense conv2d with the densified filter: each group's filter matrix is only "
+              "kh*kw*in/groups wide (kh*kw for depthwise), too narrow for bs x bs blocks to skip work."]
     return "\n".join(lines)
 
 

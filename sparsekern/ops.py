@@ -32,7 +32,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
 OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d", "bsr_conv2d_dgrad",
-       "bsr_conv2d_wgrad", "build_layout_index_", "masked_sgd_")
+       "bsr_conv2d_wgrad", "bsr_conv2d_grad_scores", "build_layout_index_", "masked_sgd_")
 # Kernels are specialised per block size; these are the ones every backend is built for.
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -164,6 +164,12 @@ def _bsr_conv2d_wgrad(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, c
                                                    block_size, kernel_size, stride, padding, dilation)
 
 
+@torch.library.custom_op("sparsekern::bsr_conv2d_grad_scores", mutates_args=())
+def _bsr_conv2d_grad_scores(dy: Tensor, x: Tensor, block_size: int, kernel_size: List[int], stride: List[int],
+                            padding: List[int], dilation: List[int]) -> Tensor:
+    return _implementation("bsr_conv2d_grad_scores", dy)(dy, x, block_size, kernel_size, stride, padding, dilation)
+
+
 @torch.library.custom_op("sparsekern::build_layout_index_", mutates_args=LAYOUT_ARGS)
 def _build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                          row_idx: Tensor, perm: Tensor) -> None:
@@ -224,6 +230,13 @@ def _(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_channels
 @_bsr_conv2d_wgrad.register_fake
 def _(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size, kernel_size, stride, padding, dilation):
     return dy.new_empty(col_idx.shape[0], block_size, block_size)
+
+
+@_bsr_conv2d_grad_scores.register_fake
+def _(dy, x, block_size, kernel_size, stride, padding, dilation):
+    dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.new_empty(_cdiv(dy.shape[3], block_size), _cdiv(kernel_size[0] * kernel_size[1] * x.shape[3], block_size),
+                        dtype=dtype)
 
 
 @_build_layout_index_.register_fake
@@ -440,3 +453,20 @@ def bsr_conv2d(x_nhwc: Tensor, layout, values: Tensor, bias: Optional[Tensor], k
     return torch.ops.sparsekern.bsr_conv2d(x_nhwc.contiguous(), values, *layout.index_tensors(), out_channels, bias,
                                            list(kernel_size), list(stride), list(padding), list(dilation),
                                            list(output_size))
+
+
+def bsr_conv2d_grad_scores(dy_nhwc: Tensor, x_nhwc: Tensor, block_size: int, kernel_size, stride, padding,
+                           dilation) -> Tensor:
+    """Frobenius norm of every block of the dense filter gradient dYᵀ im2col(X) ([out, kh*kw*cin], K ordered
+    (kh, kw, cin)) of ``bsr_conv2d``, without storing it or im2col: [ceil(out/bs), ceil(kh*kw*cin/bs)], fp32 (fp64
+    for fp64 inputs). dy [B, OH, OW, out] and x [B, H, W, cin] are NHWC; ``padding`` = (top, left)."""
+    check_block_size(block_size)
+    dy_nhwc, x_nhwc = _autocast(dy_nhwc, x_nhwc)
+    _check(dy_nhwc.dim() == 4, f"dy must be a 4-D NHWC gradient [B, OH, OW, out], got shape {tuple(dy_nhwc.shape)}")
+    _check(x_nhwc.dim() == 4, f"x must be a 4-D NHWC image [B, H, W, cin], got shape {tuple(x_nhwc.shape)}")
+    _check(dy_nhwc.shape[0] == x_nhwc.shape[0], f"dy has batch {dy_nhwc.shape[0]} but x has {x_nhwc.shape[0]}")
+    _check(dy_nhwc.dtype == x_nhwc.dtype and dy_nhwc.device == x_nhwc.device,
+           f"dy ({dy_nhwc.dtype} on {dy_nhwc.device}) must match x ({x_nhwc.dtype} on {x_nhwc.device})")
+    return torch.ops.sparsekern.bsr_conv2d_grad_scores(dy_nhwc.contiguous(), x_nhwc.contiguous(), block_size,
+                                                       list(kernel_size), list(stride), list(padding),
+                                                       list(dilation))

@@ -160,12 +160,14 @@ def _conv_padding(input_size, kernel_size, stride, padding, dilation, output_siz
 
 def unfold_nhwc(x, kernel_size, stride, padding, dilation, output_size):
     """im2col of an NHWC image: [B*OH*OW, kh*kw*C] with K ordered (kh, kw, cin)."""
-    pads = _conv_padding(x.shape[1:3], kernel_size, stride, padding, dilation, output_size)
-    image = torch.nn.functional.pad(x.permute(0, 3, 1, 2), pads)
-    cols = torch.nn.functional.unfold(image, list(kernel_size), list(dilation), 0, list(stride))  # [B, C*kh*kw, L]
-    batch, channels = x.shape[0], x.shape[3]
-    taps = kernel_size[0] * kernel_size[1]
-    return cols.view(batch, channels, taps, -1).permute(0, 3, 2, 1).reshape(-1, taps * channels)
+    left, right, top, bottom = _conv_padding(x.shape[1:3], kernel_size, stride, padding, dilation, output_size)
+    image = torch.nn.functional.pad(x, (0, 0, left, right, top, bottom))
+    (out_h, out_w), (sh, sw), (dh, dw) = output_size, stride, dilation
+    # One strided NHWC slice per tap, stacked in (kh, kw) order: channel runs stay contiguous, which is several
+    # times faster on CPU than F.unfold on the NCHW view of a channels_last image.
+    taps = [image[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw]
+            for i in range(kernel_size[0]) for j in range(kernel_size[1])]
+    return torch.stack(taps, dim=3).reshape(-1, len(taps) * x.shape[3])
 
 
 def bsr_conv2d(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias, kernel_size,
@@ -196,3 +198,10 @@ def bsr_conv2d_wgrad(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, b
     cols = unfold_nhwc(x, kernel_size, stride, padding, dilation, dy.shape[1:3])
     return bsr_sddmm(dy.reshape(-1, dy.shape[3]), cols, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
                      block_size)
+
+
+def bsr_conv2d_grad_scores(dy, x, block_size, kernel_size, stride, padding, dilation):
+    """Frobenius norm of every block of the dense filter gradient dYᵀ (im2col X) [N, kh*kw*C]:
+    [ceil(N/bs), ceil(K/bs)], fp32 (fp64 for fp64 inputs)."""
+    cols = unfold_nhwc(x, kernel_size, stride, padding, dilation, dy.shape[1:3])
+    return block_grad_scores(dy.reshape(-1, dy.shape[3]), cols, block_size)

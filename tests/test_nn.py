@@ -117,6 +117,28 @@ def make_conv(case, dtype, seed=0):
     return sk.SparseConv2d(**kwargs, dtype=dtype)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("in_channels, kernel_size", [(32, 3), (20, 3), (3, 7), (24, 1)])
+def test_conv_captures_dense_gradient_block_norms(in_channels, kernel_size, backend, backend_env):
+    """DST update steps: grad_scores = block norms of the dense filter gradient, on whichever path the layer
+    takes (on CPU: the native implicit GEMM for in_channels a multiple of the block, else im2col)."""
+    backend_env(backend)
+    torch.manual_seed(in_channels)
+    layer = sk.SparseConv2d(in_channels, 40, kernel_size, stride=2, padding=kernel_size // 2, sparsity=0.5,
+                            block_size=16)
+    layer.capture_grad_scores = True
+    x = randn(2, in_channels, 9, 11, seed=6)
+    native = backend == "auto" and sk.ops.backend_has_op("cpu", "bsr_conv2d")
+    assert layer._implicit_gemm_applies(x) == (native and in_channels % 16 == 0)
+    y = layer(x)
+    dy = randn(*y.shape, seed=7)
+    y.backward(dy)
+    dense = layer.to_dense()
+    dense(x).backward(dy)
+    expected = block_frobenius_norms(conv_matrix(dense.weight.grad).double(), 16)
+    torch.testing.assert_close(layer.grad_scores.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # from the nn.Conv2d oracle
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(CONV_CASES))

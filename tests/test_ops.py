@@ -217,6 +217,52 @@ def test_block_grad_scores(shape, block_size, dtype, out_dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# bsr_conv2d_grad_scores: block norms of a convolution's dense filter gradient, against F.conv2d's autograd
+
+CONV_SCORE_CASES = [  # batch, (H, W), in, out, kernel, stride, padding, dilation, block
+    (2, (9, 11), 20, 37, (3, 3), (2, 2), (1, 1), (1, 1), 16),
+    (1, (15, 13), 3, 40, (7, 7), (2, 2), (3, 3), (1, 1), 32),
+    (3, (8, 7), 32, 16, (3, 4), (1, 2), (2, 0), (2, 1), 16),
+]
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("case", CONV_SCORE_CASES, ids=str)
+def test_bsr_conv2d_grad_scores(case, dtype, out_dtype):
+    batch, size, cin, cout, kernel, stride, padding, dilation, bs = case
+    x = randn(batch, cin, *size, seed=seed_of(case, 1), dtype=torch.float64)
+    weight = torch.zeros(cout, cin, *kernel, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, weight, None, stride, padding, dilation)
+    dy = randn(*y.shape, seed=seed_of(case, 2), dtype=torch.float64)
+    (dweight,) = torch.autograd.grad(y, weight, dy)
+    expected = block_frobenius_norms(dweight.permute(0, 2, 3, 1).reshape(cout, -1), bs)
+    dy_nhwc, x_nhwc = dy.permute(0, 2, 3, 1).to(dtype), x.permute(0, 2, 3, 1).to(dtype)
+    scores = sk.ops.bsr_conv2d_grad_scores(dy_nhwc, x_nhwc, bs, kernel, stride, padding, dilation)
+    assert scores.dtype == out_dtype and scores.shape == expected.shape
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(scores.double(), expected, atol=tol, rtol=tol)
+    if case is CONV_SCORE_CASES[0]:
+        torch.library.opcheck(torch.ops.sparsekern.bsr_conv2d_grad_scores.default,
+                              (dy_nhwc.contiguous(), x_nhwc.contiguous(), bs, list(kernel), list(stride),
+                               list(padding), list(dilation)))
+
+
+def test_bsr_conv2d_grad_scores_errors():
+    dy, x = randn(2, 3, 3, 8, seed=0), randn(2, 5, 5, 4, seed=1)
+    geometry = ((3, 3), (2, 2), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r"^dy must be a 4-D NHWC"):
+        sk.ops.bsr_conv2d_grad_scores(dy[0], x, 16, *geometry)
+    with pytest.raises(ValueError, match=r"^x must be a 4-D NHWC"):
+        sk.ops.bsr_conv2d_grad_scores(dy, x[0], 16, *geometry)
+    with pytest.raises(ValueError, match=r"^dy has batch 2 but x has 1"):
+        sk.ops.bsr_conv2d_grad_scores(dy, x[:1], 16, *geometry)
+    with pytest.raises(ValueError, match=r"^dy \(torch.float32 on cpu\) must match x \(torch.float64"):
+        sk.ops.bsr_conv2d_grad_scores(dy, x.double(), 16, *geometry)
+    with pytest.raises(ValueError, match="block_size"):
+        sk.ops.bsr_conv2d_grad_scores(dy, x, 24, *geometry)
+
+
+# ----------------------------------------------------------------------------------------------
 # Argument checks: ValueErrors that name the tensor
 
 @pytest.fixture

@@ -5,7 +5,8 @@ The compiles run in subprocesses (``python -m sparsekern.triton_kernels._static`
 parallel) without TRITON_INTERPRET: under the interpreter ``triton.jit`` hands back interpreted functions,
 Triton's own helpers included, which the compiler cannot lower. The CI subset compiles every config in bf16
 and, in fp16 and fp32 (TF32), the default config and the one with the most shared memory
-(``_static.selection``); ``--subset full`` on the command line compiles everything.
+(``_static.selection``; the convolutions' per-column-decode variants get those two in bf16 as well);
+``--subset full`` on the command line compiles everything.
 """
 import importlib.util
 import json
@@ -55,6 +56,8 @@ def test_selection_covers_every_bf16_config():
     selected = {(s.name, arch, bs, _static.config_label(c))
                 for s, arch, dtype, bs, c in _static.selection("ci") if dtype == _static.DTYPE_NAMES["bf16"]}
     for spec in _static.SPECS:
+        if not spec.every_bf16_config:
+            continue
         for arch in ARCHS:
             for bs in _common.BLOCK_SIZES:
                 for config in _static.shipped_configs(spec, bs, _static.DTYPE_NAMES["bf16"], arch):
@@ -77,9 +80,9 @@ def test_tensor_cores(records, kernel, arch):
             continue
         if arch == 80:
             ok = r["mma.sync"] > 0 and r["wgmma"] == 0
-        elif kernel == "bsr_sddmm" and r["block_size"] < 64:
-            # The SDDMM's output tile is one bs x bs block: the MMA's M side is bs, and wgmma needs M >= 64 per
-            # warpgroup, so Triton legitimately emits mma.sync for 16- and 32-wide blocks.
+        elif kernel.startswith(("bsr_sddmm", "bsr_conv2d_wgrad")) and r["block_size"] < 64:
+            # The SDDMM's (and conv wgrad's) output tile is one bs x bs block: the MMA's M side is bs, and wgmma
+            # needs M >= 64 per warpgroup, so Triton legitimately emits mma.sync for 16- and 32-wide blocks.
             ok = r["mma.sync"] > 0
         else:
             ok = r["wgmma"] > 0
@@ -104,9 +107,9 @@ def test_pipelined(records, arch):
     them Triton silently keeps one or two buffers whatever num_stages says.)"""
     flat = []
     for r in records:
-        if r["arch"] != arch or "error" in r or r["num_stages"] < 3:
-            continue
         spec = _static.SPEC_BY_NAME[r["kernel"]]
+        if r["arch"] != arch or "error" in r or r["num_stages"] < 3 or not spec.pipelined:
+            continue
         elem = {"fp16": 2, "bf16": 2, "fp32": 4}[r["dtype"]]
         config = next(c for c in _static.shipped_configs(spec, r["block_size"], _static.DTYPE_NAMES[r["dtype"]],
                                                            arch) if _static.config_label(c) == r["config"])

@@ -151,9 +151,16 @@ def _fit(candidates, stage_bytes, budget):
 
 def gemm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
     """bsr_linear and bsr_linear_dx: BLOCK_M activation rows x one bs-wide block column per program."""
-    bs = block_size
     if interpret:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
+    return _fit(_gemm_candidates(block_size), _gemm_stage_bytes(block_size, elem_bytes), budget)
+
+
+def _gemm_stage_bytes(bs: int, elem_bytes: int):
+    return lambda meta: (meta["BLOCK_M"] * bs + bs * bs) * elem_bytes
+
+
+def _gemm_candidates(bs: int):
     if bs <= 32:
         # A stage is only BLOCK_M x bs: go deep, and wide in M to amortise the index loads.
         candidates = [({"BLOCK_M": 128}, 4, 4), ({"BLOCK_M": 128}, 4, 6), ({"BLOCK_M": 64}, 4, 6),
@@ -164,14 +171,21 @@ def gemm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool 
     else:
         candidates = [({"BLOCK_M": 128}, 8, 3), ({"BLOCK_M": 128}, 8, 4), ({"BLOCK_M": 64}, 4, 4),
                       ({"BLOCK_M": 64}, 8, 3)]
-    return _fit(candidates, lambda meta: (meta["BLOCK_M"] * bs + bs * bs) * elem_bytes, budget)
+    return candidates
 
 
 def sddmm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
     """bsr_sddmm: one bs x bs output block per program, reducing over BLOCK_M rows of M per step."""
-    bs = block_size
     if interpret:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
+    return _fit(_sddmm_candidates(block_size), _sddmm_stage_bytes(block_size, elem_bytes), budget)
+
+
+def _sddmm_stage_bytes(bs: int, elem_bytes: int):
+    return lambda meta: 2 * meta["BLOCK_M"] * bs * elem_bytes
+
+
+def _sddmm_candidates(bs: int):
     if bs <= 32:
         candidates = [({"BLOCK_M": 128}, 4, 4), ({"BLOCK_M": 64}, 4, 4), ({"BLOCK_M": 128}, 4, 6)]
     elif bs == 64:
@@ -179,7 +193,7 @@ def sddmm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool
     else:
         # A 128 x 128 fp32 accumulator is 128 registers a thread on 4 warps: 8 warps, or it spills on sm_80.
         candidates = [({"BLOCK_M": 64}, 8, 3), ({"BLOCK_M": 128}, 8, 3), ({"BLOCK_M": 64}, 8, 4)]
-    return _fit(candidates, lambda meta: 2 * meta["BLOCK_M"] * bs * elem_bytes, budget)
+    return candidates
 
 
 def grad_scores_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
@@ -199,6 +213,54 @@ def grad_scores_configs(block_size: int, elem_bytes: int, budget: int, interpret
     # Tiles widened to the block size get the warps their accumulator needs (128 x 128 fp32: 8 warps).
     candidates = [(m, 8 if m["TILE_N"] * m["TILE_K"] >= 128 * 128 else w, s) for m, w, s in candidates]
     return _fit(candidates, lambda meta: (meta["TILE_N"] + meta["TILE_K"]) * meta["BLOCK_M"] * elem_bytes, budget)
+
+
+def _cap_tile_per_thread(candidates, bs: int, cap: int):
+    """Give each config the warps (up to 8), then the smaller BLOCK_M (down to wgmma's 64), that keep its
+    [BLOCK_M, bs] tile at ``cap`` elements a thread or fewer."""
+    capped = []
+    for meta, warps, stages in candidates:
+        rows = meta["BLOCK_M"]
+        if rows * bs > cap * 32 * warps:
+            warps = 8
+        while rows * bs > cap * 32 * warps and rows > 64:
+            rows //= 2
+        capped.append(({**meta, "BLOCK_M": rows}, warps, stages))
+    return capped
+
+
+# The convolutions keep per-pixel state live next to the accumulator (window corners, padding masks, the
+# dgrad's tap shifts), which the GEMMs do not: with the GEMMs' 64 fp32 accumulators a thread (128 x 64 on 4
+# warps) they spill on sm_80. Their per-column decode (in_channels not a multiple of the block) also gives
+# every gathered element its own 64-bit address, so those tiles are halved again.
+CONV_TILE_PER_THREAD = 32
+CONV_GATHER_TILE_PER_THREAD = 16
+
+
+def conv_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """bsr_conv2d and its dgrad with in_channels a multiple of the block: the GEMM configs (BLOCK_M pixels x
+    one bs-wide block per program) capped at CONV_TILE_PER_THREAD accumulators a thread."""
+    if interpret:
+        return gemm_configs(block_size, elem_bytes, budget, interpret)
+    candidates = _cap_tile_per_thread(_gemm_candidates(block_size), block_size, CONV_TILE_PER_THREAD)
+    return _fit(candidates, _gemm_stage_bytes(block_size, elem_bytes), budget)
+
+
+def conv_gather_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """bsr_conv2d and its dgrad with the per-column decode: capped at CONV_GATHER_TILE_PER_THREAD."""
+    if interpret:
+        return gemm_configs(block_size, elem_bytes, budget, interpret)
+    candidates = _cap_tile_per_thread(_gemm_candidates(block_size), block_size, CONV_GATHER_TILE_PER_THREAD)
+    return _fit(candidates, _gemm_stage_bytes(block_size, elem_bytes), budget)
+
+
+def conv_wgrad_gather_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """bsr_conv2d_wgrad with the per-column decode: the SDDMM configs with the gathered [BLOCK_M, bs] image tile
+    capped at CONV_GATHER_TILE_PER_THREAD elements a thread."""
+    if interpret:
+        return sddmm_configs(block_size, elem_bytes, budget, interpret)
+    candidates = _cap_tile_per_thread(_sddmm_candidates(block_size), block_size, CONV_GATHER_TILE_PER_THREAD)
+    return _fit(candidates, _sddmm_stage_bytes(block_size, elem_bytes), budget)
 
 
 class TunedKernels:

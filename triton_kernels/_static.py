@@ -18,6 +18,9 @@ import torch
 import triton
 
 from . import _common
+from .conv import _bsr_conv2d_kernel
+from .conv_dgrad import _bsr_conv2d_dgrad_kernel
+from .conv_wgrad import _bsr_conv2d_wgrad_kernel, _conv_grad_scores_kernel
 from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
 from .linear_dx import _bsr_linear_dx_kernel
@@ -40,6 +43,12 @@ class KernelSpec:
     # the masks along the contiguous dimension are only uniform over 16-element runs when they are, and
     # without that the loads cannot be vectorised into cp.async and the loop is not software-pipelined.
     divisible: tuple
+    # Whether the CI subset compiles every bf16 config (else the first and the largest, as for fp16/fp32).
+    every_bf16_config: bool = True
+    # Whether multi-stage configs must come out software-pipelined (cp.async ring buffers for both operands).
+    # False for the convolutions' per-column decode: its gathers of 16-bit values cannot use cp.async (4 bytes
+    # at least), so Triton pipelines the other operand at most.
+    pipelined: bool = True
 
 
 SPECS = (
@@ -76,6 +85,59 @@ SPECS = (
         lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
         _common.grad_scores_configs,
         ("DY", "X", "OUT", "N", "K", "stride_dym", "stride_xm"),
+    ),
+)
+
+# The convolutions, each in its two forms: in_channels a multiple of the block (every ResNet/VGG layer but the
+# stem; C and K divisible by 16, the vectorised path) and not (the stem's C = 3: per-column decode).
+_CONV_GEOMETRY = {name: "i32" for name in ("H", "W", "C", "OH", "OW", "KW", "stride_h", "stride_w", "pad_top",
+                                           "pad_left", "dil_h", "dil_w")}
+
+
+def _conv_specs(aligned: bool):
+    suffix = "" if aligned else "_unaligned"
+    channels = ("C", "K") if aligned else ()
+    return (
+        KernelSpec(
+            "bsr_conv2d" + suffix, _bsr_conv2d_kernel,
+            {"X": "*{dtype}", "VALUES": "*{dtype}", "ROW_PTR": "*i32", "COL_IDX": "*i32", "BIAS": "*{dtype}",
+             "Y": "*{dtype}", "M": "i32", "N": "i32", "K": "i32", **_CONV_GEOMETRY, "n_block_rows": "i32",
+             "M_BUCKET": "i32"},
+            lambda bs, precision: {"HAS_BIAS": True, "CIN_ALIGNED": aligned, "BS": bs, "INPUT_PRECISION": precision},
+            _common.conv_configs if aligned else _common.conv_gather_configs,
+            ("X", "VALUES", "ROW_PTR", "COL_IDX", "BIAS", "Y", "N") + channels,
+            every_bf16_config=aligned, pipelined=aligned,
+        ),
+        KernelSpec(
+            "bsr_conv2d_dgrad" + suffix, _bsr_conv2d_dgrad_kernel,
+            {"DY": "*{dtype}", "VALUES": "*{dtype}", "COL_PTR": "*i32", "ROW_IDX": "*i32", "PERM": "*i32",
+             "DX": "*{dtype}", "B": "i32", **_CONV_GEOMETRY, "N": "i32", "n_taps": "i32", "HP": "i32", "WP": "i32",
+             "n_chunks": "i32", "M_BUCKET": "i32"},
+            lambda bs, precision: {"CIN_ALIGNED": aligned, "BS": bs, "INPUT_PRECISION": precision},
+            _common.conv_configs if aligned else _common.conv_gather_configs,
+            ("DY", "VALUES", "COL_PTR", "ROW_IDX", "PERM", "DX", "N") + channels[:1],
+            every_bf16_config=aligned, pipelined=aligned,
+        ),
+        KernelSpec(
+            "bsr_conv2d_wgrad" + suffix, _bsr_conv2d_wgrad_kernel,
+            {"DY": "*{dtype}", "X": "*{dtype}", "COO_ROW": "*i32", "COL_IDX": "*i32", "OUT": "*fp32",
+             "M": "i32", "N": "i32", "K": "i32", **_CONV_GEOMETRY, "nnz": "i32", "CHUNK": "i32"},
+            lambda bs, precision: {"CIN_ALIGNED": aligned, "BS": bs, "INPUT_PRECISION": precision},
+            _common.sddmm_configs if aligned else _common.conv_wgrad_gather_configs,
+            ("DY", "X", "COO_ROW", "COL_IDX", "OUT", "N", "CHUNK") + channels,
+            every_bf16_config=aligned, pipelined=aligned,
+        ),
+    )
+
+
+SPECS += _conv_specs(aligned=True) + _conv_specs(aligned=False) + (
+    KernelSpec(
+        "bsr_conv2d_grad_scores", _conv_grad_scores_kernel,
+        {"DY": "*{dtype}", "X": "*{dtype}", "OUT": "*fp32", "M": "i32", "N": "i32", "K": "i32", **_CONV_GEOMETRY,
+         "n_block_cols": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        _common.grad_scores_configs,
+        ("DY", "X", "OUT", "N", "K", "C"),
     ),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
@@ -138,7 +200,7 @@ DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 def _estimated_smem(config, spec, block_size, elem_bytes):
     m = config.kwargs
-    if spec.config_fn is _common.sddmm_configs:
+    if spec.config_fn in (_common.sddmm_configs, _common.conv_wgrad_gather_configs):
         per_stage = 2 * m["BLOCK_M"] * block_size
     elif spec.config_fn is _common.grad_scores_configs:
         per_stage = (m["TILE_N"] + m["TILE_K"]) * m["BLOCK_M"]
@@ -150,14 +212,15 @@ def _estimated_smem(config, spec, block_size, elem_bytes):
 def selection(subset: str = "ci", archs=ARCHS):
     """[(spec, arch, dtype, block_size, config)]. ``full``: every shipped config for every dtype.
     ``ci``: every config in bf16 (the training dtype); in fp16 and fp32 (TF32) the first config and the one
-    with the most shared memory (where a budget would break)."""
+    with the most shared memory (where a budget would break). Specs with ``every_bf16_config=False`` (the
+    convolutions' per-column decode, the stem's path) get the first and the largest in bf16 too."""
     items = []
     for spec in SPECS:
         for arch in archs:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 for bs in _common.BLOCK_SIZES:
                     configs = shipped_configs(spec, bs, dtype, arch)
-                    if subset == "ci" and dtype != torch.bfloat16:
+                    if subset == "ci" and (dtype != torch.bfloat16 or not spec.every_bf16_config):
                         elem = torch.empty((), dtype=dtype).element_size()
                         biggest = max(configs, key=lambda c: _estimated_smem(c, spec, bs, elem))
                         configs = [configs[0]] + ([biggest] if biggest is not configs[0] else [])

@@ -16,6 +16,22 @@ from ._common import (BLOCK_SIZES, TunedKernels, cdiv, check, check_matrix, dot_
 
 
 @triton.jit
+def store_block_norms(acc, OUT, pid_n, pid_k, N, n_block_cols, BS: tl.constexpr, TILE_N: tl.constexpr,
+                      TILE_K: tl.constexpr):
+    """Fold a TILE_N x TILE_K tile (pid_n, pid_k) of the dense gradient into its blocks' Frobenius norms and
+    store those into OUT [ceil(N/bs), n_block_cols]."""
+    square = acc * acc
+    square = tl.reshape(square, (TILE_N // BS, BS, TILE_K // BS, BS))
+    norms = tl.sqrt(tl.sum(tl.sum(square, axis=3), axis=1))  # [TILE_N // BS, TILE_K // BS]
+
+    block_r = pid_n * (TILE_N // BS) + tl.arange(0, TILE_N // BS)
+    block_c = pid_k * (TILE_K // BS) + tl.arange(0, TILE_K // BS)
+    n_block_rows = tl.cdiv(N, BS)
+    out_ptrs = OUT + block_r.to(tl.int64)[:, None] * n_block_cols + block_c[None, :]
+    tl.store(out_ptrs, norms, mask=(block_r[:, None] < n_block_rows) & (block_c[None, :] < n_block_cols))
+
+
+@triton.jit
 def _block_grad_scores_kernel(DY, X, OUT,
                               M, N, K, stride_dym, stride_xm, n_block_cols, M_BUCKET,
                               BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -38,15 +54,7 @@ def _block_grad_scores_kernel(DY, X, OUT,
         x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :], mask=m_in[:, None] & k_in[None, :], other=0.0)
         acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
 
-    square = acc * acc
-    square = tl.reshape(square, (TILE_N // BS, BS, TILE_K // BS, BS))
-    norms = tl.sqrt(tl.sum(tl.sum(square, axis=3), axis=1))  # [TILE_N // BS, TILE_K // BS]
-
-    block_r = pid_n * (TILE_N // BS) + tl.arange(0, TILE_N // BS)
-    block_c = pid_k * (TILE_K // BS) + tl.arange(0, TILE_K // BS)
-    n_block_rows = tl.cdiv(N, BS)
-    out_ptrs = OUT + block_r.to(tl.int64)[:, None] * n_block_cols + block_c[None, :]
-    tl.store(out_ptrs, norms, mask=(block_r[:, None] < n_block_rows) & (block_c[None, :] < n_block_cols))
+    store_block_norms(acc, OUT, pid_n, pid_k, N, n_block_cols, BS, TILE_N, TILE_K)
 
 
 _tuned = TunedKernels(_block_grad_scores_kernel, grad_scores_configs, key=["M_BUCKET", "N", "K"])

@@ -35,7 +35,8 @@ class BlockSparseWeight(nn.Module):
         y = ops.bsr_linear(x2d, self.layout, self.values, self.bias)
         if self.capture_grad_scores and y.requires_grad:
             x_saved = x2d.detach()
-            y.register_hook(lambda grad: self._record_grad_scores(ops.block_grad_scores(grad, x_saved,
+            # Under autocast the gradient comes in the autocast dtype while x2d is the layer's input.
+            y.register_hook(lambda grad: self._record_grad_scores(ops.block_grad_scores(grad, x_saved.to(grad.dtype),
                                                                                        self.block_size)))
         return y
 

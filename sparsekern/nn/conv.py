@@ -2,11 +2,17 @@
 
 The filter [out, in/groups, kh, kw] is stored as the matrix [out, kh*kw*in/groups] with K ordered
 (kh, kw, cin), so that a block is up to ``block_size`` input channels at one filter tap (the order an
-NHWC implicit GEMM reads). Where the ``bsr_conv2d`` op has a fast kernel (today the native CPU one, for
-in_channels a multiple of the block size), forward, data gradient and filter gradient are implicit GEMMs
-over the NHWC image with no unfold buffer (``bsr_conv2d`` / ``_dgrad`` / ``_wgrad``). Otherwise the convolution runs as unfold + the block-sparse
-GEMM; grouped convolutions fall back to a dense convolution with the densified filter, because their
-per-group matrices are too narrow for block sparsity to pay off.
+NHWC implicit GEMM reads). With groups=1, where the selected backend has a ``bsr_conv2d`` kernel for the call
+(Triton: fp16/bf16/fp32, any in_channels; native CPU: fp32/fp64, in_channels a multiple of the block), forward,
+data gradient, filter gradient and, on DST update steps, the gradient's block norms are implicit GEMMs over the
+NHWC image with no unfold buffer (``bsr_conv2d`` / ``_dgrad`` / ``_wgrad`` / ``_grad_scores``). 1x1 stride-1
+convolutions are the block-sparse GEMM on the [B*H*W, C] pixels. Otherwise the convolution runs as unfold + the
+block-sparse GEMM. Grouped convolutions fall back to a dense convolution with the densified filter, because
+their per-group matrices are too narrow for block sparsity to pay off.
+
+Memory format: the kernels read NHWC. A channels_last input is used in place; an NCHW input is copied to NHWC
+once per call (and its gradient once more in backward). The output is NCHW-shaped and channels_last in memory,
+so stacked sparse convolutions convert only at the first one.
 """
 from __future__ import annotations
 
@@ -22,6 +28,12 @@ from ._sparse_weight import BlockSparseWeight, blocks_kept
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 IntPair = Union[int, Tuple[int, int]]
+
+
+@torch.compiler.assume_constant_result
+def _conv_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend bsr_conv2d runs on; a constant under torch.compile, whose tracer cannot read the dispatcher."""
+    return ops.select_backend("bsr_conv2d", device, dtype)
 
 
 class SparseConv2d(BlockSparseWeight):
@@ -108,24 +120,42 @@ class SparseConv2d(BlockSparseWeight):
         return y.squeeze(0) if unbatched else y
 
     def _block_sparse_conv(self, x: Tensor, padding, output_size) -> Tensor:
-        """groups=1: the implicit-GEMM op where it has a fast kernel, else im2col + the block-sparse GEMM."""
+        """groups=1. A 1x1 stride-1 conv is the block-sparse GEMM on the [B*H*W, C] pixels; otherwise the
+        implicit-GEMM op where the selected backend has a kernel for the call, else im2col + the GEMM."""
+        # NHWC view: free for a channels_last input; an NCHW one is copied once, here or by the op.
         x_nhwc = x.permute(0, 2, 3, 1)
-        if self._implicit_gemm_applies(x):
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(padding) == (0, 0) \
+                and tuple(output_size) == tuple(x.shape[2:]):
+            y = self._gemm(x_nhwc.reshape(-1, self.in_channels))
+        elif self._implicit_gemm_applies(x):
             y = ops.bsr_conv2d(x_nhwc, self.layout, self.values, self.bias, self.kernel_size, self.stride, padding,
                                self.dilation, output_size)
+            if self.capture_grad_scores and y.requires_grad:
+                self._capture_conv_grad_scores(y, x_nhwc.detach(), padding)
         else:
             cols = reference.unfold_nhwc(x_nhwc, self.kernel_size, self.stride, padding, self.dilation, output_size)
-            y = self._gemm(cols).view(x.shape[0], *output_size, self.out_channels)
-        return y.permute(0, 3, 1, 2)  # NCHW-shaped, channels_last in memory: no copy
+            y = self._gemm(cols)
+        return y.view(x.shape[0], *output_size, self.out_channels).permute(0, 3, 1, 2)  # channels_last, no copy
 
     def _implicit_gemm_applies(self, x: Tensor) -> bool:
-        """Whether the bsr_conv2d op has a fast kernel for this call (today: the native CPU one, which takes
-        fp32/fp64 and in_channels a multiple of the block). DST's gradient scores need the unfolded input,
-        so update steps take the im2col path."""
-        return (not self.capture_grad_scores and self.in_channels % self.block_size == 0
-                and x.dtype in (torch.float32, torch.float64) and x.dtype == self.values.dtype
-                and not torch.is_autocast_enabled(x.device.type)
-                and ops.select_backend("bsr_conv2d", x.device, x.dtype) != "reference")
+        """Whether the backend that bsr_conv2d selects for this call has a kernel for it: Triton takes
+        fp16/bf16/fp32 (autocast included) and any in_channels; the native CPU kernel fp32/fp64 and in_channels
+        a multiple of the block. Otherwise im2col + bsr_linear, which may still have a native kernel (any width)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        backend = _conv_backend(x.device, dtype)
+        if backend == "cpu":
+            return dtype in (torch.float32, torch.float64) and self.in_channels % self.block_size == 0
+        return backend != "reference"
+
+    def _capture_conv_grad_scores(self, y: Tensor, x_nhwc: Tensor, padding) -> None:
+        """Leave the block norms of the dense filter gradient in grad_scores when y's gradient arrives (DST
+        update steps), from dY and the image: no im2col on the backends with a bsr_conv2d_grad_scores kernel."""
+        def record(grad: Tensor) -> None:
+            # Under autocast the gradient comes in the autocast dtype while the saved image is the layer's input.
+            scores = ops.bsr_conv2d_grad_scores(grad, x_nhwc.to(grad.dtype), self.block_size, self.kernel_size,
+                                                self.stride, padding, self.dilation)
+            self._record_grad_scores(scores)
+        y.register_hook(record)
 
     def _dense_grouped_conv(self, x: Tensor) -> Tensor:
         """Grouped convolutions: a dense conv with the densified filter (per-group matrices are too narrow
