@@ -416,8 +416,9 @@ SK_INLINE void conv_backward_input_tile(const BackwardInputArgs<typename V::T>& 
       }
     }
     const int64_t iw = pw + i0 * geo.stride_w;
-    tile.store(p.dx + ((b * geo.height + ih) * geo.width + iw) * geo.channels + g * BS + s * S::STRIP,
-               geo.stride_w * geo.channels, S::STRIP, nullptr);
+    T* out = p.dx + ((b * geo.height + ih) * geo.width + iw) * geo.channels + g * BS + s * S::STRIP;
+    const int64_t ldc = geo.stride_w * geo.channels;
+    tile.store(out, ldc, S::STRIP, nullptr, (reinterpret_cast<uintptr_t>(out) | (ldc * sizeof(T))) % 64 == 0);
   }
 }
 
@@ -442,7 +443,7 @@ void backward_input_conv_tasks(const BackwardInputArgs<typename V::T>& p, int64_
         conv_backward_input_tile<V, BS, decltype(rows)::value>(p, b, ih, pw, g, i0);
       });
     }
-  }
+  }  V::stream_fence();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ each per round, so that load from other processes hits all of them alike; the ta
 
 **Default suite** (``kernels.py``, ``e2e.py``). Cases: Linear M = N = K = 2048, forward and forward+backward (dX
 and dW); the convolution layers of a CIFAR ResNet-18 (batch 64; the 3-channel stem is left out, as sparse training
-keeps it dense), forward+backward, SparseConv2d against nn.Conv2d, per layer and in total. The rows also go to
+keeps it dense), forward+backward, SparseConv2d against nn.Conv2d, per layer and in total (dense: the faster of
+NCHW and channels_last activations; SparseConv2d: channels_last, the format its outputs have). The rows also go to
 ``<out>/<device-name>.csv``.
 
 End-to-end training throughput (images/s of whole training steps: forward, backward, optimizer step and the
