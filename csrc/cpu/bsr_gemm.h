@@ -113,7 +113,7 @@ struct KernelTable {
 // `columns` column blocks of `rows` rows takes panel_bytes(). `static`: every unit keeps its own copy
 // (see above).
 static inline int64_t panel_bytes(int64_t columns, int64_t rows, int64_t block_size, int64_t element_size) {
-  return columns * (rows * block_size * element_size + 64) + 192;
+  return columns * (rows * block_size * element_size + 128) + 192;
 }
 
 // Forward / linear input gradient: the operand's panels, plus a panel pointer, block pointer and depth per

@@ -192,7 +192,8 @@ struct Panels {
   int64_t width;      // K of the operand
   int64_t columns;    // column blocks of the operand
   int64_t capacity;   // rows of a panel
-  T* data;            // [columns][capacity][BS]
+  int64_t stride;     // elements from one column block's panel to the next
+  T* data;            // [columns][stride], each column block [capacity][BS]
   uint8_t* wanted;    // per column block: whether load() packs it
   BlockRef* refs;     // the wanted column blocks, ascending
   int64_t n_wanted;
@@ -205,11 +206,13 @@ struct Panels {
     width = operand_width;
     columns = n_columns;
     capacity = rows;
+    // One cache line more than the panel: panels a multiple of 4 KB apart would share L1 sets.
+    stride = capacity * BS + 64 / static_cast<int64_t>(sizeof(T));
     refs = reinterpret_cast<BlockRef*>(align64(scratch));
     wanted = reinterpret_cast<uint8_t*>(refs + columns);
     data = reinterpret_cast<T*>(align64(reinterpret_cast<char*>(wanted + columns)));
     clear();
-    return align64(reinterpret_cast<char*>(data + columns * capacity * BS));
+    return align64(reinterpret_cast<char*>(data + columns * stride));
   }
 
   void clear() {
@@ -231,7 +234,7 @@ struct Panels {
       for (int64_t w = 0; w < n_wanted; ++w) {
         const BlockRef& ref = refs[w];
         const T* src = operand_row<CONV>(a, g, width, m, row, ref);
-        T* dst = dst_row + (ref.col / BS) * capacity * BS;
+        T* dst = dst_row + (ref.col / BS) * stride;
 #pragma GCC unroll 8
         for (int e = 0; e < BS; e += V::W) {
           const int n = ref.depth - e;
@@ -242,7 +245,7 @@ struct Panels {
   }
 
   // Column block c (wanted, loaded): [rows][BS].
-  SK_INLINE const T* column(int64_t c) const { return data + c * capacity * BS; }
+  SK_INLINE const T* column(int64_t c) const { return data + c * stride; }
 
   static char* align64(char* p) {
     return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
