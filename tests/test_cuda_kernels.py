@@ -27,7 +27,7 @@ BUILT_WITH_CUDA = bool(_native.BUILD_INFO.get("cuda"))
 # The ops with a hand-written CUDA kernel, and those without one yet (the implicit-GEMM convolutions are a
 # separate piece of work): together they must be every op, so a new op or a new kernel fails here until listed.
 CUDA_OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "build_layout_index_", "masked_sgd_")
-NOT_ON_CUDA = ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_conv2d_wgrad")
+NOT_ON_CUDA = ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_conv2d_wgrad", "bsr_conv2d_grad_scores")
 GEMM_OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores")
 
 built_with_cuda = pytest.mark.skipif(not BUILT_WITH_CUDA, reason="sparsekern._C was built without CUDA kernels")
