@@ -10,6 +10,7 @@ M not a multiple of the 128-row tile; and every block size, fp16/bf16/fp32, dens
 block-rows and block-columns. Then compute-sanitizer (memcheck, racecheck) over small cases of every kernel
 (tests/cuda_sanitizer_cases.py).
 """
+import functools
 import os
 import shutil
 import subprocess
@@ -20,7 +21,9 @@ import pytest
 import torch
 
 import sparsekern as sk
-from sparsekern import _native, ops, reference
+from sparsekern import _native, ops
+
+import gemm_cases
 
 HAS_GPU = torch.cuda.is_available()
 BUILT_WITH_CUDA = bool(_native.BUILD_INFO.get("cuda"))
@@ -68,81 +71,21 @@ def test_forced_cuda_backend_routes_to_the_kernels(op, backend_env):
 # ----------------------------------------------------------------------------------------------
 # Helpers (GPU)
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed, dtype=torch.float32):
-    return torch.randn(*shape, generator=_gen(seed)).to(dtype=dtype, device="cuda")
-
-
-def make_layout(shape, bs, density, seed, empty_rows=(), empty_cols=()):
-    grid = (-(-shape[0] // bs), -(-shape[1] // bs))
-    mask = torch.ones(grid, dtype=torch.bool) if density >= 1.0 else torch.rand(grid, generator=_gen(seed)) < density
-    for r in empty_rows:
-        mask[r] = False
-    for c in empty_cols:
-        mask[:, c] = False
-    return sk.BlockSparseLayout.from_block_mask(mask.cuda(), bs, shape)
-
-
-def random_values(layout, seed, dtype):
-    """Random values everywhere, the padding of the last blocks included (the kernels must ignore it)."""
-    bs = layout.block_size
-    return randn(layout.nnz_blocks, bs, bs, seed=seed, dtype=dtype)
+randn = functools.partial(gemm_cases.randn, device="cuda")
+make_layout = functools.partial(gemm_cases.make_layout, device="cuda")
+random_values = gemm_cases.random_values
+linear_args = functools.partial(gemm_cases.linear_args, device="cuda")
+dx_args = functools.partial(gemm_cases.dx_args, device="cuda")
+sddmm_args = functools.partial(gemm_cases.sddmm_args, device="cuda")
 
 
 def native(op):
     return getattr(torch.ops.sparsekern, f"native_{op}")
 
 
-def _as64(args):
-    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-
 def assert_close_to_reference(op, args, out=None):
-    """|kernel - ref64| <= 2 |torch - ref64| + one ulp (of the kernel's dtype) of max |ref64|."""
-    if out is None:
-        out = native(op)(*args)
-    same_precision = getattr(reference, op)(*args)
-    exact = getattr(reference, op)(*_as64(args))
-    assert out.shape == exact.shape, f"{op}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
-    assert out.dtype == same_precision.dtype, f"{op}: dtype {out.dtype} != {same_precision.dtype}"
-    assert out.device == same_precision.device
-    if exact.numel() == 0:
-        return out
-    assert torch.isfinite(out).all(), f"{op}: non-finite values in the kernel's output"
-    kernel_error = (out.double() - exact).abs().max().item()
-    torch_error = (same_precision.double() - exact).abs().max().item()
-    eps = torch.finfo(out.dtype).eps * exact.abs().max().item()
-    assert kernel_error <= 2 * torch_error + eps, (
-        f"{op}: kernel error {kernel_error:.3e} > 2 x torch error {torch_error:.3e} + {eps:.1e}")
-    return out
-
-
-def linear_args(shape, bs, density, dtype, seed, bias=True, **layout_kw):
-    m, n, k = shape
-    layout = make_layout((n, k), bs, density, seed, **layout_kw)
-    values = random_values(layout, seed + 1, dtype)
-    x = randn(m, k, seed=seed + 2, dtype=dtype)
-    b = randn(n, seed=seed + 3, dtype=dtype) if bias else None
-    return layout, (x, values, *layout.index_tensors(), n, b)
-
-
-def dx_args(shape, bs, density, dtype, seed, **layout_kw):
-    m, n, k = shape
-    layout = make_layout((n, k), bs, density, seed, **layout_kw)
-    values = random_values(layout, seed + 1, dtype)
-    dy = randn(m, n, seed=seed + 2, dtype=dtype)
-    return layout, (dy, values, *layout.index_tensors(), k)
-
-
-def sddmm_args(shape, bs, density, dtype, seed, **layout_kw):
-    m, n, k = shape
-    layout = make_layout((n, k), bs, density, seed, **layout_kw)
-    dy = randn(m, n, seed=seed + 2, dtype=dtype)
-    x = randn(m, k, seed=seed + 3, dtype=dtype)
-    return layout, (dy, x, *layout.index_tensors(), bs)
+    """design §6's rule (tests/gemm_cases.py) on the CUDA kernel's output."""
+    return gemm_cases.assert_close_to_reference(op, args, native(op)(*args) if out is None else out)
 
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -266,7 +209,7 @@ class TestOnGpu:
         layout, args = linear_args((20, 40, 30), 16, 0.5, torch.float32, seed=19)
         x, values = args[0], args[1]
         with pytest.raises(RuntimeError, match="float64"):
-            native("bsr_linear")(*_as64(args))
+            native("bsr_linear")(*gemm_cases.as_float64(args))
         with pytest.raises(RuntimeError, match="float64"):
             native("block_grad_scores")(x.double(), x.double(), 16)
         with pytest.raises(RuntimeError, match="values has dtype"):

@@ -8,6 +8,7 @@ Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (which must be s
 sparsekern.triton_kernels is first imported); with a GPU, the same small cases run on CUDA and the
 `cuda`-marked cases add bf16 and realistic sizes.
 """
+import functools
 import os
 
 import pytest
@@ -20,9 +21,10 @@ if not (INTERPRET or HAS_CUDA):
 pytest.importorskip("triton")
 
 import sparsekern as sk  # noqa: E402
-from sparsekern import reference  # noqa: E402
 from sparsekern import triton_kernels as tk  # noqa: E402
 from sparsekern.triton_kernels.sddmm import sddmm_splits  # noqa: E402
+
+import gemm_cases  # noqa: E402
 
 # Small cases run on CPU under the interpreter, else on the GPU.
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -35,80 +37,17 @@ DENSITIES = [0.0, 0.4, 1.0]
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers
+# Helpers: the shared cases (tests/gemm_cases.py) on this file's device, checking the Triton kernels.
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed, dtype=torch.float32, device=DEVICE):
-    return torch.randn(*shape, generator=_gen(seed)).to(dtype=dtype, device=device)
-
-
-def make_layout(shape, bs, density, seed, empty_rows=(), empty_cols=(), device=DEVICE):
-    grid = (-(-shape[0] // bs), -(-shape[1] // bs))
-    if density >= 1.0:
-        mask = torch.ones(grid, dtype=torch.bool)
-    else:
-        mask = torch.rand(grid, generator=_gen(seed)) < density
-    for r in empty_rows:
-        mask[r] = False
-    for c in empty_cols:
-        mask[:, c] = False
-    return sk.BlockSparseLayout.from_block_mask(mask.to(device), bs, shape)
-
-
-def random_values(layout, seed, dtype):
-    """Random values everywhere, padding region included (the kernels must ignore it)."""
-    bs = layout.block_size
-    return randn(layout.nnz_blocks, bs, bs, seed=seed, dtype=dtype, device=layout.device)
-
-
-def _as64(args):
-    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+randn = functools.partial(gemm_cases.randn, device=DEVICE)
+make_layout = functools.partial(gemm_cases.make_layout, device=DEVICE)
+linear_args = functools.partial(gemm_cases.linear_args, device=DEVICE)
+dx_args = functools.partial(gemm_cases.dx_args, device=DEVICE)
+sddmm_args = functools.partial(gemm_cases.sddmm_args, device=DEVICE)
 
 
 def assert_close_to_reference(op, args, out=None):
-    """Flash-attention rule: |kernel - ref64| <= 2 |torch - ref64| + one ulp of max |ref64|."""
-    if out is None:
-        out = getattr(tk, op)(*args)
-    same_precision = getattr(reference, op)(*args)
-    exact = getattr(reference, op)(*_as64(args))
-    assert out.shape == exact.shape, f"{op}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
-    assert out.dtype == same_precision.dtype, f"{op}: dtype {out.dtype} != {same_precision.dtype}"
-    assert out.device == same_precision.device
-    if exact.numel() == 0:
-        return
-    kernel_error = (out.double() - exact).abs().max().item()
-    torch_error = (same_precision.double() - exact).abs().max().item()
-    eps = torch.finfo(out.dtype).eps * exact.abs().max().item()
-    assert kernel_error <= 2 * torch_error + eps, (
-        f"{op}: kernel error {kernel_error:.3e} > 2 x torch error {torch_error:.3e} + {eps:.1e}")
-
-
-def linear_args(shape, bs, density, dtype, seed, bias=True, **layout_kw):
-    m, n, k = shape
-    layout = make_layout((n, k), bs, density, seed, **layout_kw)
-    values = random_values(layout, seed + 1, dtype)
-    x = randn(m, k, seed=seed + 2, dtype=dtype)
-    b = randn(n, seed=seed + 3, dtype=dtype) if bias else None
-    return layout, (x, values, *layout.index_tensors(), n, b)
-
-
-def dx_args(shape, bs, density, dtype, seed, **layout_kw):
-    m, n, k = shape
-    layout = make_layout((n, k), bs, density, seed, **layout_kw)
-    values = random_values(layout, seed + 1, dtype)
-    dy = randn(m, n, seed=seed + 2, dtype=dtype)
-    return layout, (dy, values, *layout.index_tensors(), k)
-
-
-def sddmm_args(shape, bs, density, dtype, seed, **layout_kw):
-    m, n, k = shape
-    layout = make_layout((n, k), bs, density, seed, **layout_kw)
-    dy = randn(m, n, seed=seed + 2, dtype=dtype)
-    x = randn(m, k, seed=seed + 3, dtype=dtype)
-    return layout, (dy, x, *layout.index_tensors(), bs)
+    return gemm_cases.assert_close_to_reference(op, args, getattr(tk, op)(*args) if out is None else out)
 
 
 DTYPES = [torch.float32, torch.float16]
@@ -264,7 +203,7 @@ def test_errors():
     layout, args = linear_args((20, 40, 30), 16, 0.5, torch.float32, seed=18)
     x, values = args[0], args[1]
     with pytest.raises(TypeError, match="float64"):
-        tk.bsr_linear(*_as64(args))
+        tk.bsr_linear(*gemm_cases.as_float64(args))
     with pytest.raises(TypeError, match="float64"):
         tk.block_grad_scores(x.double(), x.double(), 16)
     with pytest.raises(ValueError, match="values have dtype"):
