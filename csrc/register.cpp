@@ -25,6 +25,7 @@ constexpr const char* kNativeOps[] = {
     "native_bsr_conv2d",
     "native_bsr_conv2d_dgrad",
     "native_bsr_conv2d_wgrad",
+    "native_bsr_conv2d_grad_scores",
     "native_masked_sgd_",
 };
 
@@ -104,6 +105,9 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   // [nnz, bs, bs] filter gradient at the layout's blocks from dY [B, OH, OW, N] and x [B, H, W, C]
   m.def("native_bsr_conv2d_wgrad(Tensor dy, Tensor x, " SK_LAYOUT_ARGS ", int block_size, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // [ceil(N/bs), ceil(kh*kw*C/bs)] Frobenius norms of the blocks of the dense filter gradient
+  m.def("native_bsr_conv2d_grad_scores(Tensor dy, Tensor x, int block_size, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> Tensor");
 #undef SK_LAYOUT_ARGS
 
   // One fused SGD step in place, in torch.optim.SGD's order (sparsekern.reference.masked_sgd_): weights =

@@ -292,9 +292,34 @@ def test_native_conv_ops_match_reference():
          reference.bsr_conv2d_dgrad(dy, values, *index, 32, [6, 5], *geometry)),
         (torch.ops.sparsekern.native_bsr_conv2d_wgrad(dy, x, *index, 16, *geometry),
          reference.bsr_conv2d_wgrad(dy, x, *index, 16, *geometry)),
+        (torch.ops.sparsekern.native_bsr_conv2d_grad_scores(dy, x, 16, *geometry),
+         reference.bsr_conv2d_grad_scores(dy, x, 16, *geometry)),
     ]
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_native_conv_grad_scores_match_reference(case):
+    cin, cout, kernel, stride, padding, dilation, bs, size = case
+    torch.manual_seed(5)
+    layer = sk.SparseConv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, block_size=bs)
+    left, _, top, _ = layer._pad_lrtb
+    x = torch.randn(3, size, size, cin)
+    out_size = layer(x.permute(0, 3, 1, 2)).shape[2:]
+    dy = torch.randn(3, *out_size, cout)
+    geometry = [[kernel, kernel], [stride, stride], [top, left], [dilation, dilation]]
+    with_threads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with_threads.append(torch.ops.sparsekern.native_bsr_conv2d_grad_scores(dy, x, bs, *geometry))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(with_threads[0], with_threads[1])
+    torch.testing.assert_close(with_threads[0], reference.bsr_conv2d_grad_scores(dy, x, bs, *geometry),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_conv_bit_identical_across_thread_counts():

@@ -227,6 +227,7 @@ struct Panels {
     n_wanted = 0;
     for (int64_t c = 0; c < columns; ++c)
       if (wanted[c]) refs[n_wanted++] = block_ref(g, c, BS, width);
+    if (CONV && g.channels % BS != 0) return load_any_channels(m_begin, m_end);
     for (int64_t m = m_begin; m < m_end; ++m) {
       ConvRow row{};
       if constexpr (CONV) row = conv_row(g, m);
@@ -239,6 +240,26 @@ struct Panels {
         for (int e = 0; e < BS; e += V::W) {
           const int n = ref.depth - e;
           V::store(dst + e, n >= V::W ? V::load(src + e) : n > 0 ? V::load_partial(src + e, n) : V::zero());
+        }
+      }
+    }
+  }
+
+  // A convolution whose channels are not a multiple of BS: a column block may span two filter taps, so
+  // every element is located on its own (block_grad_scores only; the GEMMs need whole-tap blocks).
+  void load_any_channels(int64_t m_begin, int64_t m_end) {
+    const Im2col& g = *geometry;
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const ConvRow row = conv_row(g, m);
+      for (int64_t w = 0; w < n_wanted; ++w) {
+        T* dst = data + (refs[w].col / BS) * stride + (m - m_begin) * BS;
+        for (int e = 0; e < BS; ++e) {
+          const int64_t k = refs[w].col + e;
+          const int64_t tap = k / g.channels;
+          const int64_t ih = row.ih0 + (tap / g.kernel_w) * g.dilation_h;
+          const int64_t iw = row.iw0 + (tap % g.kernel_w) * g.dilation_w;
+          const bool inside = e < refs[w].depth && ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+          dst[e] = inside ? a[row.image + (ih * g.width + iw) * g.channels + k - tap * g.channels] : T(0);
         }
       }
     }
@@ -556,12 +577,12 @@ void sddmm_tasks(const WeightGradArgs<typename V::T>& p, int64_t task_begin, int
 }
 
 // Tasks are groups of p.group_rows block-rows; their tiles live in the scratch until reduced to norms.
-template <class V, int BS>
+template <class V, int BS, bool CONV>
 void block_scores_tasks(const WeightGradArgs<typename V::T>& p, int64_t task_begin, int64_t task_end,
                         void* scratch) {
   using T = typename V::T;
   const int64_t R = p.index.n_block_rows, C = p.index.n_block_cols;
-  WeightGradPanels<V, BS, false> panels;
+  WeightGradPanels<V, BS, CONV> panels;
   T* tiles = reinterpret_cast<T*>(panels.init(p, scratch));
   const int64_t chunks = (p.M + p.m_chunk - 1) / p.m_chunk;
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -623,11 +644,12 @@ struct Entry {
   }
 
   static void block_scores(const WeightGradArgs<T>& p, int64_t begin, int64_t end, void* scratch) {
+    const bool conv = p.geometry.is_conv;
     switch (p.bs) {
-      case 16: return block_scores_tasks<V, 16>(p, begin, end, scratch);
-      case 32: return block_scores_tasks<V, 32>(p, begin, end, scratch);
-      case 64: return block_scores_tasks<V, 64>(p, begin, end, scratch);
-      case 128: return block_scores_tasks<V, 128>(p, begin, end, scratch);
+      case 16: return conv ? block_scores_tasks<V, 16, true>(p, begin, end, scratch) : block_scores_tasks<V, 16, false>(p, begin, end, scratch);
+      case 32: return conv ? block_scores_tasks<V, 32, true>(p, begin, end, scratch) : block_scores_tasks<V, 32, false>(p, begin, end, scratch);
+      case 64: return conv ? block_scores_tasks<V, 64, true>(p, begin, end, scratch) : block_scores_tasks<V, 64, false>(p, begin, end, scratch);
+      case 128: return conv ? block_scores_tasks<V, 128, true>(p, begin, end, scratch) : block_scores_tasks<V, 128, false>(p, begin, end, scratch);
     }
   }
 

@@ -5,7 +5,7 @@
 // - native_bsr_linear_dx       dX = dY W                (through the block-CSC index)
 // - native_bsr_sddmm           dW = (dYᵀ X) at the layout's blocks
 // - native_block_grad_scores   Frobenius norms of the blocks of the dense dYᵀX, tiled
-// - native_bsr_conv2d(_dgrad, _wgrad): the same three GEMMs on the implicit im2col of an NHWC image
+// - native_bsr_conv2d(_dgrad, _wgrad, _grad_scores): the same GEMMs on the implicit im2col of an NHWC image
 //
 // fp32 runs the AVX-512, AVX2+FMA or portable kernels (whichever the CPU has; SPARSEKERN_CPU_ISA=
 // avx512|avx2|scalar forces one, for tests); fp64 runs the portable kernels; fp16 and bf16 are computed
@@ -338,9 +338,10 @@ Tensor bsr_sddmm_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& row_
   return out.scalar_type() == dy_in.scalar_type() ? out : out.to(dy_in.scalar_type());
 }
 
+// Scores of every block of dYᵀ A, where A [M, K] is x or (geometry.is_conv) the implicit im2col of the image x.
 template <typename T>
-void run_block_scores(const Tensor& dy, const Tensor& x, Tensor& scores, int64_t bs) {
-  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+void run_block_scores(const Tensor& dy, const Tensor& x, Tensor& scores, const cpu::Im2col& geometry, int64_t M,
+                      int64_t N, int64_t K, int64_t bs) {
   cpu::BsrIndex grid{};
   grid.n_block_rows = cdiv(N, bs);
   grid.n_block_cols = cdiv(K, bs);
@@ -350,7 +351,7 @@ void run_block_scores(const Tensor& dy, const Tensor& x, Tensor& scores, int64_t
       std::max<int64_t>(1, std::min(kCacheBudget / row_bytes, cdiv(grid.n_block_rows, at::get_num_threads())));
   const int64_t m_chunk = reduction_chunk(N, K, sizeof(T));
   cpu::WeightGradArgs<T> args{dy.data_ptr<T>(), x.data_ptr<T>(), nullptr, scores.data_ptr<T>(), grid,
-                              plain_matrix(M, K), M, N, K, static_cast<int>(bs), m_chunk, group_rows};
+                              geometry, M, N, K, static_cast<int>(bs), m_chunk, group_rows};
   run_tasks(cdiv(grid.n_block_rows, group_rows),
             cpu::weight_grad_scratch_bytes(grid.n_block_rows, grid.n_block_cols, m_chunk,
                                            group_rows * grid.n_block_cols, bs, sizeof(T)),
@@ -366,10 +367,11 @@ Tensor block_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t bl
   // fp32 scores for every input dtype but fp64, as the reference accumulates.
   const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
   Tensor scores = at::empty({cdiv(dy.size(1), block_size), cdiv(x.size(1), block_size)}, dy.options());
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
   if (dy.scalar_type() == at::kDouble)
-    run_block_scores<double>(dy, x, scores, block_size);
+    run_block_scores<double>(dy, x, scores, plain_matrix(M, K), M, N, K, block_size);
   else
-    run_block_scores<float>(dy, x, scores, block_size);
+    run_block_scores<float>(dy, x, scores, plain_matrix(M, K), M, N, K, block_size);
   return scores;
 }
 
@@ -488,6 +490,28 @@ Tensor bsr_conv2d_wgrad_cpu(const Tensor& dy_in, const Tensor& x_in, const Tenso
   return out.scalar_type() == dy_in.scalar_type() ? out : out.to(dy_in.scalar_type());
 }
 
+Tensor bsr_conv2d_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t block_size,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation) {
+  check_image(dy_in, "dy");
+  check_image(x_in, "x");
+  check_same_dtype(x_in, dy_in, "x", "dy");
+  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has batch ", dy_in.size(0), " but x has ", x_in.size(0));
+  const int64_t bs = block_size, B = x_in.size(0), C = x_in.size(3), N = dy_in.size(3);
+  const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, dy_in.size(1), dy_in.size(2), kernel_size,
+                                      stride, padding, dilation);
+  const int64_t M = B * dy_in.size(1) * dy_in.size(2), K = kernel_size[0] * kernel_size[1] * C;
+  // fp32 scores for every input dtype but fp64, as the reference accumulates.
+  const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
+  Tensor scores = at::empty({cdiv(N, bs), cdiv(K, bs)}, dy.options());
+  if (dy.scalar_type() == at::kDouble)
+    run_block_scores<double>(dy, x, scores, geometry, M, N, K, bs);
+  else
+    run_block_scores<float>(dy, x, scores, geometry, M, N, K, bs);
+  return scores;
+}
+
 }  // namespace
 }  // namespace sparsekern
 
@@ -499,4 +523,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("native_bsr_conv2d", &sparsekern::bsr_conv2d_cpu);
   m.impl("native_bsr_conv2d_dgrad", &sparsekern::bsr_conv2d_dgrad_cpu);
   m.impl("native_bsr_conv2d_wgrad", &sparsekern::bsr_conv2d_wgrad_cpu);
+  m.impl("native_bsr_conv2d_grad_scores", &sparsekern::bsr_conv2d_grad_scores_cpu);
 }
