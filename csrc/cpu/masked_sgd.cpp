@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "masked_sgd_checks.h"
 
 namespace sparsekern {
 namespace {
@@ -250,12 +251,6 @@ Hyper<W> hyper(const c10::optional<Tensor>& inv_loss_scale, double lr, double mo
   return h;
 }
 
-void check_scalar_tensor(const Tensor& t, const char* name, const Tensor& param) {
-  TORCH_CHECK(t.numel() == 1, name, " must hold one element, got shape ", t.sizes());
-  TORCH_CHECK(t.device() == param.device(), name, " must be on the same device as param (", param.device(),
-              "), got ", t.device());
-}
-
 void masked_sgd_cpu(Tensor& param, const Tensor& grad, const c10::optional<Tensor>& momentum_buffer,
                     const c10::optional<Tensor>& master, Tensor& step, const c10::optional<Tensor>& grad_scale,
                     const c10::optional<Tensor>& inv_loss_scale, const c10::optional<Tensor>& found_inf, double lr,
@@ -263,52 +258,21 @@ void masked_sgd_cpu(Tensor& param, const Tensor& grad, const c10::optional<Tenso
                     bool decoupled_weight_decay) {
   TORCH_CHECK(param.device().is_cpu(), "param must be a CPU tensor, got ", param.device());
   TORCH_CHECK(param.is_floating_point(), "param must be floating point, got ", param.scalar_type());
-  TORCH_CHECK(grad.sizes() == param.sizes(), "grad must have the shape of param ", param.sizes(), ", got ",
-              grad.sizes());
-  SK_CHECK_SAME_DEVICE(grad, param);
+  const auto wtype = check_masked_sgd_args(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale,
+                                           found_inf, momentum);
   const bool has_master = master.has_value();
   const Tensor weights = has_master ? *master : param;
-  const auto wtype = weights.scalar_type();
-  TORCH_CHECK(wtype == at::kFloat || wtype == at::kDouble, has_master ? "master" : "param",
-              " (the weights updated) must be float32 or float64, got ", wtype,
-              "; bf16/fp16 params need an fp32 master");
-  if (has_master) {
-    TORCH_CHECK(master->sizes() == param.sizes(), "master must have the shape of param ", param.sizes(), ", got ",
-                master->sizes());
-    SK_CHECK_SAME_DEVICE((*master), param);
-  }
   const auto ptype = param.scalar_type();
   const auto gtype = grad.scalar_type();
-  TORCH_CHECK(gtype == ptype || gtype == wtype, "grad must have the dtype of param (", ptype, ") or of the weights (",
-              wtype, "), got ", gtype);
   TORCH_CHECK(wtype == at::kFloat || (ptype == at::kDouble && gtype == at::kDouble),
               "float64 weights need float64 param and grad, got ", ptype, " and ", gtype);
   TORCH_CHECK(ptype == at::kFloat || ptype == at::kDouble || ptype == at::kBFloat16 || ptype == at::kHalf,
               "param must be float32, float64, bfloat16 or float16, got ", ptype);
   const bool use_momentum = momentum != 0;
-  if (use_momentum) {
-    TORCH_CHECK(momentum_buffer.has_value(), "momentum_buffer is required when momentum != 0");
-    TORCH_CHECK(momentum_buffer->sizes() == param.sizes() && momentum_buffer->scalar_type() == wtype,
-                "momentum_buffer must have shape ", param.sizes(), " and dtype ", wtype, ", got ",
-                momentum_buffer->sizes(), " and ", momentum_buffer->scalar_type());
-    SK_CHECK_SAME_DEVICE((*momentum_buffer), param);
-  }
-  SK_CHECK_DTYPE(step, at::kLong, "int64");
-  check_scalar_tensor(step, "step", param);
-  const int64_t n_slices = param.dim() > 0 ? param.size(0) : 1;
-  Tensor scale;
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->dim() <= 1 && grad_scale->numel() == n_slices, "grad_scale must have one factor per ",
-                "leading index of param (", n_slices, "), got shape ", grad_scale->sizes());
-    SK_CHECK_SAME_DEVICE((*grad_scale), param);
-    scale = grad_scale->to(wtype).contiguous();  // [param.shape[0]]: small
-  }
-  if (inv_loss_scale.has_value()) check_scalar_tensor(*inv_loss_scale, "inv_loss_scale", param);
-  bool skip = false;
-  if (found_inf.has_value()) {
-    check_scalar_tensor(*found_inf, "found_inf", param);
-    skip = !(found_inf->item<double>() == 0);  // the reference takes the step only when found_inf == 0
-  }
+  // [param.shape[0]]: small
+  const Tensor scale = grad_scale.has_value() ? grad_scale->to(wtype).contiguous() : Tensor();
+  // The reference takes the step only when found_inf == 0.
+  const bool skip = found_inf.has_value() && !(found_inf->item<double>() == 0);
 
   // The kernel walks flat memory: strided operands go through contiguous copies (a slow path that nothing
   // in sparsekern takes: values, masters, buffers and autograd's gradients are contiguous).

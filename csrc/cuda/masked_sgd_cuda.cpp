@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "masked_sgd_checks.h"
 #include "cuda/masked_sgd.cuh"
 
 namespace sparsekern {
@@ -28,66 +29,25 @@ cuda::ElementType element_type(const Tensor& t, const char* name) {
   }
 }
 
-void check_one_element(const Tensor& t, const char* name, const Tensor& param) {
-  TORCH_CHECK(t.numel() == 1, name, " must hold one element, got shape ", t.sizes());
-  TORCH_CHECK(t.device() == param.device(), name, " must be on the same device as param (", param.device(),
-              "), got ", t.device());
-}
-
 void masked_sgd_cuda(Tensor& param, const Tensor& grad, const c10::optional<Tensor>& momentum_buffer,
                      const c10::optional<Tensor>& master, Tensor& step, const c10::optional<Tensor>& grad_scale,
                      const c10::optional<Tensor>& inv_loss_scale, const c10::optional<Tensor>& found_inf, double lr,
                      double momentum, double dampening, double weight_decay, bool nesterov,
                      bool decoupled_weight_decay) {
   TORCH_CHECK(param.is_cuda(), "param must be a CUDA tensor, got ", param.device());
-  TORCH_CHECK(grad.sizes() == param.sizes(), "grad must have the shape of param ", param.sizes(), ", got ",
-              grad.sizes());
-  SK_CHECK_SAME_DEVICE(grad, param);
+  const auto wtype = check_masked_sgd_args(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale,
+                                           found_inf, momentum);
+  TORCH_CHECK(step.is_contiguous(), "step must be contiguous");
   const c10::cuda::CUDAGuard device_guard(param.device());
-
   const bool has_master = master.has_value();
   const Tensor weights = has_master ? *master : param;
-  const auto wtype = weights.scalar_type();
-  TORCH_CHECK(wtype == at::kFloat || wtype == at::kDouble, has_master ? "master" : "param",
-              " (the weights updated) must be float32 or float64, got ", wtype,
-              "; bf16/fp16 params need an fp32 master");
-  if (has_master) {
-    TORCH_CHECK(master->sizes() == param.sizes(), "master must have the shape of param ", param.sizes(), ", got ",
-                master->sizes());
-    SK_CHECK_SAME_DEVICE((*master), param);
-  }
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type() || grad.scalar_type() == wtype,
-              "grad must have the dtype of param (", param.scalar_type(), ") or of the weights (", wtype, "), got ",
-              grad.scalar_type());
   const bool use_momentum = momentum != 0;
-  if (use_momentum) {
-    TORCH_CHECK(momentum_buffer.has_value(), "momentum_buffer is required when momentum != 0");
-    TORCH_CHECK(momentum_buffer->sizes() == param.sizes() && momentum_buffer->scalar_type() == wtype,
-                "momentum_buffer must have shape ", param.sizes(), " and dtype ", wtype, ", got ",
-                momentum_buffer->sizes(), " and ", momentum_buffer->scalar_type());
-    SK_CHECK_SAME_DEVICE((*momentum_buffer), param);
-  }
-  SK_CHECK_DTYPE(step, at::kLong, "int64");
-  check_one_element(step, "step", param);
-  TORCH_CHECK(step.is_contiguous(), "step must be contiguous");
 
   // The small operands are cast to what the kernel reads (asynchronously; no-ops when they already match).
   const int64_t n_slices = param.dim() > 0 ? param.size(0) : 1;
-  Tensor scale, inv, inf;
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->dim() <= 1 && grad_scale->numel() == n_slices, "grad_scale must have one factor per ",
-                "leading index of param (", n_slices, "), got shape ", grad_scale->sizes());
-    SK_CHECK_SAME_DEVICE((*grad_scale), param);
-    scale = grad_scale->to(wtype).contiguous();
-  }
-  if (inv_loss_scale.has_value()) {
-    check_one_element(*inv_loss_scale, "inv_loss_scale", param);
-    inv = inv_loss_scale->to(wtype).contiguous();
-  }
-  if (found_inf.has_value()) {
-    check_one_element(*found_inf, "found_inf", param);
-    inf = found_inf->to(at::kFloat).contiguous();
-  }
+  const Tensor scale = grad_scale.has_value() ? grad_scale->to(wtype).contiguous() : Tensor();
+  const Tensor inv = inv_loss_scale.has_value() ? inv_loss_scale->to(wtype).contiguous() : Tensor();
+  const Tensor inf = found_inf.has_value() ? found_inf->to(at::kFloat).contiguous() : Tensor();
 
   // The kernel walks flat memory: strided operands go through contiguous copies (a slow path that nothing in
   // sparsekern takes: values, masters, buffers and autograd's gradients are contiguous).
