@@ -94,8 +94,9 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   // [ceil(N/bs), ceil(K/bs)] Frobenius norms of the blocks of the dense dYᵀX (fp64 for fp64, else fp32)
   m.def("native_block_grad_scores(Tensor dy, Tensor x, int block_size) -> Tensor");
 
-  // Convolution with a block-sparse filter (groups = 1), NHWC images, K ordered (kh, kw, cin) with cin a
-  // multiple of the block size; zero padding is given top/left, output_size fixes bottom/right.
+  // Convolution with a block-sparse filter (groups = 1), NHWC images, K ordered (kh, kw, cin); zero padding is
+  // given top/left, output_size fixes bottom/right. The CUDA kernels take any cin; the CPU kernels need cin a
+  // multiple of the block size, except grad_scores.
   // Y [B, OH, OW, N] = conv(x [B, H, W, C]) (+ bias)
   m.def("native_bsr_conv2d(Tensor x, Tensor values, " SK_LAYOUT_ARGS ", int out_channels, Tensor? bias, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int[2] output_size) -> Tensor");

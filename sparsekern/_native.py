@@ -19,9 +19,10 @@ import torch
 _REBUILD_HINT = "Rebuild with `pip install --no-build-isolation --no-deps -e .`"
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # Kernels that take only some dtypes, by (op, device type); the others take every dtype their op does. The CUDA
-# GEMMs have no float64 path, so sparsekern.ops runs float64 CUDA tensors on the reference instead.
+# GEMMs and convolutions have no float64 path, so sparsekern.ops runs float64 CUDA tensors on the reference instead.
 _KERNEL_DTYPES = {(f"native_{op}", "cuda"): (torch.float16, torch.bfloat16, torch.float32)
-                  for op in ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores")}
+                  for op in ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
+                             "bsr_conv2d_dgrad", "bsr_conv2d_wgrad", "bsr_conv2d_grad_scores")}
 
 LOADED = False
 LOAD_ERROR = None

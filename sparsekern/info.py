@@ -53,8 +53,8 @@ def report() -> str:
         lines.append(f"  {op:<22} auto -> {picks:<28} kernels: {', '.join(native) or 'reference only'}")
     lines += ["", "convolution (SparseConv2d):",
               "  groups=1      implicit GEMM over NHWC, no im2col (bsr_conv2d + dgrad/wgrad/grad_scores) where the "
-              "backend has a kernel (triton: fp16/bf16/fp32, any in_channels; native cpu: fp32/fp64, in_channels a "
-              "multiple of the block); else im2col + bsr_linear. 1x1 stride-1: bsr_linear on the pixels.",
+              "backend has a kernel (triton and native cuda: fp16/bf16/fp32, any in_channels; native cpu: fp32/fp64, "
+              "in_channels a multiple of the block); else im2col + bsr_linear. 1x1 stride-1: bsr_linear on the pixels.",
               "  groups>1      dense conv2d with the densified filter: each group's filter matrix is only "
               "kh*kw*in/groups wide (kh*kw for depthwise), too narrow for bs x bs blocks to skip work."]
     return "\n".join(lines)

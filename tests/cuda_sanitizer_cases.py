@@ -1,10 +1,12 @@
-"""Small cases of every CUDA GEMM kernel, to run under compute-sanitizer (tests/test_cuda_kernels.py):
+"""Small cases of every CUDA GEMM and convolution kernel, to run under compute-sanitizer (tests/test_cuda_kernels.py):
 
     compute-sanitizer --tool=memcheck python tests/cuda_sanitizer_cases.py [all|small]
 
 Each (dtype, block size) runs the forward with and without bias, the input gradient, the SDDMM with one and with
 several M-chunks, and the block scores, on a shape with odd features (element-wise loads) and one with multiples
-of 8 (16-byte cp.async loads), both with partial last blocks, M not a multiple of the tile and an empty block-row.
+of 8 (16-byte cp.async loads), both with partial last blocks, M not a multiple of the tile and an empty block-row;
+then the four convolution ops on a 3x3 stride-2 layer whose in_channels are a multiple of 8 and not of the block
+(16-byte loads, blocks straddling taps), and on the 7x7 stem with 3 channels (element-wise loads).
 "small" (for the slower racecheck) keeps fp16 and fp32 and the odd shape. The results are only checked for
 being finite: correctness is the job of test_cuda_kernels.py.
 """
@@ -45,6 +47,28 @@ def run_case(dtype, bs, m, n, k, seed):
         assert torch.isfinite(out).all()
 
 
+def run_conv_case(dtype, bs, cin, kernel, stride, padding, seed):
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype=dtype, device="cuda")  # noqa: E731
+    cout, (height, width) = bs + 5, (11, 9)
+    out_size = [(n + 2 * padding - kernel) // stride + 1 for n in (height, width)]
+    layout = layout_for(cout, kernel * kernel * cin, bs, seed)
+    index = layout.index_tensors()
+    values = randn(layout.nnz_blocks, bs, bs)
+    x, dy, bias = randn(2, height, width, cin), randn(2, *out_size, cout), randn(cout)
+    geometry = ([kernel, kernel], [stride, stride], [padding, padding], [1, 1])
+    native = torch.ops.sparsekern
+    outputs = [
+        native.native_bsr_conv2d(x, values, *index, cout, bias, *geometry, out_size),
+        native.native_bsr_conv2d_dgrad(dy, values, *index, cin, [height, width], *geometry),
+        native.native_bsr_conv2d_wgrad(dy, x, *index, bs, *geometry),
+        native.native_bsr_conv2d_grad_scores(dy, x, bs, *geometry),
+    ]
+    torch.cuda.synchronize()
+    for out in outputs:
+        assert torch.isfinite(out).all()
+
+
 def main(subset):
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if subset == "all" else (torch.float16, torch.float32)
     count = 0
@@ -55,6 +79,9 @@ def main(subset):
             for seed, (m, n, k) in enumerate(shapes if subset == "all" else shapes[:1]):
                 run_case(dtype, bs, m, n, k, seed)
                 count += 1
+            run_conv_case(dtype, bs, cin=bs + 8, kernel=3, stride=2, padding=1, seed=bs)
+            run_conv_case(dtype, bs, cin=3, kernel=7, stride=2, padding=3, seed=bs + 1)
+            count += 2
     print(f"{count} cases ran")
 
 

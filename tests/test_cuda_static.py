@@ -1,4 +1,4 @@
-"""Static checks of the hand-written CUDA GEMM kernels, with no GPU: compile their .cu files for sm_90a (H100) and
+"""Static checks of the hand-written CUDA GEMM and convolution kernels, with no GPU: compile their .cu files for sm_90a (H100) and
 sm_80 (A100) with the flags the build uses, then read ptxas' resource report and the SASS.
 
 - no kernel spills registers (0 bytes spill stores/loads, no stack frame, no local loads/stores in the SASS);
@@ -6,8 +6,8 @@ sm_80 (A100) with the flags the build uses, then read ptxas' resource report and
 - the fp32 GEMMs use FFMA, also fed by cp.async, and no tensor cores;
 - every expected kernel instantiation is there (nothing silently compiled out).
 
-The .cu files include CUDA headers only (design §5): each compiles in about 10 s per architecture, and the four
-compiles run in parallel once per test session.
+The .cu files include CUDA headers only (design §5): each compiles in 10-40 s per architecture, and the compiles
+run in parallel once per test session.
 """
 import os
 import re
@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("bsr_gemm_linear.cu", "bsr_gemm_wgrad.cu")
+SOURCES = ("bsr_gemm_linear.cu", "bsr_gemm_wgrad.cu", "bsr_conv_dgrad.cu")
 ARCHS = ("sm_90a", "sm_80")
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
-# Instantiations per file and architecture: linear/dx = 3 dtypes x 4 block sizes x 2 directions;
-# wgrad = 3 dtypes x 4 block sizes x (sddmm, scores), plus the 3 partial-sum kernels of the split SDDMM.
-EXPECTED = {"bsr_gemm_kernel": 24, "weight_grad_kernel": 24, "sum_partials_kernel": 3}
+# Instantiations per architecture, 3 dtypes x 4 block sizes times: bsr_gemm_kernel 3 (linear forward and input
+# gradient on a plain matrix, the convolution forward on the implicit im2col); weight_grad_kernel 4 ((sddmm,
+# scores) x (plain matrix, im2col)); conv_dgrad_kernel 1. Plus the 3 partial-sum kernels of the split SDDMM.
+EXPECTED = {"bsr_gemm_kernel": 36, "weight_grad_kernel": 48, "conv_dgrad_kernel": 12, "sum_partials_kernel": 3}
 SASS_OPS = ("HMMA", "LDSM", "LDGSTS", "FFMA", "LDL", "STL")
 
 
@@ -62,7 +63,7 @@ def _nvcc_flags():
 
 def _kernel_kind(name):
     """(kernel, dtype) of a mangled name, or None for anything else."""
-    m = re.search(r"(bsr_gemm_kernel|weight_grad_kernel|sum_partials_kernel)I(6__half|13__nv_bfloat16|f)", name)
+    m = re.search(r"(bsr_gemm_kernel|weight_grad_kernel|conv_dgrad_kernel|sum_partials_kernel)I(6__half|13__nv_bfloat16|f)", name)
     return (m.group(1), DTYPES[m.group(2)]) if m else None
 
 

@@ -1,22 +1,20 @@
 """The Triton convolution kernels (bsr_conv2d, _dgrad, _wgrad, _grad_scores) and SparseConv2d on them.
 
-Oracle: F.conv2d in float64 with the dense filter built from the compact blocks by plain loops (conftest), its
-autograd for dX and dW, and plain-loop block norms for the scores. Tolerance is flash-attention's rule (as in
-test_triton_kernels.py): the kernel's error against that oracle may be at most twice the error of
-``sparsekern.reference`` (im2col + dense GEMM) computed in the kernel's precision, plus one ulp of the result.
+Problems, oracle and accuracy rule: tests/conv_cases.py (shared with the CUDA kernels' tests).
 
 Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 with small shapes; with one, the same cases run
 on CUDA and the `cuda`-marked cases add bf16 and ResNet-sized layers.
 """
+import functools
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
-from conftest import block_frobenius_norms, conv_weight_from_matrix, dense_matrix
+import conv_cases
+from conftest import block_frobenius_norms
+from conv_cases import CASES, GPU_CASES, OPS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -32,121 +30,15 @@ from sparsekern.triton_kernels.sddmm import sddmm_splits  # noqa: E402
 DEVICE = "cpu" if INTERPRET else "cuda"
 small = pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.cuda
 on_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+randn = functools.partial(conv_cases.randn, device=DEVICE)
+Conv = functools.partial(conv_cases.Conv, device=DEVICE)
+assert_close_to_oracle = functools.partial(conv_cases.assert_close_to_oracle, kernels=tk)
 
 
 @pytest.fixture(autouse=True)
 def exact_fp32_oracles(monkeypatch):
     """nn.Conv2d oracles in fp32 must not run in TF32 on a GPU (cuDNN allows it by default)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed, dtype=torch.float32, device=DEVICE):
-    return torch.randn(*shape, generator=_gen(seed)).to(dtype=dtype, device=device)
-
-
-class Conv:
-    """One convolution problem: NHWC image, block-sparse filter, geometry, and the float64 F.conv2d oracle."""
-
-    def __init__(self, batch, size, cin, cout, kernel, stride=1, padding=0, dilation=1, bs=16, density=0.5,
-                 dtype=torch.float32, seed=0, bias=True, empty_rows=(), empty_cols=()):
-        self.kernel, self.stride = _pair(kernel), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.cin, self.cout, self.bs, self.dtype = cin, cout, bs, dtype
-        height, width = size
-        self.output_size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                            zip(size, self.padding, self.dilation, self.kernel, self.stride)]
-        shape = (cout, self.kernel[0] * self.kernel[1] * cin)
-        grid = (-(-shape[0] // bs), -(-shape[1] // bs))
-        mask = torch.ones(grid, dtype=torch.bool) if density >= 1 else torch.rand(grid, generator=_gen(seed)) < density
-        for r in empty_rows:
-            mask[r] = False
-        for c in empty_cols:
-            mask[:, c] = False
-        self.layout = sk.BlockSparseLayout.from_block_mask(mask.to(DEVICE), bs, shape)
-        # Values are random in the blocks' padding too: the kernels must ignore it.
-        self.values = randn(self.layout.nnz_blocks, bs, bs, seed=seed + 1, dtype=dtype)
-        self.x = randn(batch, height, width, cin, seed=seed + 2, dtype=dtype)
-        self.dy = randn(batch, *self.output_size, cout, seed=seed + 3, dtype=dtype)
-        self.bias = randn(cout, seed=seed + 4, dtype=dtype) if bias else None
-        self.index = self.layout.index_tensors()
-        self.geometry = [list(self.kernel), list(self.stride), list(self.padding), list(self.dilation)]
-
-    def args(self, op, dtype=None):
-        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-        x, dy, values, bias = cast(self.x), cast(self.dy), cast(self.values), cast(self.bias)
-        if op == "bsr_conv2d":
-            return (x, values, *self.index, self.cout, bias, *self.geometry, list(self.output_size))
-        if op == "bsr_conv2d_dgrad":
-            return (dy, values, *self.index, self.cin, list(self.x.shape[1:3]), *self.geometry)
-        if op == "bsr_conv2d_wgrad":
-            return (dy, x, *self.index, self.bs, *self.geometry)
-        return (dy, x, self.bs, *self.geometry)
-
-    def oracle(self):
-        """{op: float64 result} from F.conv2d and its autograd."""
-        matrix = dense_matrix(self.values.double(), self.layout)
-        weight = conv_weight_from_matrix(matrix, self.cout, self.cin, self.kernel).detach().requires_grad_()
-        x = self.x.double().permute(0, 3, 1, 2).requires_grad_()
-        bias = None if self.bias is None else self.bias.double()
-        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
-        dx, dweight = torch.autograd.grad(y, (x, weight), self.dy.double().permute(0, 3, 1, 2))
-        dmatrix = dweight.permute(0, 2, 3, 1).reshape(self.cout, -1)
-        bs = self.bs
-        padded = F.pad(dmatrix, (0, -dmatrix.shape[1] % bs, 0, -dmatrix.shape[0] % bs))
-        blocks = [padded[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs]
-                  for r, c in zip(self.layout.coo_row.tolist(), self.layout.col_idx.tolist())]
-        return {
-            "bsr_conv2d": y.permute(0, 2, 3, 1),
-            "bsr_conv2d_dgrad": dx.permute(0, 2, 3, 1),
-            "bsr_conv2d_wgrad": torch.stack(blocks) if blocks else padded.new_zeros(0, bs, bs),
-            "bsr_conv2d_grad_scores": block_frobenius_norms(dmatrix, bs),
-        }
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def assert_close_to_oracle(problem, op, exact, out=None):
-    """Flash-attention rule: |kernel - oracle64| <= 2 |reference in the kernel's dtype - oracle64| + one ulp."""
-    args = problem.args(op)
-    if out is None:
-        out = getattr(tk, op)(*args)
-    same_precision = getattr(reference, op)(*args)
-    assert out.shape == exact.shape, f"{op}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
-    assert out.dtype == same_precision.dtype and out.device == same_precision.device, op
-    if exact.numel() == 0:
-        return
-    exact = exact.to(out.device)
-    kernel_error = (out.double() - exact).abs().max().item()
-    torch_error = (same_precision.double() - exact).abs().max().item()
-    eps = torch.finfo(out.dtype).eps * exact.abs().max().item()
-    assert kernel_error <= 2 * torch_error + eps, (
-        f"{op}: kernel error {kernel_error:.3e} > 2 x torch error {torch_error:.3e} + {eps:.1e}")
-
-
-OPS = ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_conv2d_wgrad", "bsr_conv2d_grad_scores")
-
-# ResNet/VGG geometries at small sizes, odd H/W; in_channels a multiple of the block (vectorised path) or not.
-CASES = {
-    "3x3_s1_p1": dict(batch=2, size=(9, 11), cin=32, cout=40, kernel=3, padding=1),
-    "3x3_s2_p1_cin20": dict(batch=2, size=(11, 9), cin=20, cout=24, kernel=3, stride=2, padding=1),
-    "1x1_s2_downsample": dict(batch=2, size=(9, 7), cin=64, cout=48, kernel=1, stride=2, bs=32),
-    "1x1_s1_cin24": dict(batch=1, size=(7, 5), cin=24, cout=33, kernel=1),
-    "7x7_s2_p3_stem": dict(batch=2, size=(15, 13), cin=3, cout=16, kernel=7, stride=2, padding=3),
-    "3x3_d2_p2_cin35": dict(batch=2, size=(9, 8), cin=35, cout=17, kernel=3, padding=2, dilation=2, bs=32),
-    "3x3_s2_d2_p2": dict(batch=1, size=(13, 11), cin=16, cout=16, kernel=3, stride=2, padding=2, dilation=2),
-    "3x3_p0": dict(batch=1, size=(7, 9), cin=16, cout=20, kernel=3),
-    "3x4_s(2,1)_p(1,2)": dict(batch=1, size=(9, 7), cin=18, cout=16, kernel=(3, 4), stride=(2, 1), padding=(1, 2),
-                              dilation=(1, 2)),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,19 +213,6 @@ def test_sparse_conv2d_autocast(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # On a GPU: bf16/fp16 at ResNet sizes (batch 8), TF32 on and off for fp32
-
-GPU_CASES = {
-    "resnet_3x3_64": dict(batch=8, size=(56, 56), cin=64, cout=64, kernel=3, padding=1, bs=32, density=0.1),
-    "resnet_3x3_s2_128": dict(batch=8, size=(56, 56), cin=64, cout=128, kernel=3, stride=2, padding=1, bs=32,
-                              density=0.2),
-    "resnet_1x1_s2_512": dict(batch=8, size=(28, 28), cin=256, cout=512, kernel=1, stride=2, bs=64, density=0.1),
-    "resnet_3x3_256": dict(batch=8, size=(14, 14), cin=256, cout=256, kernel=3, padding=1, bs=64, density=0.3),
-    "resnet_stem": dict(batch=8, size=(111, 113), cin=3, cout=64, kernel=7, stride=2, padding=3, bs=32,
-                        density=0.5),
-    "vgg_3x3_cin100_bs128": dict(batch=4, size=(31, 29), cin=100, cout=200, kernel=3, padding=1, bs=128,
-                                 density=0.25),
-}
-
 
 @on_gpu
 @pytest.mark.cuda

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "conv_checks.h"
 #include "cpu/bsr_gemm.h"
 
 namespace sparsekern {
@@ -381,12 +382,7 @@ Tensor block_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t bl
 cpu::Im2col conv_geometry(int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_h,
                           int64_t out_w, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "kernel_size, stride, padding and dilation must each have 2 entries");
-  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size must be positive, got ", kernel_size);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be non-negative, got ", padding);
+  check_conv_geometry(kernel_size, stride, padding, dilation);
   return {true, batch, height, width, channels, out_h, out_w, kernel_size[0], kernel_size[1], stride[0], stride[1],
           padding[0], padding[1], dilation[0], dilation[1]};
 }
@@ -411,8 +407,7 @@ Tensor bsr_conv2d_cpu(const Tensor& x_in, const Tensor& values_in, const Tensor&
                       at::IntArrayRef output_size) {
   check_image(x_in, "x");
   const int64_t bs = check_values(values_in, x_in, "x");
-  TORCH_CHECK(output_size.size() == 2 && output_size[0] > 0 && output_size[1] > 0,
-              "output_size must be two positive sizes, got ", output_size);
+  check_image_size(output_size, "output_size");
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out_channels, "bias must have shape (", out_channels,
                 ",), got ", bias_in->sizes());
@@ -446,8 +441,7 @@ Tensor bsr_conv2d_dgrad_cpu(const Tensor& dy_in, const Tensor& values_in, const 
   check_image(dy_in, "dy");
   const int64_t bs = check_values(values_in, dy_in, "dy");
   check_conv_channels(in_channels, bs, "in_channels");
-  TORCH_CHECK(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0,
-              "input_size must be two positive sizes, got ", input_size);
+  check_image_size(input_size, "input_size");
   const int64_t B = dy_in.size(0), N = dy_in.size(3);
   const auto geometry = conv_geometry(B, input_size[0], input_size[1], in_channels, dy_in.size(1), dy_in.size(2),
                                       kernel_size, stride, padding, dilation);
@@ -471,9 +465,8 @@ Tensor bsr_conv2d_wgrad_cpu(const Tensor& dy_in, const Tensor& x_in, const Tenso
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_image(dy_in, "dy");
   check_image(x_in, "x");
-  check_same_dtype(x_in, dy_in, "x", "dy");
+  check_same_batch(dy_in, x_in);
   TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has batch ", dy_in.size(0), " but x has ", x_in.size(0));
   const int64_t bs = block_size, B = x_in.size(0), C = x_in.size(3), N = dy_in.size(3);
   check_conv_channels(C, bs, "in_channels");
   const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, dy_in.size(1), dy_in.size(2), kernel_size,
@@ -495,9 +488,8 @@ Tensor bsr_conv2d_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64
                                   at::IntArrayRef dilation) {
   check_image(dy_in, "dy");
   check_image(x_in, "x");
-  check_same_dtype(x_in, dy_in, "x", "dy");
+  check_same_batch(dy_in, x_in);
   TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
-  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has batch ", dy_in.size(0), " but x has ", x_in.size(0));
   const int64_t bs = block_size, B = x_in.size(0), C = x_in.size(3), N = dy_in.size(3);
   const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, dy_in.size(1), dy_in.size(2), kernel_size,
                                       stride, padding, dilation);

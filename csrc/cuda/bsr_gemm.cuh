@@ -1,11 +1,12 @@
-// The block-sparse GEMMs on CUDA: launchers in CUDA-only terms (raw pointers, sizes, a stream), so that the
-// kernels (bsr_gemm_linear.cu, bsr_gemm_wgrad.cu) compile without the torch headers. The torch glue is
-// bsr_gemm_cuda.cpp.
+// The block-sparse GEMMs and implicit-GEMM convolutions on CUDA: launchers in CUDA-only terms (raw pointers,
+// sizes, a stream), so that the kernels (bsr_gemm_linear.cu, bsr_gemm_wgrad.cu, bsr_conv_dgrad.cu) compile without
+// the torch headers. The torch glue is bsr_gemm_cuda.cpp and bsr_conv_cuda.cpp.
 //
 // W [N, K] is block-sparse: values [nnz, bs, bs] (row-major blocks, block i at block-row coo_row[i], block-column
 // col_idx[i], in block-CSR order) plus the transposed index (col_ptr, row_idx, perm: CSC position -> CSR block).
 // Blocks past N or K are partly padding; padding entries of `values` are never used. Every pointer is a device
-// pointer; every function only enqueues work on `stream` (no host synchronisation) and returns the first error.
+// pointer (`values` 16-byte aligned, so that blocks load in 16-byte copies); every function only enqueues work on
+// `stream` (no host synchronisation) and returns the first error.
 // Element types: float16, bfloat16 (tensor cores, fp32 accumulation) and float32 (FFMA); block sizes 16, 32,
 // 64, 128; anything else returns cudaErrorInvalidValue.
 #pragma once
@@ -19,11 +20,22 @@
 namespace sparsekern {
 namespace cuda {
 
+// A convolution (groups = 1) of an NHWC image x [batch, height, width, channels] with a filter matrix
+// [out_channels, kernel_h * kernel_w * channels] (K ordered (kh, kw, c)) giving y [batch, out_h, out_w, N]; zero
+// padding given top/left (out_h, out_w fix the bottom/right). The GEMM view: M = batch * out_h * out_w output
+// pixels, K = kernel_h * kernel_w * channels. The glue guarantees M, K and every image's element count < 2^31.
+struct ConvShape {
+  int64_t batch, height, width, channels, out_h, out_w;
+  int kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w;
+};
+
 // out [M, out_cols] (contiguous) = A [M, a_cols] (row stride lda) times W walked by lines:
 // - forward (transposed = false):  Y = X Wᵀ (+ bias). Lines are block-rows (line_ptr = row_ptr, line_idx =
 //   col_idx, the block of position j is values[j]); a_cols = K, out_cols = N.
 // - input gradient (transposed = true): dX = dY W. Lines are block-columns (line_ptr = col_ptr, line_idx =
 //   row_idx, the block of position q is values[perm[q]]); a_cols = N, out_cols = K.
+// - convolution (conv != null, forward only): A is the implicit im2col [M, K] of the NHWC image `a` (lda unused),
+//   so out [M, N] is the NHWC output.
 struct BsrGemmArgs {
   ElementType type;
   int block_size;
@@ -37,11 +49,13 @@ struct BsrGemmArgs {
   const int32_t* line_idx;  // [nnz]
   const int32_t* perm;      // [nnz] (transposed) or null
   int64_t M, a_cols, out_cols, n_lines;
+  const ConvShape* conv;  // or null
 };
 
 cudaError_t bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream);
 
-// dW blocks [nnz, bs, bs] = (dYᵀ X) at the layout's blocks, zero in the padding. M is split into `splits`
+// dW blocks [nnz, bs, bs] = (dYᵀ X) at the layout's blocks, zero in the padding; with conv != null, X is the
+// implicit im2col of the NHWC image x (ld_x unused) and dY the NHWC output gradient [M, N] (the filter gradient). M is split into `splits`
 // chunks of `chunk` rows (sddmm_plan): with one split the blocks go straight to `out`; with several, each
 // (block, chunk) writes an fp32 partial to `partial` [splits, nnz, bs, bs] and a second pass sums them in a
 // fixed order (deterministic) into `out`.
@@ -59,6 +73,7 @@ struct SddmmArgs {
   int64_t splits, chunk;
   float* partial;  // [splits, nnz, bs, bs], or null when splits == 1
   void* out;       // [nnz, bs, bs] of `type`
+  const ConvShape* conv;  // or null
 };
 
 struct SddmmPlan {
@@ -72,7 +87,8 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count);
 cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream);
 
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = Frobenius norm of every block of the dense dYᵀX, computed tile by tile
-// in registers; the dense gradient never reaches memory. Requires M > 0.
+// in registers; the dense gradient never reaches memory. Requires M > 0. With conv != null, X is the implicit
+// im2col of the NHWC image x, as in SddmmArgs.
 struct BlockScoresArgs {
   ElementType type;
   int block_size;
@@ -82,9 +98,28 @@ struct BlockScoresArgs {
   int64_t ld_x;
   int64_t M, N, K;
   float* scores;
+  const ConvShape* conv;  // or null
 };
 
 cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream);
+
+// The convolution's input gradient dx [batch, height, width, channels] from dy [batch, out_h, out_w, N] (both NHWC,
+// contiguous) and the filter walked through its transposed index (col_ptr, row_idx, perm, as in BsrGemmArgs).
+// Every element of dx is written once (no atomics, deterministic). Any channel count.
+struct ConvDgradArgs {
+  ElementType type;
+  int block_size;
+  const void* dy;
+  const void* values;
+  void* dx;
+  const int32_t* col_ptr;  // [ceil(K / bs) + 1]
+  const int32_t* row_idx;
+  const int32_t* perm;
+  int64_t out_channels;  // N
+  ConvShape shape;
+};
+
+cudaError_t bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sparsekern

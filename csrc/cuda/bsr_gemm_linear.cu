@@ -9,7 +9,8 @@
 // [col][red] in the forward pass and [red][col] in the input gradient (ldmatrix .trans), never transposed in
 // memory. An empty line computes nothing and writes zeros (or the bias).
 #include "bsr_gemm.cuh"
-#include "bsr_gemm_tiles.cuh"
+#include "bsr_gemm_line_config.cuh"
+#include "im2col.cuh"
 
 namespace sparsekern {
 namespace cuda {
@@ -17,56 +18,10 @@ namespace {
 
 using namespace tiles;
 
-// Tile shapes per element type and block size. Shared memory stays under 99 KB so that every sm_80+ part
-// (A100 163 KB, H100 227 KB, consumer 99 KB per block) can run every configuration.
-template <typename T, int BS, bool TRANS, bool MMA = Elem<T>::kTensorCores>
-struct GemmConfig;
-
-// fp16 / bf16: warps of 64 or 32 rows x 16..32 columns of mma.m16n8k16.
-template <typename T, int BS, bool TRANS>
-struct GemmConfig<T, BS, TRANS, true> {
-  static constexpr int BM = 128;
-  static constexpr int KS = BS == 128 ? 32 : BS;
-  static constexpr int STAGES = BS == 64 ? 3 : 4;
-  static constexpr int WARPS_R = BS >= 64 ? 2 : 4;
-  static constexpr int WARPS_C = BS == 128 ? 4 : (BS == 64 ? 2 : 1);
-  using Math = MmaMath<T, BM, BS, KS, 1, WARPS_R, WARPS_C, false, TRANS>;
-};
-
-// fp32: 8 x (2..8) outputs per thread, FFMA.
-template <int BS, bool TRANS>
-struct GemmConfig<float, BS, TRANS, false> {
-  static constexpr int BM = 128;
-  static constexpr int KS = BS <= 32 ? BS : 16;
-  static constexpr int STAGES = BS <= 32 ? 3 : 4;
-  using Math = FmaMath<BM, BS, KS, 1, 16, BS == 128 ? 16 : 8, false, TRANS>;
-};
-
-// Shared-memory layout derived from a config: per stage A [BM][LDA] then B ([BS][LDB] forward, [KS][LDB]
-// transposed); after the pipeline, the fp32 tile [groups][BM][LDT] over the same memory.
-template <typename T, int BS, bool TRANS>
-struct GemmLayout : GemmConfig<T, BS, TRANS> {
-  using Cfg = GemmConfig<T, BS, TRANS>;
-  static constexpr int kThreads = Cfg::Math::kThreads;
-  static constexpr int kSlices = BS / Cfg::KS;
-  static constexpr int LDA = Cfg::KS + kPad<T>;
-  static constexpr int B_ROWS = TRANS ? Cfg::KS : BS;
-  static constexpr int B_COLS = TRANS ? BS : Cfg::KS;
-  static constexpr int LDB = B_COLS + kPad<T>;
-  static constexpr int LDT = kTileStride<BS>;
-  static constexpr int kABytes = Cfg::BM * LDA * static_cast<int>(sizeof(T));
-  static constexpr int kStageBytes = kABytes + B_ROWS * LDB * static_cast<int>(sizeof(T));
-  static constexpr int kSmemBytes =
-      imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * Cfg::BM * LDT * static_cast<int>(sizeof(float)));
-  static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
-  static_assert(BS % Cfg::KS == 0, "slices must cover the block");
-  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
-};
-
-template <typename T>
+// ASrc: where the dense operand's tiles come from (tiles::DenseRows, or tiles::Im2colRows for the convolution).
+template <typename T, class ASrc>
 struct GemmParams {
-  const T* a;
-  int64_t lda;
+  ASrc a;
   const T* values;
   const T* bias;
   T* out;
@@ -74,12 +29,11 @@ struct GemmParams {
   const int32_t* line_idx;
   const int32_t* perm;
   int64_t M, a_cols, out_cols, n_lines;
-  bool vec;  // 16-byte cp.async copies (see load_tile)
 };
 
-template <typename T, int BS, bool TRANS>
+template <typename T, int BS, bool TRANS, class ASrc>
 __global__ void __launch_bounds__(GemmLayout<T, BS, TRANS>::kThreads, GemmLayout<T, BS, TRANS>::kMinBlocks)
-bsr_gemm_kernel(const GemmParams<T> p) {
+bsr_gemm_kernel(const GemmParams<T, ASrc> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = GemmLayout<T, BS, TRANS>;
   constexpr int BM = L::BM;
@@ -95,7 +49,7 @@ bsr_gemm_kernel(const GemmParams<T> p) {
   const int n_blocks = p.line_ptr[line + 1] - first;
   const int64_t out_col0 = line * BS;
   const int rows = clamp_count(p.M, m0, BM);
-  const T* a_tile = p.a + m0 * p.lda;
+  const ASrc a_tile = p.a.rows_from(m0);
 
   typename L::Math math(tid);
   const auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * L::kStageBytes); };
@@ -119,12 +73,12 @@ bsr_gemm_kernel(const GemmParams<T> p) {
     // Reduction entries past the dense operand's width (the padding of the last block) load as zeros on both
     // sides, so whatever the padding of `values` holds never reaches the sums.
     const int red = clamp_count(p.a_cols, red0, KS);
-    load_tile<T, BM, KS, L::LDA, kThreads>(stage_a(s), a_tile + red0, p.lda, rows, red, p.vec, tid);
+    a_tile.template load<BM, KS, L::LDA, kThreads>(stage_a(s), red0, rows, red, tid);
     const T* w = p.values + values_at * (BS * BS);
     if (TRANS) {
-      load_tile<T, KS, BS, L::LDB, kThreads>(stage_b(s), w + slice * KS * BS, BS, red, BS, p.vec, tid);
+      load_tile<T, KS, BS, L::LDB, kThreads>(stage_b(s), w + slice * KS * BS, BS, red, BS, true, tid);
     } else {
-      load_tile<T, BS, KS, L::LDB, kThreads>(stage_b(s), w + slice * KS, BS, BS, red, p.vec, tid);
+      load_tile<T, BS, KS, L::LDB, kThreads>(stage_b(s), w + slice * KS, BS, BS, red, true, tid);
     }
   };
   run_pipeline<L::STAGES>(n_blocks * L::kSlices, load,
@@ -149,15 +103,11 @@ bsr_gemm_kernel(const GemmParams<T> p) {
 #endif
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
-
-template <typename T, int BS, bool TRANS>
-cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
+template <typename T, int BS, bool TRANS, class ASrc>
+cudaError_t launch(const BsrGemmArgs& a, const ASrc& source, cudaStream_t stream) {
   using L = GemmLayout<T, BS, TRANS>;
-  constexpr int kVec = kVecBytes / sizeof(T);
-  GemmParams<T> p;
-  p.a = static_cast<const T*>(a.a);
-  p.lda = a.lda;
+  GemmParams<T, ASrc> p;
+  p.a = source;
   p.values = static_cast<const T*>(a.values);
   p.bias = static_cast<const T*>(a.bias);
   p.out = static_cast<T*>(a.out);
@@ -168,18 +118,25 @@ cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
   p.a_cols = a.a_cols;
   p.out_cols = a.out_cols;
   p.n_lines = a.n_lines;
-  // Whole 16-byte chunks only: rows aligned and the width a multiple of the chunk, so that a chunk is either
-  // entirely inside the matrix or entirely outside (values blocks are bs*bs elements: always whole chunks).
-  p.vec = aligned16(a.a) && aligned16(a.values) && a.lda % kVec == 0 && a.a_cols % kVec == 0;
 
   const int64_t ctas = cdiv(a.M, L::BM) * a.n_lines;
   if (ctas == 0) return cudaSuccess;
   if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
-  const auto kernel = bsr_gemm_kernel<T, BS, TRANS>;
+  const auto kernel = bsr_gemm_kernel<T, BS, TRANS, ASrc>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(ctas), L::kThreads, L::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The dense operand: a plain matrix, or (forward convolution) the image's implicit im2col.
+template <typename T, int BS, bool TRANS>
+cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
+  if (a.conv != nullptr) {
+    if (TRANS) return cudaErrorInvalidValue;  // the convolution's input gradient is bsr_conv2d_dgrad
+    return launch<T, BS, false>(a, im2col_rows<T>(a.a, *a.conv), stream);
+  }
+  return launch<T, BS, TRANS>(a, dense_rows<T>(a.a, a.lda, a.a_cols), stream);
 }
 
 template <typename T, bool TRANS>

@@ -29,6 +29,32 @@ constexpr int kVecBytes = 16;  // one cp.async: 16 bytes
 __host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
 
+// Division of non-negative int32 values by a divisor fixed at launch, as a multiply-high and a shift
+// (Granlund-Montgomery): the im2col address of every 16-byte chunk takes four divisions by image sizes, which a
+// hardware-less integer division would make cost more than the chunk's MMAs.
+struct FastDivmod {
+  uint32_t divisor = 1, multiplier = 1, shift = 0;
+
+  FastDivmod() = default;
+  // d >= 1. shift = ceil(log2 d), multiplier = floor(2^32 (2^shift - d) / d) + 1.
+  __host__ explicit FastDivmod(int d) : divisor(static_cast<uint32_t>(d)) {
+    while ((1ull << shift) < divisor) ++shift;
+    multiplier = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - divisor)) / divisor + 1);
+  }
+
+  // n in [0, 2^31): the sum below stays under 2^32.
+  __device__ __forceinline__ int div(int n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+    return static_cast<int>((__umulhi(multiplier, u) + u) >> shift);
+  }
+  // quotient, and n - quotient * divisor in `rem`
+  __device__ __forceinline__ int divmod(int n, int& rem) const {
+    const int q = div(n);
+    rem = n - q * static_cast<int>(divisor);
+    return q;
+  }
+};
+
 // How many of `size` rows/columns starting at `start` lie below `limit`, as an int in [0, size].
 __device__ __forceinline__ int clamp_count(int64_t limit, int64_t start, int size) {
   const int64_t n = limit - start;
@@ -61,6 +87,8 @@ struct Elem<__nv_bfloat16> {
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
+
+__host__ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
 
 // Shared-memory row padding in elements (16 bytes).
 template <typename T>
@@ -159,6 +187,32 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int 
       dst[row * LDS + col] = (row < rows && col < cols) ? src[row * ld + col] : zero;
     }
   }
+}
+
+// The dense operand of a GEMM as a plain matrix. A kernel takes the view from its first row once (rows_from) and
+// loads tiles at column k0 of it. The implicit-GEMM convolutions swap in an im2col gather with the same two calls
+// (im2col.cuh), so one kernel serves both.
+template <typename T>
+struct DenseRows {
+  const T* data;
+  int64_t ld;
+  bool vec;  // 16-byte copies: data 16-byte aligned, ld and the width whole 16-byte chunks
+
+  __device__ __forceinline__ DenseRows rows_from(int64_t m0) const { return {data + m0 * ld, ld, vec}; }
+
+  // dst [ROWS][LDS] = the view's first ROWS rows at columns k0..; `rows` and `cols` count the valid ones.
+  template <int ROWS, int COLS, int LDS, int THREADS>
+  __device__ __forceinline__ void load(T* dst, int64_t k0, int rows, int cols, int tid) const {
+    load_tile<T, ROWS, COLS, LDS, THREADS>(dst, data + k0, ld, rows, cols, vec, tid);
+  }
+};
+
+// A [rows, width] matrix with row stride ld. 16-byte copies need aligned rows and a width of whole chunks, so that
+// a chunk is either entirely inside the matrix or entirely outside.
+template <typename T>
+DenseRows<T> dense_rows(const void* data, int64_t ld, int64_t width) {
+  constexpr int kVec = kVecBytes / sizeof(T);
+  return {static_cast<const T*>(data), ld, aligned16(data) && ld % kVec == 0 && width % kVec == 0};
 }
 
 // ---------------------------------------------------------------------------------------------

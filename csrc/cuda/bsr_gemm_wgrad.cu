@@ -9,6 +9,7 @@
 // N or K load as zeros, so the padding of a block comes out exactly zero (sddmm) or adds nothing (norms).
 #include "bsr_gemm.cuh"
 #include "bsr_gemm_tiles.cuh"
+#include "im2col.cuh"
 
 namespace sparsekern {
 namespace cuda {
@@ -52,14 +53,12 @@ struct WgradLayout : WgradConfig<T, TILE> {
   static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
 };
 
-template <typename T>
+// XSrc: where X's tiles come from (tiles::DenseRows, or tiles::Im2colRows for the convolution's filter gradient).
+template <typename T, class XSrc>
 struct WgradParams {
-  const T* dy;
-  int64_t ld_dy;
-  const T* x;
-  int64_t ld_x;
+  DenseRows<T> dy;
+  XSrc x;
   int64_t M, N, K;
-  bool vec;
   // bsr_sddmm
   const int32_t* coo_row;
   const int32_t* col_idx;
@@ -73,9 +72,9 @@ struct WgradParams {
 
 // SCORES = false: grid (nnz, splits), one stored block (TILE == BS) and one M-chunk per CTA.
 // SCORES = true: grid (tiles of N x tiles of K), all of M per CTA.
-template <typename T, int TILE, int BS, bool SCORES>
+template <typename T, int TILE, int BS, bool SCORES, class XSrc>
 __global__ void __launch_bounds__(WgradLayout<T, TILE>::kThreads, WgradLayout<T, TILE>::kMinBlocks)
-weight_grad_kernel(const WgradParams<T> p) {
+weight_grad_kernel(const WgradParams<T, XSrc> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using L = WgradLayout<T, TILE>;
   static_assert(SCORES || TILE == BS, "an SDDMM tile is one block");
@@ -106,10 +105,8 @@ weight_grad_kernel(const WgradParams<T> p) {
   const auto load = [&](int step, int s) {
     const int64_t m = m_begin + static_cast<int64_t>(step) * BLOCK_M;
     const int rows = clamp_count(m_end, m, BLOCK_M);
-    load_tile<T, BLOCK_M, TILE, L::LD, kThreads>(stage_dy(s), p.dy + m * p.ld_dy + n0, p.ld_dy, rows, n_valid,
-                                                 p.vec, tid);
-    load_tile<T, BLOCK_M, TILE, L::LD, kThreads>(stage_x(s), p.x + m * p.ld_x + k0, p.ld_x, rows, k_valid, p.vec,
-                                                 tid);
+    p.dy.rows_from(m).template load<BLOCK_M, TILE, L::LD, kThreads>(stage_dy(s), n0, rows, n_valid, tid);
+    p.x.rows_from(m).template load<BLOCK_M, TILE, L::LD, kThreads>(stage_x(s), k0, rows, k_valid, tid);
   };
   run_pipeline<L::STAGES>(static_cast<int>(cdiv(m_end - m_begin, BLOCK_M)), load,
                           [&](int s) { math.stage(stage_dy(s), L::LD, stage_x(s), L::LD); });
@@ -172,39 +169,30 @@ sum_partials_kernel(const float* __restrict__ partial, int64_t splits, int64_t t
 #endif
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
-
-template <typename T>
-WgradParams<T> common_params(const void* dy, int64_t ld_dy, const void* x, int64_t ld_x, int64_t M, int64_t N,
-                             int64_t K) {
-  constexpr int kVec = kVecBytes / sizeof(T);
-  WgradParams<T> p{};
-  p.dy = static_cast<const T*>(dy);
-  p.ld_dy = ld_dy;
-  p.x = static_cast<const T*>(x);
-  p.ld_x = ld_x;
+template <typename T, class XSrc>
+WgradParams<T, XSrc> common_params(const void* dy, int64_t ld_dy, const XSrc& x, int64_t M, int64_t N, int64_t K) {
+  WgradParams<T, XSrc> p{};
+  p.dy = dense_rows<T>(dy, ld_dy, N);
+  p.x = x;
   p.M = M;
   p.N = N;
   p.K = K;
-  // Whole 16-byte chunks only (see bsr_gemm_linear.cu).
-  p.vec = aligned16(dy) && aligned16(x) && ld_dy % kVec == 0 && ld_x % kVec == 0 && N % kVec == 0 &&
-          K % kVec == 0;
   return p;
 }
 
-template <typename T, int TILE, int BS, bool SCORES>
-cudaError_t launch_weight_grad(const WgradParams<T>& p, dim3 grid, cudaStream_t stream) {
+template <typename T, int TILE, int BS, bool SCORES, class XSrc>
+cudaError_t launch_weight_grad(const WgradParams<T, XSrc>& p, dim3 grid, cudaStream_t stream) {
   using L = WgradLayout<T, TILE>;
-  const auto kernel = weight_grad_kernel<T, TILE, BS, SCORES>;
+  const auto kernel = weight_grad_kernel<T, TILE, BS, SCORES, XSrc>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int BS>
-cudaError_t sddmm(const SddmmArgs& a, cudaStream_t stream) {
-  WgradParams<T> p = common_params<T>(a.dy, a.ld_dy, a.x, a.ld_x, a.M, a.N, a.K);
+template <typename T, int BS, class XSrc>
+cudaError_t sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
+  WgradParams<T, XSrc> p = common_params<T>(a.dy, a.ld_dy, x, a.M, a.N, a.K);
   p.coo_row = a.coo_row;
   p.col_idx = a.col_idx;
   p.nnz = a.nnz;
@@ -223,10 +211,10 @@ cudaError_t sddmm(const SddmmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int BS>
-cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
+template <typename T, int BS, class XSrc>
+cudaError_t scores(const BlockScoresArgs& a, const XSrc& x, cudaStream_t stream) {
   constexpr int TILE = BS <= 64 ? 64 : 128;
-  WgradParams<T> p = common_params<T>(a.dy, a.ld_dy, a.x, a.ld_x, a.M, a.N, a.K);
+  WgradParams<T, XSrc> p = common_params<T>(a.dy, a.ld_dy, x, a.M, a.N, a.K);
   p.n_tile_cols = cdiv(a.K, TILE);
   p.n_block_rows = cdiv(a.N, BS);
   p.n_block_cols = cdiv(a.K, BS);
@@ -235,6 +223,19 @@ cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
   if (ctas == 0 || a.M == 0) return cudaSuccess;  // the caller fills the empty cases
   if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
   return launch_weight_grad<T, TILE, BS, true>(p, dim3(static_cast<unsigned>(ctas)), stream);
+}
+
+// X: a plain matrix, or (convolution) the image's implicit im2col.
+template <typename T, int BS>
+cudaError_t sddmm(const SddmmArgs& a, cudaStream_t stream) {
+  if (a.conv != nullptr) return sddmm<T, BS>(a, im2col_rows<T>(a.x, *a.conv), stream);
+  return sddmm<T, BS>(a, dense_rows<T>(a.x, a.ld_x, a.K), stream);
+}
+
+template <typename T, int BS>
+cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
+  if (a.conv != nullptr) return scores<T, BS>(a, im2col_rows<T>(a.x, *a.conv), stream);
+  return scores<T, BS>(a, dense_rows<T>(a.x, a.ld_x, a.K), stream);
 }
 
 template <typename T>

@@ -3,7 +3,8 @@
 The filter [out, in/groups, kh, kw] is stored as the matrix [out, kh*kw*in/groups] with K ordered
 (kh, kw, cin), so that a block is up to ``block_size`` input channels at one filter tap (the order an
 NHWC implicit GEMM reads). With groups=1, where the selected backend has a ``bsr_conv2d`` kernel for the call
-(Triton: fp16/bf16/fp32, any in_channels; native CPU: fp32/fp64, in_channels a multiple of the block), forward,
+(Triton, native CUDA: fp16/bf16/fp32, any in_channels; native CPU: fp32/fp64, in_channels a multiple of the
+block), forward,
 data gradient, filter gradient and, on DST update steps, the gradient's block norms are implicit GEMMs over the
 NHWC image with no unfold buffer (``bsr_conv2d`` / ``_dgrad`` / ``_wgrad`` / ``_grad_scores``). 1x1 stride-1
 convolutions are the block-sparse GEMM on the [B*H*W, C] pixels. Otherwise the convolution runs as unfold + the
@@ -138,9 +139,10 @@ class SparseConv2d(BlockSparseWeight):
         return y.view(x.shape[0], *output_size, self.out_channels).permute(0, 3, 1, 2)  # channels_last, no copy
 
     def _implicit_gemm_applies(self, x: Tensor) -> bool:
-        """Whether the backend that bsr_conv2d selects for this call has a kernel for it: Triton takes
-        fp16/bf16/fp32 (autocast included) and any in_channels; the native CPU kernel fp32/fp64 and in_channels
-        a multiple of the block. Otherwise im2col + bsr_linear, which may still have a native kernel (any width)."""
+        """Whether the backend that bsr_conv2d selects for this call has a kernel for it: Triton and the native
+        CUDA kernels take fp16/bf16/fp32 (autocast included) and any in_channels; the native CPU kernel fp32/fp64
+        and in_channels a multiple of the block. Otherwise im2col + bsr_linear, which may still have a native
+        kernel (any width)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         backend = _conv_backend(x.device, dtype)
         if backend == "cpu":

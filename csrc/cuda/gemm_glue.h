@@ -1,0 +1,162 @@
+// Argument checks and launch plumbing shared by the torch glue of the CUDA GEMMs (bsr_gemm_cuda.cpp) and
+// convolutions (bsr_conv_cuda.cpp). The layout's index *contents* are trusted (reading them would cost a
+// device-to-host copy): they come from build_layout_index_, and the kernels index memory with them.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "cuda/bsr_gemm.cuh"
+
+namespace sparsekern {
+namespace cuda_glue {
+
+using at::Tensor;
+
+inline bool valid_block_size(int64_t bs) { return bs == 16 || bs == 32 || bs == 64 || bs == 128; }
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline cuda::ElementType gemm_type(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::ElementType::kFloat32;
+    case at::kHalf: return cuda::ElementType::kFloat16;
+    case at::kBFloat16: return cuda::ElementType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " has dtype ", t.scalar_type(), ": the CUDA GEMM kernels take float16, bfloat16 or ",
+                  "float32 (float64 runs on the cpu and reference backends)");
+  }
+}
+
+inline void check_operand(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [M, features], got ", t.dim(), "-D");
+  gemm_type(t, name);
+}
+
+inline void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name, " has ",
+              ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+// values [nnz, bs, bs] -> bs (checked)
+inline int64_t check_values(const Tensor& values, const Tensor& like, const char* like_name) {
+  SK_CHECK_DIM(values, 3);
+  const int64_t bs = values.size(1);
+  TORCH_CHECK(values.size(2) == bs && valid_block_size(bs),
+              "values must be [nnz, bs, bs] with bs in {16, 32, 64, 128}, got ", values.sizes());
+  check_like(values, like, "values", like_name);
+  return bs;
+}
+
+inline void check_index(const Tensor& t, const char* name, int64_t numel, const char* what, const Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the operands are on ", like.device());
+  TORCH_CHECK(t.numel() == numel, name, " must have ", what, " = ", numel, " elements, got ", t.numel());
+}
+
+// The six index tensors of a layout over an R x C block grid with nnz blocks (shapes only, see above).
+inline void check_layout(const Tensor& row_ptr, const Tensor& col_idx, const Tensor& coo_row,
+                         const Tensor& col_ptr, const Tensor& row_idx, const Tensor& perm, int64_t n_block_rows,
+                         int64_t n_block_cols, int64_t nnz, const Tensor& like) {
+  check_index(row_ptr, "row_ptr", n_block_rows + 1, "block rows + 1", like);
+  check_index(col_ptr, "col_ptr", n_block_cols + 1, "block columns + 1", like);
+  check_index(col_idx, "col_idx", nnz, "stored blocks", like);
+  check_index(coo_row, "coo_row", nnz, "stored blocks", like);
+  check_index(row_idx, "row_idx", nnz, "stored blocks", like);
+  check_index(perm, "perm", nnz, "stored blocks", like);
+  TORCH_CHECK(nnz <= INT32_MAX, "at most 2^31 - 1 stored blocks, got ", nnz);
+}
+
+inline int device_attribute(cudaDeviceAttr attribute, const Tensor& on) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, on.get_device()));
+  return value;
+}
+
+inline void check_capability(const Tensor& t) {
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, t);
+  TORCH_CHECK(major >= 8, "the CUDA GEMM kernels need compute capability 8.0 or newer (cp.async, bf16 tensor cores); ",
+              t.device(), " is ", major, ".x");
+}
+
+// values [nnz, bs, bs] as the kernels read them: contiguous and 16-byte aligned (a view at an odd storage offset is
+// copied), so that every block loads in 16-byte copies.
+inline Tensor aligned_values(const Tensor& values) {
+  const Tensor v = values.contiguous();
+  return reinterpret_cast<uintptr_t>(v.data_ptr()) % 16 == 0 ? v : v.clone();
+}
+
+// The kernels take a row stride but need unit stride along the features.
+inline Tensor rows_contiguous(const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Every launch's error (cudaGetLastError right after it, in the launcher) reaches here.
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err != cudaErrorInvalidValue, op, ": arguments the CUDA kernels do not support (a bug in the checks)");
+  C10_CUDA_CHECK(err);
+}
+
+// The weight-gradient GEMMs' launches, shared by the linear and convolution ops. dy [M, N] (row stride ld_dy) and
+// x: a plain [M, K] matrix (row stride ld_x), or with conv the NHWC image whose implicit im2col is X.
+
+// out [nnz, bs, bs] = (dYᵀ X) at the blocks (coo_row, col_idx); M > 0, nnz > 0.
+inline void launch_sddmm(const Tensor& dy, int64_t ld_dy, const Tensor& x, int64_t ld_x, const Tensor& coo_row,
+                         const Tensor& col_idx, int64_t M, int64_t N, int64_t K, const cuda::ConvShape* conv,
+                         Tensor& out, const char* op) {
+  const int64_t nnz = out.size(0), bs = out.size(1);
+  const cuda::SddmmPlan plan = cuda::sddmm_plan(M, nnz, device_attribute(cudaDevAttrMultiProcessorCount, dy));
+  // fp32 partial blocks per M-chunk, when the blocks alone are too few to fill the GPU.
+  const Tensor partial =
+      plan.splits > 1 ? at::empty({plan.splits, nnz, bs, bs}, dy.options().dtype(at::kFloat)) : Tensor();
+  cuda::SddmmArgs args{};
+  args.type = gemm_type(dy, "dy");
+  args.block_size = static_cast<int>(bs);
+  args.dy = dy.data_ptr();
+  args.ld_dy = ld_dy;
+  args.x = x.data_ptr();
+  args.ld_x = ld_x;
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.coo_row = coo_row.data_ptr<int32_t>();
+  args.col_idx = col_idx.data_ptr<int32_t>();
+  args.nnz = nnz;
+  args.splits = plan.splits;
+  args.chunk = plan.chunk;
+  args.partial = partial.defined() ? partial.data_ptr<float>() : nullptr;
+  args.out = out.data_ptr();
+  args.conv = conv;
+  check_launch(cuda::bsr_sddmm(args, current_stream()), op);
+}
+
+// scores [ceil(N/bs), ceil(K/bs)] fp32 = block norms of the dense dYᵀX; M > 0.
+inline void launch_block_scores(const Tensor& dy, int64_t ld_dy, const Tensor& x, int64_t ld_x, int64_t block_size,
+                                int64_t M, int64_t N, int64_t K, const cuda::ConvShape* conv, Tensor& scores,
+                                const char* op) {
+  cuda::BlockScoresArgs args{};
+  args.type = gemm_type(dy, "dy");
+  args.block_size = static_cast<int>(block_size);
+  args.dy = dy.data_ptr();
+  args.ld_dy = ld_dy;
+  args.x = x.data_ptr();
+  args.ld_x = ld_x;
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.scores = scores.data_ptr<float>();
+  args.conv = conv;
+  check_launch(cuda::block_grad_scores(args, current_stream()), op);
+}
+
+}  // namespace cuda_glue
+}  // namespace sparsekern
