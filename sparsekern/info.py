@@ -29,6 +29,7 @@ def report() -> str:
         f"triton            {_triton_version()}",
         f"GPU               {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}",
         f"SPARSEKERN_BACKEND={os.environ.get('SPARSEKERN_BACKEND', 'auto')}",
+        f"SPARSEKERN_AUTOTUNE={os.environ.get('SPARSEKERN_AUTOTUNE', '1')}",
         "",
     ]
     if _native.LOADED:
@@ -51,6 +52,11 @@ def report() -> str:
         native = [b for b in ("cpu", "cuda", "triton") if ops.backend_has_op(b, op)]
         picks = ", ".join(f"{d}: {ops.select_backend(op, torch.device(d))}" for d in devices)
         lines.append(f"  {op:<22} auto -> {picks:<28} kernels: {', '.join(native) or 'reference only'}")
+    lines += ["  auto on cuda measures per shape: where triton and cuda both have the op for the dtype, the first "
+              "call of each (op, device, dtype, argument shapes and values) times both and keeps the faster. Listed "
+              "above is the static order (triton, cuda, reference), used instead with SPARSEKERN_AUTOTUNE=0, for the "
+              "mutating ops, and under CUDA graph capture before a shape was measured (warm up before capturing)."]
+    lines += _tuned_lines(ops.tuned_choices())
     lines += ["", "convolution (SparseConv2d):",
               "  groups=1      implicit GEMM over NHWC, no im2col (bsr_conv2d + dgrad/wgrad/grad_scores) where the "
               "backend has a kernel (triton and native cuda: fp16/bf16/fp32, any in_channels; native cpu: fp32/fp64, "
@@ -58,6 +64,19 @@ def report() -> str:
               "  groups>1      dense conv2d with the densified filter: each group's filter matrix is only "
               "kh*kw*in/groups wide (kh*kw for depthwise), too narrow for bs x bs blocks to skip work."]
     return "\n".join(lines)
+
+
+def _tuned_lines(choices) -> list:
+    """auto's measured choices in this process, when there are any (in-process ``report()`` calls)."""
+    if not choices:
+        return []
+    lines = ["", "auto's measured choices in this process (median ms per backend):"]
+    for key, choice in choices.items():
+        times = ", ".join(f"{backend} {ms:.3f}" for backend, ms in choice.times_ms.items())
+        failed = "".join(f"; {backend} dropped ({why})" for backend, why in choice.failures.items())
+        dtype = str(key.dtype).replace("torch.", "")
+        lines.append(f"  {key.op} {key.device} {dtype} {key.args} -> {choice.backend}  ({times}{failed})")
+    return lines
 
 
 def main(argv=None) -> None:

@@ -9,26 +9,32 @@ and ``opcheck`` see it. Its implementation picks a backend per call:
   tensors under ``TRITON_INTERPRET=1`` (so that CI runs them);
 - ``reference``: plain PyTorch (``sparsekern.reference``), the definition of correctness.
 
-``SPARSEKERN_BACKEND=auto|cuda|triton|cpu|reference`` overrides the choice. ``auto`` takes, in order: on CPU
-tensors the native kernel, then the reference; on CUDA tensors Triton, then the hand-written CUDA kernel, then
-the reference (Triton first because its kernels have run, in the interpreter, while the CUDA GEMMs have only
-been compiled: no GPU has timed the two side by side yet, which is what should decide the order per shape). A forced backend that cannot run on the device raises; a forced backend that
-lacks an op (or the operands' dtype, e.g. Triton and float64) uses the reference for that op
-(``python -m sparsekern.info`` lists which ops each backend has).
+``SPARSEKERN_BACKEND=auto|cuda|triton|cpu|reference`` overrides the choice. ``auto`` takes, on CPU tensors, the
+native kernel, then the reference. On CUDA tensors, where both Triton and the hand-written CUDA kernel have the op
+for the operands' dtype, it measures: the first call of each key (op, device, dtype, every tensor argument's
+shape, every other argument) times both on the caller's arguments and keeps the faster for every later call of
+that key (``sparsekern.tuning``; ``tuned_choices()`` lists what was measured). Where only one of them has the op it
+runs that one, else the reference. The static order Triton, CUDA, reference (``select_backend``) is used instead
+of measuring with ``SPARSEKERN_AUTOTUNE=0``, for the mutating ops (``masked_sgd_``, ``build_layout_index_``: timing
+would apply them several times), and under CUDA graph capture for a key not measured yet (warm up eagerly before
+capturing). A forced backend is never measured: one that cannot run on the device raises; one that lacks an op
+(or the operands' dtype, e.g. Triton and float64) uses the reference for that op (``python -m sparsekern.info``
+lists which ops each backend has).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from functools import lru_cache
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _native, reference
+from . import _native, reference, tuning
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+# auto's static order; on CUDA tensors measuring (sparsekern.tuning) chooses among the fast backends in it.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 LAYOUT_ARGS = ("row_ptr", "col_idx", "coo_row", "col_ptr", "row_idx", "perm")
 OPS = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d", "bsr_conv2d_dgrad",
@@ -49,7 +55,7 @@ def requested_backend() -> str:
     return name
 
 
-@lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _triton_module():
     """(sparsekern.triton_kernels or None, why not)."""
     try:
@@ -87,27 +93,67 @@ def backend_has_op(backend: str, op: str, dtype: Optional[torch.dtype] = None) -
     return _native.has_kernel(f"native_{op}", backend, dtype)
 
 
+def _auto_backends(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> List[str]:
+    """The backends ``auto`` may run ``op`` on here, in static order; never empty (every order ends with the
+    reference)."""
+    return [backend for backend in _AUTO_ORDER.get(device.type, ("reference",))
+            if backend_unavailable_reason(backend, device.type) is None and backend_has_op(backend, op, dtype)]
+
+
 def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that runs ``op`` on ``device`` (for ``dtype``) under the current ``SPARSEKERN_BACKEND``."""
+    """The backend that runs ``op`` on ``device`` (for ``dtype``) under the current ``SPARSEKERN_BACKEND``. For
+    ``auto`` this is the static order's pick; on CUDA tensors a call may run the other fast backend instead when
+    measuring found it faster for that call's shapes (see the module docstring)."""
     requested = requested_backend()
     if requested == "auto":
-        for backend in _AUTO_ORDER.get(device.type, ("reference",)):
-            if backend_unavailable_reason(backend, device.type) is None and backend_has_op(backend, op, dtype):
-                return backend
-        return "reference"
+        return _auto_backends(op, device, dtype)[0]
     why = backend_unavailable_reason(requested, device.type)
     if why is not None:
         raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
     return requested if backend_has_op(requested, op, dtype) else "reference"
 
 
-def _implementation(op: str, operand: Tensor) -> Callable:
-    backend = select_backend(op, operand.device, operand.dtype)
+def _mutates(op: str) -> bool:
+    # torch's in-place naming, which every op here follows (tests check it against the schemas)
+    return op.endswith("_")
+
+
+def _measured_backends(op: str, operand: Tensor) -> List[str]:
+    """The fast backends that ``auto`` times against each other for this call (fewer than two: no measuring)."""
+    measuring = (requested_backend() == "auto" and not _mutates(op) and tuning.enabled()
+                 and tuning.TUNER.measures(operand.device))
+    if not measuring:
+        return []
+    return [backend for backend in _auto_backends(op, operand.device, operand.dtype) if backend != "reference"]
+
+
+def _function(backend: str, op: str) -> Callable:
     if backend == "reference":
         return getattr(reference, op)
     if backend == "triton":
         return getattr(_triton_module()[0], op)
     return getattr(torch.ops.sparsekern, f"native_{op}")
+
+
+def _implementation(op: str, args: Sequence) -> Callable:
+    """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
+    operand = args[0]
+    backend = select_backend(op, operand.device, operand.dtype)
+    candidates = _measured_backends(op, operand)
+    if len(candidates) > 1:
+        calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
+        backend = tuning.TUNER.choose(tuning.call_key(op, args), operand.device, calls, static=backend)
+    return _function(backend, op)
+
+
+def _call(op: str, *args):
+    return _implementation(op, args)(*args)
+
+
+def tuned_choices() -> Dict[tuning.Key, tuning.Choice]:
+    """What ``auto`` measured in this process: (op, device, dtype, argument shapes and values) ->
+    (backend, median ms per backend that ran, why each dropped backend raised). A copy; read-only values."""
+    return tuning.TUNER.choices()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,35 +162,32 @@ def _implementation(op: str, operand: Tensor) -> Callable:
 @torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
 def _bsr_linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                 row_idx: Tensor, perm: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
-    return _implementation("bsr_linear", x)(
-        x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias)
+    return _call("bsr_linear", x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_features, bias)
 
 
 @torch.library.custom_op("sparsekern::bsr_linear_dx", mutates_args=())
 def _bsr_linear_dx(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                    row_idx: Tensor, perm: Tensor, in_features: int) -> Tensor:
-    return _implementation("bsr_linear_dx", dy)(
-        dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features)
+    return _call("bsr_linear_dx", dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_features)
 
 
 @torch.library.custom_op("sparsekern::bsr_sddmm", mutates_args=())
 def _bsr_sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                row_idx: Tensor, perm: Tensor, block_size: int) -> Tensor:
-    return _implementation("bsr_sddmm", dy)(
-        dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size)
+    return _call("bsr_sddmm", dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size)
 
 
 @torch.library.custom_op("sparsekern::block_grad_scores", mutates_args=())
 def _block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
-    return _implementation("block_grad_scores", dy)(dy, x, block_size)
+    return _call("block_grad_scores", dy, x, block_size)
 
 
 @torch.library.custom_op("sparsekern::bsr_conv2d", mutates_args=())
 def _bsr_conv2d(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                 row_idx: Tensor, perm: Tensor, out_channels: int, bias: Optional[Tensor], kernel_size: List[int],
                 stride: List[int], padding: List[int], dilation: List[int], output_size: List[int]) -> Tensor:
-    return _implementation("bsr_conv2d", x)(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
-                                            out_channels, bias, kernel_size, stride, padding, dilation, output_size)
+    return _call("bsr_conv2d", x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                 out_channels, bias, kernel_size, stride, padding, dilation, output_size)
 
 
 @torch.library.custom_op("sparsekern::bsr_conv2d_dgrad", mutates_args=())
@@ -152,29 +195,28 @@ def _bsr_conv2d_dgrad(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tens
                       col_ptr: Tensor, row_idx: Tensor, perm: Tensor, in_channels: int, input_size: List[int],
                       kernel_size: List[int], stride: List[int], padding: List[int],
                       dilation: List[int]) -> Tensor:
-    return _implementation("bsr_conv2d_dgrad", dy)(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
-                                                   in_channels, input_size, kernel_size, stride, padding, dilation)
+    return _call("bsr_conv2d_dgrad", dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                 in_channels, input_size, kernel_size, stride, padding, dilation)
 
 
 @torch.library.custom_op("sparsekern::bsr_conv2d_wgrad", mutates_args=())
 def _bsr_conv2d_wgrad(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                       row_idx: Tensor, perm: Tensor, block_size: int, kernel_size: List[int], stride: List[int],
                       padding: List[int], dilation: List[int]) -> Tensor:
-    return _implementation("bsr_conv2d_wgrad", dy)(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
-                                                   block_size, kernel_size, stride, padding, dilation)
+    return _call("bsr_conv2d_wgrad", dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                 block_size, kernel_size, stride, padding, dilation)
 
 
 @torch.library.custom_op("sparsekern::bsr_conv2d_grad_scores", mutates_args=())
 def _bsr_conv2d_grad_scores(dy: Tensor, x: Tensor, block_size: int, kernel_size: List[int], stride: List[int],
                             padding: List[int], dilation: List[int]) -> Tensor:
-    return _implementation("bsr_conv2d_grad_scores", dy)(dy, x, block_size, kernel_size, stride, padding, dilation)
+    return _call("bsr_conv2d_grad_scores", dy, x, block_size, kernel_size, stride, padding, dilation)
 
 
 @torch.library.custom_op("sparsekern::build_layout_index_", mutates_args=LAYOUT_ARGS)
 def _build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
                          row_idx: Tensor, perm: Tensor) -> None:
-    _implementation("build_layout_index_", block_mask)(
-        block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)
+    _call("build_layout_index_", block_mask, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm)
 
 
 @torch.library.custom_op("sparsekern::masked_sgd_", mutates_args=("param", "momentum_buffer", "master", "step"))
@@ -182,9 +224,8 @@ def _masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor],
                  grad_scale: Optional[Tensor], inv_loss_scale: Optional[Tensor], found_inf: Optional[Tensor],
                  lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                  decoupled_weight_decay: bool) -> None:
-    _implementation("masked_sgd_", param)(
-        param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, found_inf,
-        lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay)
+    _call("masked_sgd_", param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, found_inf,
+          lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
