@@ -234,6 +234,18 @@ def test_backend_choices_report_missing_kernels():
     assert "cuda" in choices["cuda"]  # a CUDA backend cannot run on CPU tensors
 
 
+def test_backend_choices_add_auto_where_it_measures():
+    """On CUDA tensors with both Triton and the CUDA kernel, auto's own row shows which one it picked; on CPU
+    tensors auto does not measure and adds nothing. (The choice lists what could run, so no GPU is needed.)"""
+    assert "auto" not in dict(common.backend_choices("bsr_linear", CPU, torch.float32))
+    cuda = torch.device("cuda")
+    fast = [b for b in ("triton", "cuda")
+            if sk.ops.backend_unavailable_reason(b, "cuda") is None and sk.ops.backend_has_op(b, "bsr_linear")]
+    names = [name for name, _ in common.backend_choices("bsr_linear", cuda, torch.float16)]
+    assert ("auto" in names) == (len(fast) > 1)
+    assert dict(common.backend_choices("bsr_linear", CPU, None, ["auto"])) == {"auto": None}
+
+
 TINY_LAYERS = [(64, 96), (70, 64), (32, 288)]  # 70 rows: the last block-row is partly padding
 
 

@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated block sizes (default suite: 16,32,64, quick 32; gpu-linear 32,64,128; "
                              "gpu-conv 32,64)")
     parser.add_argument("--backends", type=_names, default=None,
-                        help="comma-separated sparsekern backends for the GPU suites (default: every one that runs "
-                             "on the device, the reference excluded); one that lacks an op gets an n/a row")
+                        help="comma-separated sparsekern backends for the GPU suites, 'auto' included (default: every "
+                             "one that runs on the device, the reference excluded, then auto where it measures to "
+                             "choose between them); one that lacks an op gets an n/a row")
 
     gpu = parser.add_argument_group("GPU suites")
     gpu.add_argument("--dtype", choices=tuple(DTYPES), default=None,

@@ -100,15 +100,22 @@ def available_backends(device: torch.device, include_reference: bool) -> List[st
 def backend_choices(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                     requested: Optional[Sequence[str]] = None) -> List[Tuple[str, Optional[str]]]:
     """[(backend, why it cannot run ``op`` here, or None)]: the ``requested`` backends, or by default every one
-    that runs on the device except the reference (the reference alone where no other does). A backend that
-    lacks the op would silently run the reference (ops.py), so it is reported instead of timed."""
+    that runs on the device except the reference (the reference alone where no other does), then ``auto`` where
+    it chooses between several by measuring (CUDA tensors), so that its pick shows beside the backends it picked
+    from. A backend that lacks the op would silently run the reference (ops.py), so it is reported instead of
+    timed."""
     if requested:
         names = list(requested)
     else:
         names = [b for b in sk.ops.BACKENDS
                  if b != "reference" and sk.ops.backend_unavailable_reason(b, device.type) is None] or ["reference"]
+        if device.type == "cuda" and len([b for b in names if sk.ops.backend_has_op(b, op, dtype)]) > 1:
+            names.append("auto")
     choices = []
     for name in names:
+        if name == "auto":
+            choices.append((name, None))
+            continue
         why = sk.ops.backend_unavailable_reason(name, device.type)
         if why is None and not sk.ops.backend_has_op(name, op, dtype):
             why = f"no {op} kernel" + (f" for {str(dtype).replace('torch.', '')}" if dtype is not None else "")

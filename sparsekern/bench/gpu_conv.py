@@ -33,8 +33,11 @@ SPARSITIES = (0.8, 0.9, 0.95)
 BLOCKS = (32, 64)
 BATCH = 128
 PASSES = ("forward", "forward+backward")
-# SparseConv2d's GEMMs (the im2col path); a backend without one of them would silently run the reference there.
-PASS_KERNELS = {"forward": ("bsr_linear",), "forward+backward": ("bsr_linear", "bsr_linear_dx", "bsr_sddmm")}
+# The ops SparseConv2d runs (implicit GEMM, or the GEMMs for 1x1 stride-1 layers); a backend without one of them
+# would silently run the reference there.
+PASS_KERNELS = {"forward": ("bsr_conv2d", "bsr_linear"),
+                "forward+backward": ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_conv2d_wgrad", "bsr_linear",
+                                     "bsr_linear_dx", "bsr_sddmm")}
 FIELDS = ["model", "layer", "count", "batch", "input", "dtype", "sparsity", "block", "density", "pass", "impl",
           "timing", "ms", "dense_ms", "speedup", "frac_ideal", "rel_err", "err_limit", "status", "note"]
 
