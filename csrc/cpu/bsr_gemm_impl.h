@@ -376,7 +376,8 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
         });
       }
     }
-  }  V::stream_fence();  // streaming stores are weakly ordered: drain them before the task ends
+  }
+  V::stream_fence();  // streaming stores are weakly ordered: drain them before the task ends
 }
 
 template <class V, int BS, bool CONV>

@@ -173,7 +173,8 @@ Tensor bsr_conv2d_wgrad_cuda(const Tensor& dy_in, const Tensor& x_in, const Tens
   if (M == 0) return out.zero_();
   const Tensor dy = dy_in.contiguous();
   const Tensor x = x_in.contiguous();
-  launch_sddmm(dy, N, x, 0, coo_row, col_idx, M, N, K, &shape, out, "native_bsr_conv2d_wgrad");
+  launch_sddmm(weight_grad_operands(dy, N, x, 0, bs, M, N, K, &shape), coo_row, col_idx, out,
+               "native_bsr_conv2d_wgrad");
   return out;
 }
 
@@ -192,7 +193,8 @@ Tensor bsr_conv2d_grad_scores_cuda(const Tensor& dy_in, const Tensor& x_in, int6
   if (M == 0) return scores.zero_();
   const Tensor dy = dy_in.contiguous();
   const Tensor x = x_in.contiguous();
-  launch_block_scores(dy, N, x, 0, bs, M, N, K, &shape, scores, "native_bsr_conv2d_grad_scores");
+  launch_block_scores(weight_grad_operands(dy, N, x, 0, bs, M, N, K, &shape), scores,
+                      "native_bsr_conv2d_grad_scores");
   return scores;
 }
 

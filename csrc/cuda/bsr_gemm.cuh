@@ -54,26 +54,32 @@ struct BsrGemmArgs {
 
 cudaError_t bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream);
 
-// dW blocks [nnz, bs, bs] = (dYᵀ X) at the layout's blocks, zero in the padding; with conv != null, X is the
-// implicit im2col of the NHWC image x (ld_x unused) and dY the NHWC output gradient [M, N] (the filter gradient). M is split into `splits`
+// The operands of the weight-gradient GEMMs (dYᵀX [N, K], reduced over M): dy [M, N] with row stride ld_dy, and
+// x a plain [M, K] matrix with row stride ld_x, or (conv != null) the NHWC image whose implicit im2col is X
+// (ld_x unused; dY is then the NHWC output gradient [M, N] and dYᵀX the filter gradient).
+struct WeightGradOperands {
+  ElementType type;
+  int block_size;
+  const void* dy;
+  int64_t ld_dy;
+  const void* x;
+  int64_t ld_x;
+  int64_t M, N, K;
+  const ConvShape* conv;  // or null
+};
+
+// dW blocks [nnz, bs, bs] = (dYᵀ X) at the layout's blocks, zero in the padding. M is split into `splits`
 // chunks of `chunk` rows (sddmm_plan): with one split the blocks go straight to `out`; with several, each
 // (block, chunk) writes an fp32 partial to `partial` [splits, nnz, bs, bs] and a second pass sums them in a
 // fixed order (deterministic) into `out`.
 struct SddmmArgs {
-  ElementType type;
-  int block_size;
-  const void* dy;  // [M, N], row stride ld_dy
-  int64_t ld_dy;
-  const void* x;  // [M, K], row stride ld_x
-  int64_t ld_x;
-  int64_t M, N, K;
+  WeightGradOperands in;
   const int32_t* coo_row;  // [nnz]
   const int32_t* col_idx;  // [nnz]
   int64_t nnz;
   int64_t splits, chunk;
   float* partial;  // [splits, nnz, bs, bs], or null when splits == 1
   void* out;       // [nnz, bs, bs] of `type`
-  const ConvShape* conv;  // or null
 };
 
 struct SddmmPlan {
@@ -87,18 +93,10 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count);
 cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream);
 
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = Frobenius norm of every block of the dense dYᵀX, computed tile by tile
-// in registers; the dense gradient never reaches memory. Requires M > 0. With conv != null, X is the implicit
-// im2col of the NHWC image x, as in SddmmArgs.
+// in registers; the dense gradient never reaches memory. Requires M > 0.
 struct BlockScoresArgs {
-  ElementType type;
-  int block_size;
-  const void* dy;
-  int64_t ld_dy;
-  const void* x;
-  int64_t ld_x;
-  int64_t M, N, K;
+  WeightGradOperands in;
   float* scores;
-  const ConvShape* conv;  // or null
 };
 
 cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream);

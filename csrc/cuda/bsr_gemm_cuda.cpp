@@ -123,8 +123,8 @@ Tensor bsr_sddmm_cuda(const Tensor& dy, const Tensor& x, const Tensor& row_ptr, 
   if (M == 0) return out.zero_();
   const Tensor dy_rows = rows_contiguous(dy);
   const Tensor x_rows = rows_contiguous(x);
-  launch_sddmm(dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0), coo_row, col_idx, M, N, K, nullptr, out,
-               "native_bsr_sddmm");
+  launch_sddmm(weight_grad_operands(dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0), bs, M, N, K, nullptr),
+               coo_row, col_idx, out, "native_bsr_sddmm");
   return out;
 }
 
@@ -139,8 +139,9 @@ Tensor block_grad_scores_cuda(const Tensor& dy, const Tensor& x, int64_t block_s
   if (M == 0) return scores.zero_();
   const Tensor dy_rows = rows_contiguous(dy);
   const Tensor x_rows = rows_contiguous(x);
-  launch_block_scores(dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0), bs, M, N, K, nullptr, scores,
-                      "native_block_grad_scores");
+  launch_block_scores(weight_grad_operands(dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0), bs, M, N, K,
+                                           nullptr),
+                      scores, "native_block_grad_scores");
   return scores;
 }
 

@@ -4,6 +4,8 @@
 //   block_grad_scores  every TILE x TILE tile of the dense dYᵀX (TILE = 64, or 128 for 128-wide blocks), folded
 //                      into the Frobenius norms of its blocks in the epilogue, so the dense gradient is never
 //                      written. A norm needs the whole sum before squaring, so M is not split there.
+// X is a plain matrix or the implicit im2col of an NHWC image (im2col.cuh: the convolution's filter gradient and its
+// block scores), the kernel templated on where its tiles come from.
 // Per pipeline step a CTA stages BLOCK_M rows of dY (its tile's columns n) and of X (columns k); both are the
 // MMA operands stored reduction-major, read with ldmatrix .trans. Rows past M (or past the chunk) and columns past
 // N or K load as zeros, so the padding of a block comes out exactly zero (sddmm) or adds nothing (norms).
@@ -170,13 +172,13 @@ sum_partials_kernel(const float* __restrict__ partial, int64_t splits, int64_t t
 }
 
 template <typename T, class XSrc>
-WgradParams<T, XSrc> common_params(const void* dy, int64_t ld_dy, const XSrc& x, int64_t M, int64_t N, int64_t K) {
+WgradParams<T, XSrc> common_params(const WeightGradOperands& in, const XSrc& x) {
   WgradParams<T, XSrc> p{};
-  p.dy = dense_rows<T>(dy, ld_dy, N);
+  p.dy = dense_rows<T>(in.dy, in.ld_dy, in.N);
   p.x = x;
-  p.M = M;
-  p.N = N;
-  p.K = K;
+  p.M = in.M;
+  p.N = in.N;
+  p.K = in.K;
   return p;
 }
 
@@ -192,15 +194,15 @@ cudaError_t launch_weight_grad(const WgradParams<T, XSrc>& p, dim3 grid, cudaStr
 
 template <typename T, int BS, class XSrc>
 cudaError_t sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
-  WgradParams<T, XSrc> p = common_params<T>(a.dy, a.ld_dy, x, a.M, a.N, a.K);
+  WgradParams<T, XSrc> p = common_params<T>(a.in, x);
   p.coo_row = a.coo_row;
   p.col_idx = a.col_idx;
   p.nnz = a.nnz;
   p.chunk = a.chunk;
   p.partial = a.splits > 1 ? a.partial : nullptr;
   p.out = static_cast<T*>(a.out);
-  if (a.nnz == 0 || a.M == 0) return cudaSuccess;  // the caller fills the empty cases
-  if (a.nnz > INT32_MAX || a.splits > 65535 || a.splits * a.chunk < a.M || (a.splits > 1 && a.partial == nullptr))
+  if (a.nnz == 0 || a.in.M == 0) return cudaSuccess;  // the caller fills the empty cases
+  if (a.nnz > INT32_MAX || a.splits > 65535 || a.splits * a.chunk < a.in.M || (a.splits > 1 && a.partial == nullptr))
     return cudaErrorInvalidValue;
   cudaError_t err = launch_weight_grad<T, BS, BS, false>(
       p, dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)), stream);
@@ -214,13 +216,13 @@ cudaError_t sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
 template <typename T, int BS, class XSrc>
 cudaError_t scores(const BlockScoresArgs& a, const XSrc& x, cudaStream_t stream) {
   constexpr int TILE = BS <= 64 ? 64 : 128;
-  WgradParams<T, XSrc> p = common_params<T>(a.dy, a.ld_dy, x, a.M, a.N, a.K);
-  p.n_tile_cols = cdiv(a.K, TILE);
-  p.n_block_rows = cdiv(a.N, BS);
-  p.n_block_cols = cdiv(a.K, BS);
+  WgradParams<T, XSrc> p = common_params<T>(a.in, x);
+  p.n_tile_cols = cdiv(a.in.K, TILE);
+  p.n_block_rows = cdiv(a.in.N, BS);
+  p.n_block_cols = cdiv(a.in.K, BS);
   p.scores = a.scores;
-  const int64_t ctas = cdiv(a.N, TILE) * p.n_tile_cols;
-  if (ctas == 0 || a.M == 0) return cudaSuccess;  // the caller fills the empty cases
+  const int64_t ctas = cdiv(a.in.N, TILE) * p.n_tile_cols;
+  if (ctas == 0 || a.in.M == 0) return cudaSuccess;  // the caller fills the empty cases
   if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
   return launch_weight_grad<T, TILE, BS, true>(p, dim3(static_cast<unsigned>(ctas)), stream);
 }
@@ -228,19 +230,19 @@ cudaError_t scores(const BlockScoresArgs& a, const XSrc& x, cudaStream_t stream)
 // X: a plain matrix, or (convolution) the image's implicit im2col.
 template <typename T, int BS>
 cudaError_t sddmm(const SddmmArgs& a, cudaStream_t stream) {
-  if (a.conv != nullptr) return sddmm<T, BS>(a, im2col_rows<T>(a.x, *a.conv), stream);
-  return sddmm<T, BS>(a, dense_rows<T>(a.x, a.ld_x, a.K), stream);
+  if (a.in.conv != nullptr) return sddmm<T, BS>(a, im2col_rows<T>(a.in.x, *a.in.conv), stream);
+  return sddmm<T, BS>(a, dense_rows<T>(a.in.x, a.in.ld_x, a.in.K), stream);
 }
 
 template <typename T, int BS>
 cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
-  if (a.conv != nullptr) return scores<T, BS>(a, im2col_rows<T>(a.x, *a.conv), stream);
-  return scores<T, BS>(a, dense_rows<T>(a.x, a.ld_x, a.K), stream);
+  if (a.in.conv != nullptr) return scores<T, BS>(a, im2col_rows<T>(a.in.x, *a.in.conv), stream);
+  return scores<T, BS>(a, dense_rows<T>(a.in.x, a.in.ld_x, a.in.K), stream);
 }
 
 template <typename T>
 cudaError_t sddmm_block_size(const SddmmArgs& a, cudaStream_t stream) {
-  switch (a.block_size) {
+  switch (a.in.block_size) {
     case 16: return sddmm<T, 16>(a, stream);
     case 32: return sddmm<T, 32>(a, stream);
     case 64: return sddmm<T, 64>(a, stream);
@@ -251,7 +253,7 @@ cudaError_t sddmm_block_size(const SddmmArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t scores_block_size(const BlockScoresArgs& a, cudaStream_t stream) {
-  switch (a.block_size) {
+  switch (a.in.block_size) {
     case 16: return scores<T, 16>(a, stream);
     case 32: return scores<T, 32>(a, stream);
     case 64: return scores<T, 64>(a, stream);
@@ -273,7 +275,7 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count) {
 }
 
 cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {
-  switch (args.type) {
+  switch (args.in.type) {
     case ElementType::kFloat32: return sddmm_block_size<float>(args, stream);
     case ElementType::kFloat16: return sddmm_block_size<__half>(args, stream);
     case ElementType::kBFloat16: return sddmm_block_size<__nv_bfloat16>(args, stream);
@@ -282,7 +284,7 @@ cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {
 }
 
 cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream) {
-  switch (args.type) {
+  switch (args.in.type) {
     case ElementType::kFloat32: return scores_block_size<float>(args, stream);
     case ElementType::kFloat16: return scores_block_size<__half>(args, stream);
     case ElementType::kBFloat16: return scores_block_size<__nv_bfloat16>(args, stream);

@@ -106,28 +106,24 @@ inline void check_launch(cudaError_t err, const char* op) {
   C10_CUDA_CHECK(err);
 }
 
-// The weight-gradient GEMMs' launches, shared by the linear and convolution ops. dy [M, N] (row stride ld_dy) and
-// x: a plain [M, K] matrix (row stride ld_x), or with conv the NHWC image whose implicit im2col is X.
+// The weight-gradient GEMMs' launches, shared by the linear and convolution ops: their operands (see
+// cuda::WeightGradOperands; conv null for the linear ops).
+inline cuda::WeightGradOperands weight_grad_operands(const Tensor& dy, int64_t ld_dy, const Tensor& x, int64_t ld_x,
+                                                     int64_t block_size, int64_t M, int64_t N, int64_t K,
+                                                     const cuda::ConvShape* conv) {
+  return {gemm_type(dy, "dy"), static_cast<int>(block_size), dy.data_ptr(), ld_dy, x.data_ptr(), ld_x, M, N, K, conv};
+}
 
 // out [nnz, bs, bs] = (dYᵀ X) at the blocks (coo_row, col_idx); M > 0, nnz > 0.
-inline void launch_sddmm(const Tensor& dy, int64_t ld_dy, const Tensor& x, int64_t ld_x, const Tensor& coo_row,
-                         const Tensor& col_idx, int64_t M, int64_t N, int64_t K, const cuda::ConvShape* conv,
+inline void launch_sddmm(const cuda::WeightGradOperands& in, const Tensor& coo_row, const Tensor& col_idx,
                          Tensor& out, const char* op) {
   const int64_t nnz = out.size(0), bs = out.size(1);
-  const cuda::SddmmPlan plan = cuda::sddmm_plan(M, nnz, device_attribute(cudaDevAttrMultiProcessorCount, dy));
+  const cuda::SddmmPlan plan = cuda::sddmm_plan(in.M, nnz, device_attribute(cudaDevAttrMultiProcessorCount, out));
   // fp32 partial blocks per M-chunk, when the blocks alone are too few to fill the GPU.
   const Tensor partial =
-      plan.splits > 1 ? at::empty({plan.splits, nnz, bs, bs}, dy.options().dtype(at::kFloat)) : Tensor();
+      plan.splits > 1 ? at::empty({plan.splits, nnz, bs, bs}, out.options().dtype(at::kFloat)) : Tensor();
   cuda::SddmmArgs args{};
-  args.type = gemm_type(dy, "dy");
-  args.block_size = static_cast<int>(bs);
-  args.dy = dy.data_ptr();
-  args.ld_dy = ld_dy;
-  args.x = x.data_ptr();
-  args.ld_x = ld_x;
-  args.M = M;
-  args.N = N;
-  args.K = K;
+  args.in = in;
   args.coo_row = coo_row.data_ptr<int32_t>();
   args.col_idx = col_idx.data_ptr<int32_t>();
   args.nnz = nnz;
@@ -135,26 +131,12 @@ inline void launch_sddmm(const Tensor& dy, int64_t ld_dy, const Tensor& x, int64
   args.chunk = plan.chunk;
   args.partial = partial.defined() ? partial.data_ptr<float>() : nullptr;
   args.out = out.data_ptr();
-  args.conv = conv;
   check_launch(cuda::bsr_sddmm(args, current_stream()), op);
 }
 
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = block norms of the dense dYᵀX; M > 0.
-inline void launch_block_scores(const Tensor& dy, int64_t ld_dy, const Tensor& x, int64_t ld_x, int64_t block_size,
-                                int64_t M, int64_t N, int64_t K, const cuda::ConvShape* conv, Tensor& scores,
-                                const char* op) {
-  cuda::BlockScoresArgs args{};
-  args.type = gemm_type(dy, "dy");
-  args.block_size = static_cast<int>(block_size);
-  args.dy = dy.data_ptr();
-  args.ld_dy = ld_dy;
-  args.x = x.data_ptr();
-  args.ld_x = ld_x;
-  args.M = M;
-  args.N = N;
-  args.K = K;
-  args.scores = scores.data_ptr<float>();
-  args.conv = conv;
+inline void launch_block_scores(const cuda::WeightGradOperands& in, Tensor& scores, const char* op) {
+  cuda::BlockScoresArgs args{in, scores.data_ptr<float>()};
   check_launch(cuda::block_grad_scores(args, current_stream()), op);
 }
 
