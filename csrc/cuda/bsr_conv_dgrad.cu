@@ -58,7 +58,6 @@ conv_dgrad_kernel(const DgradParams<T> p) {
   constexpr int BM = L::BM;
   constexpr int KS = L::KS;
   constexpr int kThreads = L::kThreads;
-  constexpr int kVec = kVecBytes / sizeof(T);
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x;
 
@@ -146,28 +145,19 @@ conv_dgrad_kernel(const DgradParams<T> p) {
       return ((static_cast<int64_t>(px.b) * p.out_h + oh) * p.out_w + ow) * p.out_channels + n0;
     };
     if (p.dy_vec) {
-      constexpr int kChunksPerRow = KS / kVec;
-      constexpr int kChunks = BM * kChunksPerRow;
-      static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-      for (int c0 = 0; c0 < kChunks; c0 += kThreads) {
-        const int c = c0 + tid;
-        const int row = c / kChunksPerRow;
-        const int col = (c % kChunksPerRow) * kVec;
+      for_each_chunk<T, BM, KS, kThreads>(tid, [&](int row, int col) {
         const int64_t at = col < red ? dy_at(row) : -1;
         if (at >= 0) {
           cp_async_16(a + row * L::LDA + col, p.dy + at + col, kVecBytes);
         } else {
-          *reinterpret_cast<uint4*>(a + row * L::LDA + col) = make_uint4(0u, 0u, 0u, 0u);
+          zero_chunk(a + row * L::LDA + col);
         }
-      }
+      });
     } else {
-      for (int e = tid; e < BM * KS; e += kThreads) {
-        const int row = e / KS;
-        const int col = e % KS;
+      for_each_element<BM, KS, kThreads>(tid, [&](int row, int col) {
         const int64_t at = col < red ? dy_at(row) : -1;
         a[row * L::LDA + col] = at >= 0 ? p.dy[at + col] : zero;
-      }
+      });
     }
     // B [KS][BS] (reduction-major): rows n0.. of the block, its columns shifted to this CTA's channels.
     const T* w = p.values + static_cast<int64_t>(p.perm[pos]) * (BS * BS) + slice * KS * BS;
@@ -176,12 +166,10 @@ conv_dgrad_kernel(const DgradParams<T> p) {
       load_tile<T, KS, BS, L::LDB, kThreads>(stage_b(s), w, BS, red, BS, true, tid);
     } else {
       T* b = stage_b(s);
-      for (int e = tid; e < KS * BS; e += kThreads) {
-        const int row = e / BS;
-        const int col = e % BS;
+      for_each_element<KS, BS, kThreads>(tid, [&](int row, int col) {
         const int from = col + shift;
         b[row * L::LDB + col] = row < red && col < c_valid && from >= 0 && from < BS ? w[row * BS + from] : zero;
-      }
+      });
     }
     if (slice == L::kSlices - 1) next_block();
   };

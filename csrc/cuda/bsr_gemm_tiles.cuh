@@ -153,6 +153,31 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tile copies into shared memory [ROWS][LDS]: the CTA's threads split a tile into 16-byte chunks (consecutive
+// threads on consecutive chunks of a row: coalesced reads), or into elements on the element-by-element paths.
+
+// f(row, col) for each of this thread's chunks of a [ROWS][COLS] tile; col is the chunk's first element.
+template <typename T, int ROWS, int COLS, int THREADS, class F>
+__device__ __forceinline__ void for_each_chunk(int tid, F&& f) {
+  constexpr int kVec = kVecBytes / sizeof(T);
+  static_assert(COLS % kVec == 0, "tile rows must be whole 16-byte chunks");
+  constexpr int kChunksPerRow = COLS / kVec;
+  constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+  for (int c0 = 0; c0 < kChunks; c0 += THREADS) {
+    const int c = c0 + tid;
+    if (kChunks % THREADS == 0 || c < kChunks) f(c / kChunksPerRow, (c % kChunksPerRow) * kVec);
+  }
+}
+
+// f(row, col) for each of this thread's elements of a [ROWS][COLS] tile.
+template <int ROWS, int COLS, int THREADS, class F>
+__device__ __forceinline__ void for_each_element(int tid, F&& f) {
+  for (int e = tid; e < ROWS * COLS; e += THREADS) f(e / COLS, e % COLS);
+}
+
+__device__ __forceinline__ void zero_chunk(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u); }
+
 // Tile loader: global [ROWS][COLS] (row stride ld elements) -> shared [ROWS][LDS]. Entries at row >= rows or
 // col >= cols are written as zero and never read, so tiles may hang over the edge of a matrix (or of a block's
 // valid region). `vec`: the 16-byte path with cp.async, valid when src and ld keep every 16-byte chunk of a row
@@ -161,31 +186,21 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 template <typename T, int ROWS, int COLS, int LDS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int cols, bool vec, int tid) {
   constexpr int kVec = kVecBytes / sizeof(T);
-  static_assert(COLS % kVec == 0 && LDS % kVec == 0, "tile rows must be whole 16-byte chunks");
+  static_assert(LDS % kVec == 0, "shared rows must be whole 16-byte chunks");
   if (vec) {
-    constexpr int kChunksPerRow = COLS / kVec;
-    constexpr int kChunks = ROWS * kChunksPerRow;
-#pragma unroll
-    for (int c0 = 0; c0 < kChunks; c0 += THREADS) {
-      const int c = c0 + tid;
-      if (kChunks % THREADS == 0 || c < kChunks) {
-        const int row = c / kChunksPerRow;
-        const int col = (c % kChunksPerRow) * kVec;
-        const int valid = row < rows ? (cols - col >= kVec ? kVec : (cols > col ? cols - col : 0)) : 0;
-        if (valid > 0) {
-          cp_async_16(dst + row * LDS + col, src + row * ld + col, valid * static_cast<int>(sizeof(T)));
-        } else {  // outside the matrix: no address is formed from it at all
-          *reinterpret_cast<uint4*>(dst + row * LDS + col) = make_uint4(0u, 0u, 0u, 0u);
-        }
+    for_each_chunk<T, ROWS, COLS, THREADS>(tid, [&](int row, int col) {
+      const int valid = row < rows ? (cols - col >= kVec ? kVec : (cols > col ? cols - col : 0)) : 0;
+      if (valid > 0) {
+        cp_async_16(dst + row * LDS + col, src + row * ld + col, valid * static_cast<int>(sizeof(T)));
+      } else {  // outside the matrix: no address is formed from it at all
+        zero_chunk(dst + row * LDS + col);
       }
-    }
+    });
   } else {
     const T zero = Elem<T>::from_float(0.0f);
-    for (int e = tid; e < ROWS * COLS; e += THREADS) {
-      const int row = e / COLS;
-      const int col = e % COLS;
+    for_each_element<ROWS, COLS, THREADS>(tid, [&](int row, int col) {
       dst[row * LDS + col] = (row < rows && col < cols) ? src[row * ld + col] : zero;
-    }
+    });
   }
 }
 

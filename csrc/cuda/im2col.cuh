@@ -48,34 +48,23 @@ struct Im2colRows {
   // valid width are whole chunks on the 16-byte path: k0 is a multiple of the slice, K of the chunk).
   template <int ROWS, int COLS, int LDS, int THREADS>
   __device__ __forceinline__ void load(T* dst, int64_t k0, int rows, int cols, int tid) const {
-    constexpr int kVec = kVecBytes / sizeof(T);
-    static_assert(COLS % kVec == 0 && LDS % kVec == 0, "tile rows must be whole 16-byte chunks");
+    static_assert(LDS % (kVecBytes / sizeof(T)) == 0, "shared rows must be whole 16-byte chunks");
     const int k_first = static_cast<int>(k0);
     if (vec) {
-      constexpr int kChunksPerRow = COLS / kVec;
-      constexpr int kChunks = ROWS * kChunksPerRow;
-#pragma unroll
-      for (int c0 = 0; c0 < kChunks; c0 += THREADS) {
-        const int c = c0 + tid;
-        if (kChunks % THREADS == 0 || c < kChunks) {
-          const int row = c / kChunksPerRow;
-          const int col = (c % kChunksPerRow) * kVec;
-          const int64_t at = row < rows && col < cols ? offset(m_first + row, k_first + col) : -1;
-          if (at >= 0) {
-            cp_async_16(dst + row * LDS + col, x + at, kVecBytes);
-          } else {
-            *reinterpret_cast<uint4*>(dst + row * LDS + col) = make_uint4(0u, 0u, 0u, 0u);
-          }
+      for_each_chunk<T, ROWS, COLS, THREADS>(tid, [&](int row, int col) {
+        const int64_t at = row < rows && col < cols ? offset(m_first + row, k_first + col) : -1;
+        if (at >= 0) {
+          cp_async_16(dst + row * LDS + col, x + at, kVecBytes);
+        } else {
+          zero_chunk(dst + row * LDS + col);
         }
-      }
+      });
     } else {
       const T zero = Elem<T>::from_float(0.0f);
-      for (int e = tid; e < ROWS * COLS; e += THREADS) {
-        const int row = e / COLS;
-        const int col = e % COLS;
+      for_each_element<ROWS, COLS, THREADS>(tid, [&](int row, int col) {
         const int64_t at = row < rows && col < cols ? offset(m_first + row, k_first + col) : -1;
         dst[row * LDS + col] = at >= 0 ? x[at] : zero;
-      }
+      });
     }
   }
 };
