@@ -4,7 +4,8 @@ sm_80 (A100) with the flags the build uses, then read ptxas' resource report and
 - no kernel spills registers (0 bytes spill stores/loads, no stack frame, no local loads/stores in the SASS);
 - the fp16/bf16 GEMMs run on tensor cores (HMMA) fed by ldmatrix (LDSM) from cp.async copies (LDGSTS);
 - the fp32 GEMMs use FFMA, also fed by cp.async, and no tensor cores;
-- every expected kernel instantiation is there (nothing silently compiled out).
+- every expected kernel instantiation is there (nothing silently compiled out);
+- the integer helpers (FastDivmod) give plain division's results, run on the host (tests/cuda_host_checks.cu).
 
 The .cu files include CUDA headers only (design §5): each compiles in 10-40 s per architecture, and the compiles
 run in parallel once per test session.
@@ -167,3 +168,12 @@ def test_tensor_cores_and_async_copies(report, arch):
         if not ok:
             wrong.append(f"{_label(r)}: " + " ".join(f"{op}={r[op]}" for op in SASS_OPS))
     assert not wrong, "unexpected instruction mix:\n" + "\n".join(wrong)
+
+
+def test_host_checks_of_the_integer_helpers(tmp_path):
+    binary = tmp_path / "cuda_host_checks"
+    cmd = [NVCC, "-arch=sm_80", *_nvcc_flags(), str(ROOT / "tests" / "cuda_host_checks.cu"), "-o", str(binary)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr

@@ -42,13 +42,18 @@ struct FastDivmod {
     multiplier = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - divisor)) / divisor + 1);
   }
 
-  // n in [0, 2^31): the sum below stays under 2^32.
-  __device__ __forceinline__ int div(int n) const {
+  // n in [0, 2^31): the sum below stays under 2^32. (Host too, for tests/cuda_host_checks.cu.)
+  __host__ __device__ __forceinline__ int div(int n) const {
     const uint32_t u = static_cast<uint32_t>(n);
-    return static_cast<int>((__umulhi(multiplier, u) + u) >> shift);
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(multiplier, u);
+#else
+    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(multiplier) * u) >> 32);
+#endif
+    return static_cast<int>((high + u) >> shift);
   }
   // quotient, and n - quotient * divisor in `rem`
-  __device__ __forceinline__ int divmod(int n, int& rem) const {
+  __host__ __device__ __forceinline__ int divmod(int n, int& rem) const {
     const int q = div(n);
     rem = n - q * static_cast<int>(divisor);
     return q;
