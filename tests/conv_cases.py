@@ -9,18 +9,10 @@ GEMM) computed in the kernel's precision, plus one ulp of the result.
 import torch
 import torch.nn.functional as F
 
-import sparsekern as sk
 from sparsekern import reference
 
 from conftest import block_frobenius_norms, conv_weight_from_matrix, dense_matrix
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, generator=_gen(seed)).to(dtype=dtype, device=device)
+from gemm_cases import make_layout, randn
 
 
 class Conv:
@@ -35,13 +27,7 @@ class Conv:
         self.output_size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                             zip(size, self.padding, self.dilation, self.kernel, self.stride)]
         shape = (cout, self.kernel[0] * self.kernel[1] * cin)
-        grid = (-(-shape[0] // bs), -(-shape[1] // bs))
-        mask = torch.ones(grid, dtype=torch.bool) if density >= 1 else torch.rand(grid, generator=_gen(seed)) < density
-        for r in empty_rows:
-            mask[r] = False
-        for c in empty_cols:
-            mask[:, c] = False
-        self.layout = sk.BlockSparseLayout.from_block_mask(mask.to(device), bs, shape)
+        self.layout = make_layout(shape, bs, density, seed, empty_rows, empty_cols, device=device)
         # Values are random in the blocks' padding too: the kernels must ignore it.
         self.values = randn(self.layout.nnz_blocks, bs, bs, seed=seed + 1, dtype=dtype, device=device)
         self.x = randn(batch, height, width, cin, seed=seed + 2, dtype=dtype, device=device)

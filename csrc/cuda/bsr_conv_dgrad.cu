@@ -238,26 +238,12 @@ cudaError_t launch(const ConvDgradArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dispatch_block_size(const ConvDgradArgs& a, cudaStream_t stream) {
-  switch (a.block_size) {
-    case 16: return launch<T, 16>(a, stream);
-    case 32: return launch<T, 32>(a, stream);
-    case 64: return launch<T, 64>(a, stream);
-    case 128: return launch<T, 128>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream) {
-  switch (args.type) {
-    case ElementType::kFloat32: return dispatch_block_size<float>(args, stream);
-    case ElementType::kFloat16: return dispatch_block_size<__half>(args, stream);
-    case ElementType::kBFloat16: return dispatch_block_size<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_kernel(args.type, args.block_size, [&](auto type, auto block_size) {
+    return launch<typename decltype(type)::type, decltype(block_size)::value>(args, stream);
+  });
 }
 
 }  // namespace cuda

@@ -139,32 +139,15 @@ cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
   return launch<T, BS, TRANS>(a, dense_rows<T>(a.a, a.lda, a.a_cols), stream);
 }
 
-template <typename T, bool TRANS>
-cudaError_t dispatch_block_size(const BsrGemmArgs& a, cudaStream_t stream) {
-  switch (a.block_size) {
-    case 16: return launch<T, 16, TRANS>(a, stream);
-    case 32: return launch<T, 32, TRANS>(a, stream);
-    case 64: return launch<T, 64, TRANS>(a, stream);
-    case 128: return launch<T, 128, TRANS>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-cudaError_t dispatch_direction(const BsrGemmArgs& a, cudaStream_t stream) {
-  return a.transposed ? dispatch_block_size<T, true>(a, stream) : dispatch_block_size<T, false>(a, stream);
-}
-
 }  // namespace
 
 cudaError_t bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream) {
   if (args.transposed == (args.perm == nullptr)) return cudaErrorInvalidValue;
-  switch (args.type) {
-    case ElementType::kFloat32: return dispatch_direction<float>(args, stream);
-    case ElementType::kFloat16: return dispatch_direction<__half>(args, stream);
-    case ElementType::kBFloat16: return dispatch_direction<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_kernel(args.type, args.block_size, [&](auto type, auto block_size) {
+    using T = typename decltype(type)::type;
+    constexpr int BS = decltype(block_size)::value;
+    return args.transposed ? launch<T, BS, true>(args, stream) : launch<T, BS, false>(args, stream);
+  });
 }
 
 }  // namespace cuda

@@ -15,9 +15,13 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "element_type.cuh"
 
 namespace sparsekern {
 namespace cuda {
@@ -435,6 +439,35 @@ struct FmaMath {
       for (int j = 0; j < TN; ++j) mine[(ty + i * RY) * ldc + tx + j * RX] = acc[i][j];
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Launch dispatch (host): from the runtime element type and block size to the kernels' template arguments.
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// f(TypeTag<T>{}, std::integral_constant<int, BS>{}) for T in {float, __half, __nv_bfloat16} and BS in {16, 32,
+// 64, 128}; cudaErrorInvalidValue for anything else.
+template <class F>
+cudaError_t dispatch_kernel(ElementType type, int block_size, F&& f) {
+  const auto with_block_size = [&](auto tag) -> cudaError_t {
+    switch (block_size) {
+      case 16: return f(tag, std::integral_constant<int, 16>{});
+      case 32: return f(tag, std::integral_constant<int, 32>{});
+      case 64: return f(tag, std::integral_constant<int, 64>{});
+      case 128: return f(tag, std::integral_constant<int, 128>{});
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (type) {
+    case ElementType::kFloat32: return with_block_size(TypeTag<float>{});
+    case ElementType::kFloat16: return with_block_size(TypeTag<__half>{});
+    case ElementType::kBFloat16: return with_block_size(TypeTag<__nv_bfloat16>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 // CTAs per SM that a kernel's shared memory allows on an A100 (164 KB per SM, 1 KB reserved per CTA): the
 // occupancy to give __launch_bounds__, so that ptxas budgets registers for it. Left to itself, ptxas aims for

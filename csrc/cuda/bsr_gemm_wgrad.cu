@@ -240,28 +240,6 @@ cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
   return scores<T, BS>(a, dense_rows<T>(a.in.x, a.in.ld_x, a.in.K), stream);
 }
 
-template <typename T>
-cudaError_t sddmm_block_size(const SddmmArgs& a, cudaStream_t stream) {
-  switch (a.in.block_size) {
-    case 16: return sddmm<T, 16>(a, stream);
-    case 32: return sddmm<T, 32>(a, stream);
-    case 64: return sddmm<T, 64>(a, stream);
-    case 128: return sddmm<T, 128>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-cudaError_t scores_block_size(const BlockScoresArgs& a, cudaStream_t stream) {
-  switch (a.in.block_size) {
-    case 16: return scores<T, 16>(a, stream);
-    case 32: return scores<T, 32>(a, stream);
-    case 64: return scores<T, 64>(a, stream);
-    case 128: return scores<T, 128>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count) {
@@ -275,21 +253,15 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count) {
 }
 
 cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {
-  switch (args.in.type) {
-    case ElementType::kFloat32: return sddmm_block_size<float>(args, stream);
-    case ElementType::kFloat16: return sddmm_block_size<__half>(args, stream);
-    case ElementType::kBFloat16: return sddmm_block_size<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_kernel(args.in.type, args.in.block_size, [&](auto type, auto block_size) {
+    return sddmm<typename decltype(type)::type, decltype(block_size)::value>(args, stream);
+  });
 }
 
 cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream) {
-  switch (args.in.type) {
-    case ElementType::kFloat32: return scores_block_size<float>(args, stream);
-    case ElementType::kFloat16: return scores_block_size<__half>(args, stream);
-    case ElementType::kBFloat16: return scores_block_size<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_kernel(args.in.type, args.in.block_size, [&](auto type, auto block_size) {
+    return scores<typename decltype(type)::type, decltype(block_size)::value>(args, stream);
+  });
 }
 
 }  // namespace cuda
