@@ -86,6 +86,11 @@ struct RowTile {
     update_rows([&](int i, int64_t t) { return a[t + i * LDA]; }, depth, b, ldb);
   }
 
+  // Row i of A at a + i * lda (a matrix read in place).
+  SK_INLINE void update_strided(const T* a, int64_t lda, int depth, const T* b, int64_t ldb) {
+    update_rows([&](int i, int64_t t) { return a[t + i * lda]; }, depth, b, ldb);
+  }
+
   template <class A>
   SK_INLINE void update_rows(A&& a_at, int depth, const T* b, int64_t ldb) {
     for (int64_t t = 0; t < depth; ++t) {  // 64-bit: no sign extension in the address arithmetic
@@ -181,8 +186,10 @@ SK_INLINE const T* operand_row(const T* x, const Im2col& g, int64_t K, int64_t m
 // ---------------------------------------------------------------------------------------------
 // Panels. A task copies the m-chunk of the dense operand it multiplies (X, dY, or the implicit im2col
 // of an image), the block-columns it needs, into [column block][row][BS], zero past K, and reads it from
-// there: the rows of a micro-tile are then BS elements apart instead of a whole row. Whole rows apart (8 KB for K = 2048) they all fall into one L1 set,
-// evict each other and the B panel, and defeat the hardware prefetcher.
+// there: the rows of a micro-tile are then BS elements apart instead of a whole row. Whole rows apart (8 KB
+// for K = 2048) they all fall into one L1 set, evict each other and the B panel, and defeat the hardware
+// prefetcher. The forward and the linear dX still read a plain matrix in place when its blocks are 32 wide or
+// more (reads_operand_in_place: there the copy measured dearer than the conflicts).
 
 template <class V, int BS, bool CONV>
 struct Panels {
@@ -310,12 +317,15 @@ struct GemmWalk {
   int64_t M, m_chunk, groups;
 };
 
-template <class V, int BS, int MR>
+// Block j's operand columns for the tile's rows: row i at slices[j] + (local_m + i) * lda, with lda = BS in
+// panels or the operand's width when it is read in place.
+template <class V, int BS, int MR, bool IN_PLACE>
 SK_INLINE void gemm_tile(const GemmWalk<typename V::T>& w, int64_t m0, int64_t local_m, int64_t line,
-                         const typename V::T* const* panels, const int* depths, const typename V::T* const* blocks,
+                         const typename V::T* const* slices, const int* depths, const typename V::T* const* blocks,
                          int n_blocks) {
   using T = typename V::T;
   using S = TileShape<V, BS>;
+  const int64_t lda = IN_PLACE ? w.a_width : BS;
   for (int s = 0; s < S::STRIPS; ++s) {
     const int64_t col0 = line * BS + s * S::STRIP;
     if (col0 >= w.out_width) break;
@@ -323,11 +333,18 @@ SK_INLINE void gemm_tile(const GemmWalk<typename V::T>& w, int64_t m0, int64_t l
     RowTile<V, MR, S::NV> tile;
     tile.clear();
     for (int j = 0; j < n_blocks; ++j) {
-      // The next slice of the panel while this one is multiplied: its MR rows are short streams (BS
-      // elements each) that the hardware prefetcher does not pick up in time.
-      const typename V::T* next = j + 1 < n_blocks ? panels[j + 1] + local_m * BS : panels[0] + (local_m + MR) * BS;
-      prefetch_row(next, MR * BS, false);
-      tile.template update_panel<BS>(panels[j] + local_m * BS, depths[j], blocks[j] + s * S::STRIP, BS);
+      // The next block's slice while this one is multiplied: its MR rows are short streams (BS elements
+      // each) that the hardware prefetcher does not pick up in time.
+      const T* next = j + 1 < n_blocks ? slices[j + 1] + local_m * lda : slices[0] + (local_m + MR) * lda;
+      const T* b = blocks[j] + s * S::STRIP;
+      if constexpr (IN_PLACE) {
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) prefetch_row(next + i * lda, BS, false);
+        tile.update_strided(slices[j] + local_m * lda, lda, depths[j], b, BS);
+      } else {
+        prefetch_row(next, MR * BS, false);
+        tile.template update_panel<BS>(slices[j] + local_m * BS, depths[j], b, BS);
+      }
     }
     T* out = w.out + m0 * w.out_width + col0;
     const bool aligned = (reinterpret_cast<uintptr_t>(out) | (w.out_width * sizeof(T))) % 64 == 0;
@@ -344,10 +361,12 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
     const int64_t blocks = w.line_ptr[l + 1] - w.line_ptr[l];
     max_blocks = blocks > max_blocks ? blocks : max_blocks;
   }
+  constexpr bool kInPlace = reads_operand_in_place(CONV, BS);
   Panels<V, BS, CONV> panels;
-  char* rest = panels.init(static_cast<char*>(scratch), w.a, *w.geometry, w.a_width, w.panel_columns, w.m_chunk);
-  const T** panel_of = reinterpret_cast<const T**>(rest);
-  const T** block_of = panel_of + max_blocks;
+  char* rest = static_cast<char*>(scratch);
+  if constexpr (!kInPlace) rest = panels.init(rest, w.a, *w.geometry, w.a_width, w.panel_columns, w.m_chunk);
+  const T** slice_of = reinterpret_cast<const T**>(rest);
+  const T** block_of = slice_of + max_blocks;
   int* depth_of = reinterpret_cast<int*>(block_of + max_blocks);
   const int64_t lines_per_group = (w.lines + w.groups - 1) / w.groups;
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -357,9 +376,11 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
     const int64_t m_end = min_of(w.M, m_begin + w.m_chunk);
     const int64_t line_begin = min_of(w.lines, group * lines_per_group);  // the last groups may be empty
     const int64_t line_end = min_of(w.lines, line_begin + lines_per_group);
-    panels.clear();
-    for (int64_t q = w.line_ptr[line_begin]; q < w.line_ptr[line_end]; ++q) panels.want(w.line_index[q]);
-    panels.load(m_begin, m_end);
+    if constexpr (!kInPlace) {
+      panels.clear();
+      for (int64_t q = w.line_ptr[line_begin]; q < w.line_ptr[line_end]; ++q) panels.want(w.line_index[q]);
+      panels.load(m_begin, m_end);
+    }
     for (int64_t line = line_begin; line < line_end; ++line) {
       const int64_t first = w.line_ptr[line];
       const int n_blocks = static_cast<int>(w.line_ptr[line + 1] - first);
@@ -367,12 +388,13 @@ void gemm_tasks(const GemmWalk<typename V::T>& w, int64_t task_begin, int64_t ta
         const int64_t column = w.line_index[first + j];
         const int64_t stored = w.perm != nullptr ? w.perm[first + j] : first + j;
         block_of[j] = w.values + stored * BS * BS;
-        panel_of[j] = panels.column(column);
+        slice_of[j] = kInPlace ? w.a + m_begin * w.a_width + column * BS : panels.column(column);
         depth_of[j] = static_cast<int>(min_of<int64_t>(BS, w.a_width - column * BS));
       }
       for (int64_t m0 = m_begin; m0 < m_end; m0 += S::MR) {
         with_rows<S::MR>(static_cast<int>(min_of<int64_t>(S::MR, m_end - m0)), [&](auto rows) {
-          gemm_tile<V, BS, decltype(rows)::value>(w, m0, m0 - m_begin, line, panel_of, depth_of, block_of, n_blocks);
+          gemm_tile<V, BS, decltype(rows)::value, kInPlace>(w, m0, m0 - m_begin, line, slice_of, depth_of, block_of,
+                                                            n_blocks);
         });
       }
     }

@@ -65,23 +65,36 @@ const cpu::KernelTable<double>* kernels<double>() {
   return cpu::kernels_scalar_f64();
 }
 
-// The calling thread's scratch of at least `bytes` bytes (64-byte aligned), kept between calls: it holds
-// about a cache budget of panels, and fresh pages on every call would cost page faults.
-char* thread_scratch(int64_t bytes) {
-  struct Buffer {
-    char* data = nullptr;
-    int64_t size = 0;
-    ~Buffer() { ::operator delete[](data, std::align_val_t(64)); }
-  };
-  thread_local Buffer buffer;
-  if (bytes > buffer.size) {
-    ::operator delete[](buffer.data, std::align_val_t(64));
-    buffer.data = nullptr;
-    buffer.size = 0;
-    buffer.data = static_cast<char*>(::operator new[](bytes, std::align_val_t(64)));
-    buffer.size = bytes;
+// A 64-byte aligned buffer kept between calls and grown on demand: fresh pages on every call would cost
+// page faults, and the rule is no per-call allocation beyond an op's output.
+struct KeptBuffer {
+  char* data = nullptr;
+  int64_t size = 0;
+  ~KeptBuffer() { ::operator delete[](data, std::align_val_t(64)); }
+  char* reserve(int64_t bytes) {
+    if (bytes > size) {
+      ::operator delete[](data, std::align_val_t(64));
+      data = nullptr;
+      size = 0;
+      data = static_cast<char*>(::operator new[](bytes, std::align_val_t(64)));
+      size = bytes;
+    }
+    return data;
   }
-  return buffer.data;
+};
+
+// The calling thread's scratch of at least `bytes` bytes: it holds about a cache budget of panels.
+char* thread_scratch(int64_t bytes) {
+  thread_local KeptBuffer buffer;
+  return buffer.reserve(bytes);
+}
+
+// A workspace that the worker threads of one op share (the forward's transposed blocks); one per thread
+// that calls ops, so that concurrent callers never share it.
+template <typename T>
+T* call_workspace(int64_t elements) {
+  thread_local KeptBuffer buffer;
+  return reinterpret_cast<T*>(buffer.reserve(elements * static_cast<int64_t>(sizeof(T))));
 }
 
 // Runs tasks [0, n_tasks) in parallel, each thread with its own scratch.
@@ -226,15 +239,16 @@ template <typename T>
 void run_forward(const Tensor& x, const Tensor& values, const c10::optional<Tensor>& bias, Tensor& y,
                  const cpu::BsrIndex& index, const cpu::Im2col& geometry, int64_t M, int64_t N, int64_t K, int64_t bs) {
   // The blocks transposed once per call (a workspace the size of the values): every m-chunk reads them.
-  Tensor values_t = at::empty_like(values);
-  const cpu::TransposeArgs<T> transpose{values.data_ptr<T>(), values_t.data_ptr<T>(), static_cast<int>(bs)};
+  T* values_t = call_workspace<T>(values.numel());
+  const cpu::TransposeArgs<T> transpose{values.data_ptr<T>(), values_t, static_cast<int>(bs)};
   run_tasks(index.nnz, 0, transpose, kernels<T>()->transpose_blocks);
   const GemmSplit split = split_gemm(M, K, sizeof(T), index.n_block_rows);
-  cpu::ForwardArgs<T> args{x.data_ptr<T>(), values_t.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr,
+  cpu::ForwardArgs<T> args{x.data_ptr<T>(), values_t, bias.has_value() ? bias->data_ptr<T>() : nullptr,
                            y.data_ptr<T>(), index, geometry, M, N, K, static_cast<int>(bs), split.m_chunk, split.groups};
   run_tasks(split.tasks,
             cpu::gemm_scratch_bytes(index.n_block_cols, split.m_chunk,
-                                    max_blocks_per_line(index.row_ptr, index.n_block_rows), bs, sizeof(T)),
+                                    max_blocks_per_line(index.row_ptr, index.n_block_rows), bs, sizeof(T),
+                                    geometry.is_conv),
             args, kernels<T>()->forward);
 }
 
@@ -253,7 +267,7 @@ void run_backward_input(const Tensor& dy, const Tensor& values, Tensor& dx, cons
   args.groups = split.groups;
   run_tasks(split.tasks,
             cpu::gemm_scratch_bytes(index.n_block_rows, split.m_chunk,
-                                    max_blocks_per_line(index.col_ptr, index.n_block_cols), bs, sizeof(T)),
+                                    max_blocks_per_line(index.col_ptr, index.n_block_cols), bs, sizeof(T), false),
             args, kernels<T>()->backward_input);
 }
 
