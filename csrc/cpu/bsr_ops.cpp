@@ -66,7 +66,7 @@ const cpu::KernelTable<double>* kernels<double>() {
 }
 
 // A 64-byte aligned buffer kept between calls and grown on demand: fresh pages on every call would cost
-// page faults, and the rule is no per-call allocation beyond an op's output.
+// page faults, and an op allocates nothing per call beyond its output.
 struct KeptBuffer {
   char* data = nullptr;
   int64_t size = 0;
