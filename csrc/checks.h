@@ -1,6 +1,8 @@
 // Argument checks shared by the torch glue of every op. Each message names the tensor it is about.
 #pragma once
 
+#include <cstdint>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -17,3 +19,22 @@
 #define SK_CHECK_SAME_DEVICE(t, ref)                                                                   \
   TORCH_CHECK((t).device() == (ref).device(), #t " must be on the same device as " #ref " (", (ref).device(), \
               "), got ", (t).device())
+
+namespace sparsekern {
+
+// The block sizes every kernel is built for.
+inline bool valid_block_size(int64_t bs) { return bs == 16 || bs == 32 || bs == 64 || bs == 128; }
+
+#define SK_CHECK_BLOCK_SIZE(bs) \
+  TORCH_CHECK(valid_block_size(bs), "block_size must be 16, 32, 64 or 128, got ", (bs))
+
+// values [nnz, bs, bs] -> bs, its shape checked (its device and dtype are the caller's to check).
+inline int64_t values_block_size(const at::Tensor& values) {
+  SK_CHECK_DIM(values, 3);
+  const int64_t bs = values.size(1);
+  TORCH_CHECK(values.size(2) == bs && valid_block_size(bs),
+              "values must be [nnz, bs, bs] with bs in {16, 32, 64, 128}, got ", values.sizes());
+  return bs;
+}
+
+}  // namespace sparsekern

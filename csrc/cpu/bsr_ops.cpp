@@ -36,8 +36,6 @@ using at::Tensor;
 
 constexpr int64_t kCacheBudget = 1 << 20;  // bytes of the dense operand that one M chunk may touch (half an L2)
 
-bool valid_block_size(int64_t bs) { return bs == 16 || bs == 32 || bs == 64 || bs == 128; }
-
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,10 +179,7 @@ cpu::BsrIndex check_layout(const Layout& l, int64_t n_block_rows, int64_t n_bloc
 // values [nnz, bs, bs] -> bs (checked)
 int64_t check_values(const Tensor& values, const Tensor& like, const char* like_name) {
   TORCH_CHECK(values.device().is_cpu(), "values must be a CPU tensor, got ", values.device());
-  SK_CHECK_DIM(values, 3);
-  const int64_t bs = values.size(1);
-  TORCH_CHECK(values.size(2) == bs && valid_block_size(bs),
-              "values must be [nnz, bs, bs] with bs in {16, 32, 64, 128}, got ", values.sizes());
+  const int64_t bs = values_block_size(values);
   check_same_dtype(values, like, "values", like_name);
   return bs;
 }
@@ -339,7 +334,7 @@ Tensor bsr_sddmm_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& row_
   check_operand(dy_in, "dy");
   check_operand(x_in, "x");
   check_same_dtype(x_in, dy_in, "x", "dy");
-  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  SK_CHECK_BLOCK_SIZE(block_size);
   TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has ", dy_in.size(0), " rows but x has ", x_in.size(0));
   const int64_t M = dy_in.size(0), N = dy_in.size(1), K = x_in.size(1), bs = block_size;
   const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), cdiv(K, bs),
@@ -377,7 +372,7 @@ Tensor block_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t bl
   check_operand(dy_in, "dy");
   check_operand(x_in, "x");
   check_same_dtype(x_in, dy_in, "x", "dy");
-  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  SK_CHECK_BLOCK_SIZE(block_size);
   TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has ", dy_in.size(0), " rows but x has ", x_in.size(0));
   // fp32 scores for every input dtype but fp64, as the reference accumulates.
   const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
@@ -480,7 +475,7 @@ Tensor bsr_conv2d_wgrad_cpu(const Tensor& dy_in, const Tensor& x_in, const Tenso
   check_image(dy_in, "dy");
   check_image(x_in, "x");
   check_same_batch(dy_in, x_in);
-  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  SK_CHECK_BLOCK_SIZE(block_size);
   const int64_t bs = block_size, B = x_in.size(0), C = x_in.size(3), N = dy_in.size(3);
   check_conv_channels(C, bs, "in_channels");
   const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, dy_in.size(1), dy_in.size(2), kernel_size,
@@ -503,7 +498,7 @@ Tensor bsr_conv2d_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64
   check_image(dy_in, "dy");
   check_image(x_in, "x");
   check_same_batch(dy_in, x_in);
-  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  SK_CHECK_BLOCK_SIZE(block_size);
   const int64_t bs = block_size, B = x_in.size(0), C = x_in.size(3), N = dy_in.size(3);
   const auto geometry = conv_geometry(B, x_in.size(1), x_in.size(2), C, dy_in.size(1), dy_in.size(2), kernel_size,
                                       stride, padding, dilation);

@@ -66,7 +66,7 @@ cuda::ConvShape check_weight_grad_images(const Tensor& dy, const Tensor& x, int6
   check_image(x, "x");
   check_same_batch(dy, x);
   TORCH_CHECK(x.device() == dy.device(), "x is on ", x.device(), " but dy is on ", dy.device());
-  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  SK_CHECK_BLOCK_SIZE(block_size);
   return conv_shape(x.size(0), x.size(1), x.size(2), x.size(3), dy.size(1), dy.size(2), kernel_size, stride, padding,
                     dilation);
 }

@@ -104,7 +104,7 @@ void check_weight_grad_operands(const Tensor& dy, const Tensor& x, int64_t block
   check_operand(dy, "dy");
   check_operand(x, "x");
   check_like(x, dy, "x", "dy");
-  TORCH_CHECK(valid_block_size(block_size), "block_size must be 16, 32, 64 or 128, got ", block_size);
+  SK_CHECK_BLOCK_SIZE(block_size);
   TORCH_CHECK(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
   TORCH_CHECK(dy.size(0) <= INT32_MAX, "dy and x may have at most 2^31 - 1 rows, got ", dy.size(0));
 }

@@ -18,8 +18,6 @@ namespace cuda_glue {
 
 using at::Tensor;
 
-inline bool valid_block_size(int64_t bs) { return bs == 16 || bs == 32 || bs == 64 || bs == 128; }
-
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cuda::ElementType gemm_type(const Tensor& t, const char* name) {
@@ -47,10 +45,7 @@ inline void check_like(const Tensor& t, const Tensor& ref, const char* name, con
 
 // values [nnz, bs, bs] -> bs (checked)
 inline int64_t check_values(const Tensor& values, const Tensor& like, const char* like_name) {
-  SK_CHECK_DIM(values, 3);
-  const int64_t bs = values.size(1);
-  TORCH_CHECK(values.size(2) == bs && valid_block_size(bs),
-              "values must be [nnz, bs, bs] with bs in {16, 32, 64, 128}, got ", values.sizes());
+  const int64_t bs = values_block_size(values);
   check_like(values, like, "values", like_name);
   return bs;
 }
