@@ -84,6 +84,25 @@ def backend_env(monkeypatch):
     return set_backend
 
 
+def assert_layer_matches_reference(layer, x, grad, backend, use_backend, extras):
+    """One forward and backward of a sparse layer on `backend` against the reference backend: the output, dX,
+    d(values) and each of `extras` ({name: layer -> tensor}, read after the backward) agree to 1e-4.
+    `use_backend(name)` selects the backend. Returns the tensors of `backend`, in that order."""
+    def run(name):
+        use_backend(name)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(grad)
+        return (y.detach(), xi.grad, layer.values.grad.clone(), *(extra(layer).clone() for extra in extras.values()))
+
+    expected = run("reference")
+    got = run(backend)
+    for name, a, b in zip(("y", "dx", "dvalues", *extras), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    return got
+
+
 def index_oracle(block_mask):
     """Block-CSR in row-major order and block-CSC in column-major order, by definition (plain loops)."""
     mask = block_mask.tolist()

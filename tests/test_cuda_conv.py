@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 import conv_cases
+from conftest import assert_layer_matches_reference
 import sparsekern as sk
 from conv_cases import CASES, GPU_CASES, OPS
 from sparsekern import _native, ops
@@ -151,19 +152,12 @@ def test_sparse_conv2d_through_the_public_path(name, backend_env):
     x = randn(2, layer.in_channels, 13, 11, seed=20)
     grad = randn(*layer(x).shape, seed=21)
 
-    def run(backend):
-        backend_env(backend)
-        assert ops.select_backend("bsr_conv2d", x.device, x.dtype) == backend
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = layer(xi)
-        y.backward(grad)
-        return y.detach(), xi.grad, layer.values.grad.clone(), layer.grad_scores.clone()
+    def use_backend(name):
+        backend_env(name)
+        assert ops.select_backend("bsr_conv2d", x.device, x.dtype) == name
 
-    expected = run("reference")
-    got = run("cuda")
-    for label, a, b in zip(("y", "dx", "dvalues", "grad_scores"), got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
+    got = assert_layer_matches_reference(layer, x, grad, "cuda", use_backend,
+                                         {"grad_scores": lambda m: m.grad_scores})
     dense = layer.to_dense()
     params = dict(dense.named_parameters())
     torch.testing.assert_close(got[0], functional_call(dense, params, (x,)), rtol=1e-4, atol=1e-4)

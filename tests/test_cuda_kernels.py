@@ -24,6 +24,7 @@ import sparsekern as sk
 from sparsekern import _native, ops
 
 import gemm_cases
+from conftest import assert_layer_matches_reference
 
 HAS_GPU = torch.cuda.is_available()
 BUILT_WITH_CUDA = bool(_native.BUILD_INFO.get("cuda"))
@@ -229,19 +230,11 @@ class TestOnGpu:
         x = randn(3, 41, 150, seed=20)
         grad = randn(3, 41, 70, seed=21)
 
-        def run(backend):
-            backend_env(backend)
-            assert ops.select_backend("bsr_linear", x.device, x.dtype) == backend
-            layer.zero_grad()
-            xi = x.clone().requires_grad_(True)
-            y = layer(xi)
-            y.backward(grad)
-            return y.detach(), xi.grad, layer.values.grad.clone(), layer.bias.grad.clone()
+        def use_backend(name):
+            backend_env(name)
+            assert ops.select_backend("bsr_linear", x.device, x.dtype) == name
 
-        expected = run("reference")
-        got = run("cuda")
-        for name, a, b in zip(("y", "dx", "dvalues", "dbias"), got, expected):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert_layer_matches_reference(layer, x, grad, "cuda", use_backend, {"dbias": lambda m: m.bias.grad})
 
 
 # ----------------------------------------------------------------------------------------------

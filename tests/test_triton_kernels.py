@@ -25,6 +25,7 @@ from sparsekern import triton_kernels as tk  # noqa: E402
 from sparsekern.triton_kernels.sddmm import sddmm_splits  # noqa: E402
 
 import gemm_cases  # noqa: E402
+from conftest import assert_layer_matches_reference  # noqa: E402
 
 # Small cases run on CPU under the interpreter, else on the GPU.
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -175,24 +176,13 @@ def test_public_bsr_linear(monkeypatch):
 
 
 @small
-def test_sparse_linear_forward_backward(monkeypatch):
+def test_sparse_linear_forward_backward(backend_env):
     torch.manual_seed(0)
     layer = sk.SparseLinear(45, 70, bias=True, sparsity=0.5, block_size=16).to(DEVICE)
     x = randn(2, 19, 45, seed=16)
     grad = randn(2, 19, 70, seed=17)
 
-    def run(backend):
-        monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = layer(xi)
-        y.backward(grad)
-        return y.detach(), xi.grad, layer.values.grad.clone(), layer.bias.grad.clone()
-
-    expected = run("reference")
-    got = run("triton")
-    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert_layer_matches_reference(layer, x, grad, "triton", backend_env, {"dbias": lambda m: m.bias.grad})
 
 
 # ----------------------------------------------------------------------------------------------
