@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run as a script from a checkout
 
 from sparsekern import train  # noqa: E402
 from sparsekern.bench import device_name  # noqa: E402
+from sparsekern.bench.plots import pyplot, save_figure  # noqa: E402
 
 SPARSE_METHODS = ("set", "rigl", "bidst")
 OPTIMIZERS = ("sgd", "sparseopt")
@@ -323,14 +324,9 @@ def write_report(results: List[dict], path: str, settings: Dict[str, object], de
 
 def plot_curves(results: List[dict], path: str, title: str = "") -> Optional[str]:
     """Test accuracy vs epoch and vs cumulative training seconds, one row per sparsity (dense in every row)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sparsities = sorted({r["sparsity"] for r in results if r["method"] != "dense"}) or [0.0]
     colors = {"dense": "black", "set": "tab:blue", "rigl": "tab:orange", "bidst": "tab:green"}
     block_styles = {16: (0, (1, 1)), 64: (0, (5, 1, 1, 1))}
@@ -354,12 +350,7 @@ def plot_curves(results: List[dict], path: str, title: str = "") -> Optional[str
             ax.set_title(f"{s:.0%} sparse (block {MAIN_BLOCK} unless marked)", fontsize=10)
             ax.grid(alpha=0.3)
         axes[row][1].legend(fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, title, dpi=110)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

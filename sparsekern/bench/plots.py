@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend, or None (with a one-line note) when matplotlib is missing."""
     try:
         import matplotlib
@@ -16,13 +16,23 @@ def _pyplot():
     return plt
 
 
+def save_figure(plt, fig, path: str, title: str = "", dpi: int = 120) -> str:
+    """Writes `fig` (with `title` above its panels) to the PNG `path` and closes it; returns `path`."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_kernel_speedup(rows: List[dict], path: str, title: str = "") -> Optional[str]:
     """Speedup vs sparsity, one line per block size (and backend), one panel per op; per-layer conv rows
     are left out (their total is a panel)."""
     ops_shown = [op for op in dict.fromkeys(r["op"] for r in rows) if op != "conv_fwd_bwd"]
     if not ops_shown:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     backends = {r["backend"] for r in rows}
@@ -41,12 +51,7 @@ def plot_kernel_speedup(rows: List[dict], path: str, title: str = "") -> Optiona
         ax.set_xlabel("sparsity")
         ax.set_ylabel("speedup over dense (x)")
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, title)
 
 
 def plot_e2e(rows: List[dict], path: str, title: str = "") -> Optional[str]:
@@ -54,7 +59,7 @@ def plot_e2e(rows: List[dict], path: str, title: str = "") -> Optional[str]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     methods = ["dense", "simulated", "ours"]
@@ -73,11 +78,6 @@ def plot_e2e(rows: List[dict], path: str, title: str = "") -> Optional[str]:
         first = mine[0]
         ax.set_title(f"{model}, {first['input']}, batch {first['batch']}", fontsize=10)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, title)
 
 
