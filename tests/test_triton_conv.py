@@ -6,7 +6,6 @@ Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 with small shape
 on CUDA and the `cuda`-marked cases add bf16 and ResNet-sized layers.
 """
 import functools
-import os
 
 import pytest
 import torch
@@ -15,21 +14,14 @@ from torch.func import functional_call
 import conv_cases
 from conftest import block_frobenius_norms
 from conv_cases import CASES, GPU_CASES, OPS
+# Before sparsekern.triton_kernels (which needs triton): skips this module where the kernels cannot run.
+from triton_setup import DEVICE, on_gpu, small
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-if not (INTERPRET or HAS_CUDA):
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
-pytest.importorskip("triton")
+import sparsekern as sk
+from sparsekern import reference
+from sparsekern import triton_kernels as tk
+from sparsekern.triton_kernels.sddmm import sddmm_splits
 
-import sparsekern as sk  # noqa: E402
-from sparsekern import reference  # noqa: E402
-from sparsekern import triton_kernels as tk  # noqa: E402
-from sparsekern.triton_kernels.sddmm import sddmm_splits  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-small = pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.cuda
-on_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 randn = functools.partial(conv_cases.randn, device=DEVICE)
 Conv = functools.partial(conv_cases.Conv, device=DEVICE)
 assert_close_to_oracle = functools.partial(conv_cases.assert_close_to_oracle, kernels=tk)

@@ -9,28 +9,19 @@ sparsekern.triton_kernels is first imported); with a GPU, the same small cases r
 `cuda`-marked cases add bf16 and realistic sizes.
 """
 import functools
-import os
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-if not (INTERPRET or HAS_CUDA):
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
-pytest.importorskip("triton")
+# Before sparsekern.triton_kernels (which needs triton): skips this module where the kernels cannot run.
+from triton_setup import DEVICE, on_gpu, small
 
-import sparsekern as sk  # noqa: E402
-from sparsekern import triton_kernels as tk  # noqa: E402
-from sparsekern.triton_kernels.sddmm import sddmm_splits  # noqa: E402
+import sparsekern as sk
+from sparsekern import triton_kernels as tk
+from sparsekern.triton_kernels.sddmm import sddmm_splits
 
-import gemm_cases  # noqa: E402
-from conftest import assert_layer_matches_reference  # noqa: E402
-
-# Small cases run on CPU under the interpreter, else on the GPU.
-DEVICE = "cpu" if INTERPRET else "cuda"
-small = pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.cuda
-on_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+import gemm_cases
+from conftest import assert_layer_matches_reference
 
 # (M, N, K): odd sizes, none a multiple of the block; the second makes sddmm split M (see test_sddmm_split).
 SHAPES = [(37, 75, 53), (300, 98, 67)]
