@@ -107,6 +107,10 @@ def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] =
     requested = requested_backend()
     if requested == "auto":
         return _auto_backends(op, device, dtype)[0]
+    return _forced_backend(requested, op, device, dtype)
+
+
+def _forced_backend(requested: str, op: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
     why = backend_unavailable_reason(requested, device.type)
     if why is not None:
         raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
@@ -116,15 +120,6 @@ def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] =
 def _mutates(op: str) -> bool:
     # torch's in-place naming, which every op here follows (tests check it against the schemas)
     return op.endswith("_")
-
-
-def _measured_backends(op: str, operand: Tensor) -> List[str]:
-    """The fast backends that ``auto`` times against each other for this call (fewer than two: no measuring)."""
-    measuring = (requested_backend() == "auto" and not _mutates(op) and tuning.enabled()
-                 and tuning.TUNER.measures(operand.device))
-    if not measuring:
-        return []
-    return [backend for backend in _auto_backends(op, operand.device, operand.dtype) if backend != "reference"]
 
 
 def _function(backend: str, op: str) -> Callable:
@@ -138,12 +133,18 @@ def _function(backend: str, op: str) -> Callable:
 def _implementation(op: str, args: Sequence) -> Callable:
     """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
     operand = args[0]
-    backend = select_backend(op, operand.device, operand.dtype)
-    candidates = _measured_backends(op, operand)
-    if len(candidates) > 1:
-        calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
-        backend = tuning.TUNER.choose(tuning.call_key(op, args), operand.device, calls, static=backend)
-    return _function(backend, op)
+    requested = requested_backend()
+    if requested != "auto":
+        return _function(_forced_backend(requested, op, operand.device, operand.dtype), op)
+    backends = _auto_backends(op, operand.device, operand.dtype)
+    if not _mutates(op) and tuning.enabled() and tuning.TUNER.measures(operand.device):
+        # the fast backends are timed against each other on this call (when there are two)
+        candidates = [backend for backend in backends if backend != "reference"]
+        if len(candidates) > 1:
+            calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
+            return _function(tuning.TUNER.choose(tuning.call_key(op, args), operand.device, calls,
+                                                 static=backends[0]), op)
+    return _function(backends[0], op)
 
 
 def _call(op: str, *args):
