@@ -20,13 +20,17 @@ would apply them several times), and under CUDA graph capture for a key not meas
 capturing). A forced backend is never measured: one that cannot run on the device raises; one that lacks an op
 (or the operands' dtype, e.g. Triton and float64) uses the reference for that op (``python -m sparsekern.info``
 lists which ops each backend has).
+
+The public functions below check their arguments, then call the custom op where autograd, torch.compile, a tensor
+subclass or a mode must see it, and its implementation directly otherwise (``_run``): inference calls skip the
+custom op's Python wrappers.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -93,11 +97,26 @@ def backend_has_op(backend: str, op: str, dtype: Optional[torch.dtype] = None) -
     return _native.has_kernel(f"native_{op}", backend, dtype)
 
 
-def _auto_backends(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> List[str]:
+# Both backend choices below are made once per key and cached: resolving them on every call cost tens of
+# microseconds of Python, more than a small GEMM. The key holds all they read that may change while the process
+# runs (the static order and TRITON_INTERPRET, which decides whether Triton runs on CPU tensors); the build and the
+# importable modules do not change.
+
+def _auto_backends(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
     """The backends ``auto`` may run ``op`` on here, in static order; never empty (every order ends with the
     reference)."""
-    return [backend for backend in _AUTO_ORDER.get(device.type, ("reference",))
-            if backend_unavailable_reason(backend, device.type) is None and backend_has_op(backend, op, dtype)]
+    return _runnable(_AUTO_ORDER.get(device.type, ("reference",)), op, device.type, dtype, _triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _runnable(order: Tuple[str, ...], op: str, device_type: str, dtype: Optional[torch.dtype],
+              triton_interpreted: bool) -> Tuple[str, ...]:
+    return tuple(backend for backend in order
+                 if backend_unavailable_reason(backend, device_type) is None and backend_has_op(backend, op, dtype))
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
@@ -111,7 +130,13 @@ def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] =
 
 
 def _forced_backend(requested: str, op: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
-    why = backend_unavailable_reason(requested, device.type)
+    return _forced_choice(requested, op, device.type, dtype, _triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)  # a backend that cannot run raises every time: lru_cache keeps no exceptions
+def _forced_choice(requested: str, op: str, device_type: str, dtype: Optional[torch.dtype],
+                   triton_interpreted: bool) -> str:
+    why = backend_unavailable_reason(requested, device_type)
     if why is not None:
         raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
     return requested if backend_has_op(requested, op, dtype) else "reference"
@@ -149,6 +174,21 @@ def _implementation(op: str, args: Sequence) -> Callable:
 
 def _call(op: str, *args):
     return _implementation(op, args)(*args)
+
+
+def _run(op: str, *args):
+    """Run the non-mutating op ``op`` for a public entry point. Through its custom op
+    (``torch.ops.sparsekern.<op>``) where something must see the op: autograd (an input requires grad, or a
+    torch.func transform), torch.compile and export, tensor subclasses, torch function and dispatch modes. Otherwise
+    straight to its implementation, as the custom op would: on the 2-core CI machine its Python wrappers cost
+    about 50 us a call, and 0.1-0.3 ms right after a large op has evicted them from the caches."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    grad = torch.is_grad_enabled()
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch.overrides.has_torch_function(tensors)
+            or any((grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)):
+        return getattr(torch.ops.sparsekern, op)(*args)
+    return _call(op, *args)
 
 
 def tuned_choices() -> Dict[tuning.Key, tuning.Choice]:
@@ -355,27 +395,30 @@ _bsr_sddmm.register_autograd(_sddmm_backward, setup_context=lambda ctx, inputs, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Public entry points: argument checks with messages that name the tensor, autocast, then the op.
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+# Public entry points: argument checks with messages that name the tensor, autocast, then the op. A message is
+# formatted only when its check fails: formatting shapes, devices and dtypes on every call cost more than the checks.
 
 
 def _check_matrix(name: str, t: Tensor, like: Tensor, width: Optional[int] = None) -> None:
-    _check(t.dim() == 2, f"{name} must be 2-D [M, features], got shape {tuple(t.shape)}")
-    _check(t.device == like.device, f"{name} is on {t.device} but the layer values are on {like.device}")
-    _check(t.dtype == like.dtype, f"{name} has dtype {t.dtype} but the other operand has {like.dtype}")
-    if width is not None:
-        _check(t.shape[1] == width, f"{name} has {t.shape[1]} features, expected {width}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the layer values are on {like.device}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but the other operand has {like.dtype}")
+    if width is not None and t.shape[1] != width:
+        raise ValueError(f"{name} has {t.shape[1]} features, expected {width}")
 
 
 def _check_values(layout, values: Tensor) -> None:
     bs = layout.block_size
     expected = (layout.nnz_blocks, bs, bs)
-    _check(tuple(values.shape) == expected, f"values must have shape {expected} for this layout, got {tuple(values.shape)}")
-    _check(values.device == layout.device, f"values are on {values.device} but the layout is on {layout.device}")
-    _check(values.is_floating_point(), f"values must be floating point, got {values.dtype}")
+    if tuple(values.shape) != expected:
+        raise ValueError(f"values must have shape {expected} for this layout, got {tuple(values.shape)}")
+    if values.device != layout.device:
+        raise ValueError(f"values are on {values.device} but the layout is on {layout.device}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
 
 
 def _autocast(*tensors: Optional[Tensor]):
@@ -394,10 +437,12 @@ def bsr_linear(x: Tensor, layout, values: Tensor, bias: Optional[Tensor] = None)
     x, values, bias = _autocast(x, values, bias)
     _check_matrix("x", x, values, in_features)
     if bias is not None:
-        _check(tuple(bias.shape) == (out_features,), f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        _check(bias.dtype == values.dtype and bias.device == values.device,
-               f"bias must match values ({values.dtype} on {values.device}), got {bias.dtype} on {bias.device}")
-    return torch.ops.sparsekern.bsr_linear(x, values, *layout.index_tensors(), out_features, bias)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != values.dtype or bias.device != values.device:
+            raise ValueError(f"bias must match values ({values.dtype} on {values.device}), "
+                             f"got {bias.dtype} on {bias.device}")
+    return _run("bsr_linear", x, values, *layout.index_tensors(), out_features, bias)
 
 
 def bsr_linear_dx(dy: Tensor, layout, values: Tensor) -> Tensor:
@@ -406,7 +451,7 @@ def bsr_linear_dx(dy: Tensor, layout, values: Tensor) -> Tensor:
     _check_values(layout, values)
     dy, values = _autocast(dy, values)
     _check_matrix("dy", dy, values, out_features)
-    return torch.ops.sparsekern.bsr_linear_dx(dy, values, *layout.index_tensors(), in_features)
+    return _run("bsr_linear_dx", dy, values, *layout.index_tensors(), in_features)
 
 
 def bsr_sddmm(dy: Tensor, x: Tensor, layout) -> Tensor:
@@ -415,9 +460,11 @@ def bsr_sddmm(dy: Tensor, x: Tensor, layout) -> Tensor:
     dy, x = _autocast(dy, x)
     _check_matrix("dy", dy, x, out_features)
     _check_matrix("x", x, dy, in_features)
-    _check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
-    _check(x.device == layout.device, f"x is on {x.device} but the layout is on {layout.device}")
-    return torch.ops.sparsekern.bsr_sddmm(dy, x, *layout.index_tensors(), layout.block_size)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
+    if x.device != layout.device:
+        raise ValueError(f"x is on {x.device} but the layout is on {layout.device}")
+    return _run("bsr_sddmm", dy, x, *layout.index_tensors(), layout.block_size)
 
 
 def block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
@@ -426,8 +473,9 @@ def block_grad_scores(dy: Tensor, x: Tensor, block_size: int) -> Tensor:
     dy, x = _autocast(dy, x)
     _check_matrix("dy", dy, x)
     _check_matrix("x", x, dy)
-    _check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
-    return torch.ops.sparsekern.block_grad_scores(dy, x, block_size)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
+    return _run("block_grad_scores", dy, x, block_size)
 
 
 def build_layout_index_(block_mask: Tensor, row_ptr: Tensor, col_idx: Tensor, coo_row: Tensor, col_ptr: Tensor,
@@ -443,8 +491,9 @@ def layout_update_(layout, block_mask: Tensor, block_tensors: Sequence[Tensor] =
     """
     nnz = layout.nnz_blocks
     for t in block_tensors:
-        _check(t.shape[:1] == (nnz,) and t.device == layout.device,
-               f"block tensors must have {nnz} blocks on {layout.device}, got {tuple(t.shape)} on {t.device}")
+        if t.shape[:1] != (nnz,) or t.device != layout.device:
+            raise ValueError(f"block tensors must have {nnz} blocks on {layout.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")
     old_position = torch.full(layout.block_grid, -1, dtype=torch.int64, device=layout.device)
     old_position[layout.coo_row.long(), layout.col_idx.long()] = torch.arange(nnz, device=layout.device)
     build_layout_index_(block_mask, *layout.index_tensors())
@@ -463,18 +512,20 @@ def masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], 
                 inv_loss_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Fused in-place SGD step on one tensor (compact block values or a dense parameter); see
     ``sparsekern.reference.masked_sgd_`` for the exact arithmetic."""
-    _check(grad.shape == param.shape, f"grad has shape {tuple(grad.shape)} but param has {tuple(param.shape)}")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but param has {tuple(param.shape)}")
     weights = master if master is not None else param
-    _check(weights.dtype in (torch.float32, torch.float64) or master is None,
-           f"master must be fp32/fp64, got {weights.dtype}")
+    if master is not None and weights.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"master must be fp32/fp64, got {weights.dtype}")
     if momentum_buffer is not None:
-        _check(momentum_buffer.shape == param.shape and momentum_buffer.dtype == weights.dtype,
-               f"momentum_buffer must have shape {tuple(param.shape)} and dtype {weights.dtype}")
+        if momentum_buffer.shape != param.shape or momentum_buffer.dtype != weights.dtype:
+            raise ValueError(f"momentum_buffer must have shape {tuple(param.shape)} and dtype {weights.dtype}")
     if grad_scale is not None:
-        _check(grad_scale.shape == param.shape[:1],
-               f"grad_scale must have one factor per block ({param.shape[0]}), got {tuple(grad_scale.shape)}")
-    if momentum != 0:
-        _check(momentum_buffer is not None, "momentum_buffer is required when momentum != 0")
+        if grad_scale.shape != param.shape[:1]:
+            raise ValueError(f"grad_scale must have one factor per block ({param.shape[0]}), "
+                             f"got {tuple(grad_scale.shape)}")
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("momentum_buffer is required when momentum != 0")
     torch.ops.sparsekern.masked_sgd_(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale,
                                      found_inf, lr, momentum, dampening, weight_decay, nesterov,
                                      decoupled_weight_decay)
@@ -487,14 +538,15 @@ def bsr_conv2d(x_nhwc: Tensor, layout, values: Tensor, bias: Optional[Tensor], k
     out_channels, k = layout.shape
     _check_values(layout, values)
     x_nhwc, values, bias = _autocast(x_nhwc, values, bias)
-    _check(x_nhwc.dim() == 4, f"x must be a 4-D NHWC image, got shape {tuple(x_nhwc.shape)}")
-    _check(kernel_size[0] * kernel_size[1] * x_nhwc.shape[3] == k,
-           f"x has {x_nhwc.shape[3]} channels but the filter matrix expects {k} = kh*kw*cin")
-    _check(x_nhwc.dtype == values.dtype and x_nhwc.device == values.device,
-           f"x ({x_nhwc.dtype} on {x_nhwc.device}) must match values ({values.dtype} on {values.device})")
-    return torch.ops.sparsekern.bsr_conv2d(x_nhwc.contiguous(), values, *layout.index_tensors(), out_channels, bias,
-                                           list(kernel_size), list(stride), list(padding), list(dilation),
-                                           list(output_size))
+    if x_nhwc.dim() != 4:
+        raise ValueError(f"x must be a 4-D NHWC image, got shape {tuple(x_nhwc.shape)}")
+    if kernel_size[0] * kernel_size[1] * x_nhwc.shape[3] != k:
+        raise ValueError(f"x has {x_nhwc.shape[3]} channels but the filter matrix expects {k} = kh*kw*cin")
+    if x_nhwc.dtype != values.dtype or x_nhwc.device != values.device:
+        raise ValueError(f"x ({x_nhwc.dtype} on {x_nhwc.device}) must match values "
+                         f"({values.dtype} on {values.device})")
+    return _run("bsr_conv2d", x_nhwc.contiguous(), values, *layout.index_tensors(), out_channels, bias,
+                list(kernel_size), list(stride), list(padding), list(dilation), list(output_size))
 
 
 def bsr_conv2d_grad_scores(dy_nhwc: Tensor, x_nhwc: Tensor, block_size: int, kernel_size, stride, padding,
@@ -504,11 +556,14 @@ def bsr_conv2d_grad_scores(dy_nhwc: Tensor, x_nhwc: Tensor, block_size: int, ker
     for fp64 inputs). dy [B, OH, OW, out] and x [B, H, W, cin] are NHWC; ``padding`` = (top, left)."""
     check_block_size(block_size)
     dy_nhwc, x_nhwc = _autocast(dy_nhwc, x_nhwc)
-    _check(dy_nhwc.dim() == 4, f"dy must be a 4-D NHWC gradient [B, OH, OW, out], got shape {tuple(dy_nhwc.shape)}")
-    _check(x_nhwc.dim() == 4, f"x must be a 4-D NHWC image [B, H, W, cin], got shape {tuple(x_nhwc.shape)}")
-    _check(dy_nhwc.shape[0] == x_nhwc.shape[0], f"dy has batch {dy_nhwc.shape[0]} but x has {x_nhwc.shape[0]}")
-    _check(dy_nhwc.dtype == x_nhwc.dtype and dy_nhwc.device == x_nhwc.device,
-           f"dy ({dy_nhwc.dtype} on {dy_nhwc.device}) must match x ({x_nhwc.dtype} on {x_nhwc.device})")
-    return torch.ops.sparsekern.bsr_conv2d_grad_scores(dy_nhwc.contiguous(), x_nhwc.contiguous(), block_size,
-                                                       list(kernel_size), list(stride), list(padding),
-                                                       list(dilation))
+    if dy_nhwc.dim() != 4:
+        raise ValueError(f"dy must be a 4-D NHWC gradient [B, OH, OW, out], got shape {tuple(dy_nhwc.shape)}")
+    if x_nhwc.dim() != 4:
+        raise ValueError(f"x must be a 4-D NHWC image [B, H, W, cin], got shape {tuple(x_nhwc.shape)}")
+    if dy_nhwc.shape[0] != x_nhwc.shape[0]:
+        raise ValueError(f"dy has batch {dy_nhwc.shape[0]} but x has {x_nhwc.shape[0]}")
+    if dy_nhwc.dtype != x_nhwc.dtype or dy_nhwc.device != x_nhwc.device:
+        raise ValueError(f"dy ({dy_nhwc.dtype} on {dy_nhwc.device}) must match x "
+                         f"({x_nhwc.dtype} on {x_nhwc.device})")
+    return _run("bsr_conv2d_grad_scores", dy_nhwc.contiguous(), x_nhwc.contiguous(), block_size, list(kernel_size),
+                list(stride), list(padding), list(dilation))

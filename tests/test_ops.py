@@ -380,6 +380,63 @@ def test_backends_agree_on_gemms(backend_env):
 
 
 # ----------------------------------------------------------------------------------------------
+# The call path: through the custom op where something must see it, straight to the implementation otherwise
+
+def sparsekern_ops_run(fn):
+    """The sparsekern:: ops the dispatcher ran during fn()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events() if event.name.startswith("sparsekern::")}
+
+
+def public_linear_calls(layout, values, x, dy, bias):
+    return {"bsr_linear": lambda: sk.ops.bsr_linear(x, layout, values, bias),
+            "bsr_linear_dx": lambda: sk.ops.bsr_linear_dx(dy, layout, values),
+            "bsr_sddmm": lambda: sk.ops.bsr_sddmm(dy, x, layout),
+            "block_grad_scores": lambda: sk.ops.block_grad_scores(dy, x, layout.block_size)}
+
+
+def test_calls_that_need_no_grad_skip_the_custom_op():
+    layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4)
+    for op, call in public_linear_calls(layout, values, x, dy, bias).items():
+        assert f"sparsekern::{op}" not in sparsekern_ops_run(call), op
+        custom_op = getattr(torch.ops.sparsekern, op)
+        index = layout.index_tensors()
+        through_custom_op = {"bsr_linear": lambda: custom_op(x, values, *index, layout.shape[0], bias),
+                             "bsr_linear_dx": lambda: custom_op(dy, values, *index, layout.shape[1]),
+                             "bsr_sddmm": lambda: custom_op(dy, x, *index, layout.block_size),
+                             "block_grad_scores": lambda: custom_op(dy, x, layout.block_size)}[op]
+        assert torch.equal(call(), through_custom_op()), op
+
+
+def test_calls_that_need_grad_go_through_the_custom_op():
+    layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4, requires_grad=True)
+    for op, call in public_linear_calls(layout, values, x, dy, bias).items():
+        assert f"sparsekern::{op}" in sparsekern_ops_run(call), op
+        with torch.no_grad():
+            assert f"sparsekern::{op}" not in sparsekern_ops_run(call), op
+
+
+def test_a_dispatch_mode_sees_the_public_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4)
+    with SeenOps() as mode:
+        y = sk.ops.bsr_linear(x, layout, values, bias)
+    assert mode.ops == ["sparsekern.bsr_linear.default"]
+    torch.testing.assert_close(y, sk.ops.bsr_linear(x, layout, values, bias))
+
+
+# ----------------------------------------------------------------------------------------------
 # Autocast
 
 def test_autocast_bf16():
