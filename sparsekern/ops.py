@@ -177,7 +177,7 @@ def _call(op: str, *args):
 
 
 def _run(op: str, *args):
-    """Run the non-mutating op ``op`` for a public entry point. Through its custom op
+    """Run the non-mutating op ``op`` for a public entry point or a backward formula. Through its custom op
     (``torch.ops.sparsekern.<op>``) where something must see the op: autograd (an input requires grad, or a
     torch.func transform), torch.compile and export, tensor subclasses, torch function and dispatch modes. Otherwise
     straight to its implementation, as the custom op would: on the 2-core CI machine its Python wrappers cost
@@ -333,7 +333,8 @@ def _(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale, fo
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd: the three training GEMMs are each other's derivatives.
+# Autograd: the three training GEMMs are each other's derivatives. The backward formulas call _run: their ops go
+# through the custom ops only when they must be differentiated again (create_graph) or traced.
 #   Y  = X Wᵀ        -> dX = dY W (bsr_linear_dx),  dW = (dYᵀ X)|layout (bsr_sddmm)
 #   dX = dY W        -> d(dY) = G Wᵀ (bsr_linear),   dW = (dYᵀ G)|layout
 #   dW = (dYᵀ X)|L   -> d(dY) = X Gᵀ (bsr_linear),   dX = dY G (bsr_linear_dx)
@@ -346,26 +347,23 @@ def _save_all(ctx, inputs, output):
 def _linear_backward(ctx, grad):
     x, values, *layout, bias = ctx.saved_tensors
     (out_features,) = ctx.ints
-    dx = torch.ops.sparsekern.bsr_linear_dx(grad, values, *layout, x.shape[1]) if ctx.needs_input_grad[0] else None
-    dvalues = (torch.ops.sparsekern.bsr_sddmm(grad, x, *layout, values.shape[-1])
-               if ctx.needs_input_grad[1] else None)
+    dx = _run("bsr_linear_dx", grad, values, *layout, x.shape[1]) if ctx.needs_input_grad[0] else None
+    dvalues = _run("bsr_sddmm", grad, x, *layout, values.shape[-1]) if ctx.needs_input_grad[1] else None
     dbias = grad.sum(0) if ctx.needs_input_grad[9] else None
     return (dx, dvalues) + (None,) * 7 + (dbias,)
 
 
 def _linear_dx_backward(ctx, grad):
     dy, values, *layout = ctx.saved_tensors
-    ddy = (torch.ops.sparsekern.bsr_linear(grad, values, *layout, dy.shape[1], None)
-           if ctx.needs_input_grad[0] else None)
-    dvalues = (torch.ops.sparsekern.bsr_sddmm(dy, grad, *layout, values.shape[-1])
-               if ctx.needs_input_grad[1] else None)
+    ddy = _run("bsr_linear", grad, values, *layout, dy.shape[1], None) if ctx.needs_input_grad[0] else None
+    dvalues = _run("bsr_sddmm", dy, grad, *layout, values.shape[-1]) if ctx.needs_input_grad[1] else None
     return (ddy, dvalues) + (None,) * 7
 
 
 def _sddmm_backward(ctx, grad):
     dy, x, *layout = ctx.saved_tensors
-    ddy = torch.ops.sparsekern.bsr_linear(x, grad, *layout, dy.shape[1], None) if ctx.needs_input_grad[0] else None
-    dx = torch.ops.sparsekern.bsr_linear_dx(dy, grad, *layout, x.shape[1]) if ctx.needs_input_grad[1] else None
+    ddy = _run("bsr_linear", x, grad, *layout, dy.shape[1], None) if ctx.needs_input_grad[0] else None
+    dx = _run("bsr_linear_dx", dy, grad, *layout, x.shape[1]) if ctx.needs_input_grad[1] else None
     return (ddy, dx) + (None,) * 7
 
 
@@ -379,9 +377,9 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad):
     x, values, *layout = ctx.saved_tensors
     grad = grad.contiguous()
-    dx = (torch.ops.sparsekern.bsr_conv2d_dgrad(grad, values, *layout, x.shape[3], list(x.shape[1:3]), *ctx.geometry)
+    dx = (_run("bsr_conv2d_dgrad", grad, values, *layout, x.shape[3], list(x.shape[1:3]), *ctx.geometry)
           if ctx.needs_input_grad[0] else None)
-    dvalues = (torch.ops.sparsekern.bsr_conv2d_wgrad(grad, x, *layout, values.shape[-1], *ctx.geometry)
+    dvalues = (_run("bsr_conv2d_wgrad", grad, x, *layout, values.shape[-1], *ctx.geometry)
                if ctx.needs_input_grad[1] else None)
     dbias = grad.sum(dim=(0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[9] else None
     return (dx, dvalues) + (None,) * 7 + (dbias,) + (None,) * 5

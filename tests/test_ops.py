@@ -417,6 +417,17 @@ def test_calls_that_need_grad_go_through_the_custom_op():
             assert f"sparsekern::{op}" not in sparsekern_ops_run(call), op
 
 
+def test_backward_reaches_the_custom_ops_only_to_differentiate_them_again():
+    layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4, requires_grad=True)
+
+    def backward(create_graph):
+        y = sk.ops.bsr_linear(x, layout, values, bias)
+        return sparsekern_ops_run(lambda: torch.autograd.grad(y, (x, values), dy.detach(), create_graph=create_graph))
+
+    assert not {"sparsekern::bsr_linear_dx", "sparsekern::bsr_sddmm"} & backward(create_graph=False)
+    assert {"sparsekern::bsr_linear_dx", "sparsekern::bsr_sddmm"} <= backward(create_graph=True)
+
+
 def test_a_dispatch_mode_sees_the_public_op():
     from torch.utils._python_dispatch import TorchDispatchMode
 
