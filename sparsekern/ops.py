@@ -515,13 +515,10 @@ def masked_sgd_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], 
     weights = master if master is not None else param
     if master is not None and weights.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"master must be fp32/fp64, got {weights.dtype}")
-    if momentum_buffer is not None:
-        if momentum_buffer.shape != param.shape or momentum_buffer.dtype != weights.dtype:
-            raise ValueError(f"momentum_buffer must have shape {tuple(param.shape)} and dtype {weights.dtype}")
-    if grad_scale is not None:
-        if grad_scale.shape != param.shape[:1]:
-            raise ValueError(f"grad_scale must have one factor per block ({param.shape[0]}), "
-                             f"got {tuple(grad_scale.shape)}")
+    if momentum_buffer is not None and (momentum_buffer.shape != param.shape or momentum_buffer.dtype != weights.dtype):
+        raise ValueError(f"momentum_buffer must have shape {tuple(param.shape)} and dtype {weights.dtype}")
+    if grad_scale is not None and grad_scale.shape != param.shape[:1]:
+        raise ValueError(f"grad_scale must have one factor per block ({param.shape[0]}), got {tuple(grad_scale.shape)}")
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("momentum_buffer is required when momentum != 0")
     torch.ops.sparsekern.masked_sgd_(param, grad, momentum_buffer, master, step, grad_scale, inv_loss_scale,
