@@ -4,6 +4,9 @@ fp32 uses the flash-attention rule against an fp64 reference: our error is at mo
 fp32 dense computation (plus a tiny epsilon). fp64 must agree to rounding. Every instruction set this CPU
 has (SPARSEKERN_CPU_ISA) is checked on the forward, so the AVX2 and portable fallbacks stay correct too.
 """
+import resource
+import threading
+
 import pytest
 import torch
 
@@ -163,6 +166,55 @@ def test_bit_identical_across_thread_counts():
     for op in results[0]:
         assert torch.equal(results[0][op], results[1][op]), op
 
+
+
+# Outputs of 1 MB and more come from a pool of reused buffers (csrc/cpu/output_pool.cpp).
+
+def _pooled_problem(seed):
+    return _problem((520, 600, 70), 32, 0.5, seed=seed)  # [520, 600] fp32 outputs: 1.2 MB
+
+
+def test_a_freed_output_is_reused_and_fully_overwritten():
+    layout, values, x, dy, bias = _pooled_problem(seed=21)
+    idx = layout.index_tensors()
+    first = _call("bsr_linear", x, values, *idx, 600, bias)
+    address = first.data_ptr()
+    first.fill_(float("nan"))  # whatever stays behind in the buffer must not show through
+    del first
+    x2 = torch.randn_like(x)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    second = _call("bsr_linear", x2, values, *idx, 600, bias)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert second.data_ptr() == address
+    assert faults < second.numel() * 4 // 4096 // 4  # its pages were already mapped (malloc may also give the address back)
+    torch.testing.assert_close(second, reference.bsr_linear(x2, values, *idx, 600, bias), rtol=1e-5, atol=1e-4)
+    # a buffer still in use is never handed out again
+    third = _call("bsr_linear", x, values, *idx, 600, bias)
+    assert third.data_ptr() != second.data_ptr()
+    assert torch.equal(second, _call("bsr_linear", x2, values, *idx, 600, bias))
+
+
+def test_a_pooled_output_resizes_and_shares_like_any_tensor():
+    layout, values, x, dy, bias = _pooled_problem(seed=22)
+    y = _call("bsr_linear", x, values, *layout.index_tensors(), 600, bias)
+    expected = y.clone()
+    y.resize_(2 * y.numel())
+    assert torch.equal(y[:expected.numel()], expected.flatten())
+    z = _call("bsr_linear", x, values, *layout.index_tensors(), 600, bias)
+    z.share_memory_()
+    assert z.is_shared() and torch.equal(z, expected)
+
+
+def test_pooled_outputs_may_be_freed_on_other_threads():
+    layout, values, x, dy, bias = _pooled_problem(seed=23)
+    idx = layout.index_tensors()
+    expected = _call("bsr_linear", x, values, *idx, 600, bias)
+    outputs = [_call("bsr_linear", x, values, *idx, 600, bias) for _ in range(8)]
+    freeing = threading.Thread(target=outputs.clear)
+    freeing.start()
+    fresh = [_call("bsr_linear", x, values, *idx, 600, bias) for _ in range(8)]
+    freeing.join()
+    assert all(torch.equal(out, expected) for out in fresh)
 
 def test_dispatch_picks_cpu_backend(monkeypatch):
     monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)

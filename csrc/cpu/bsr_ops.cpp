@@ -28,6 +28,7 @@
 #include "checks.h"
 #include "conv_checks.h"
 #include "cpu/bsr_gemm.h"
+#include "cpu/output_pool.h"
 
 namespace sparsekern {
 namespace {
@@ -298,7 +299,7 @@ Tensor bsr_linear_cpu(const Tensor& x_in, const Tensor& values_in, const Tensor&
   const Tensor x = compute_dtype(x_in), values = compute_dtype(values_in);
   const c10::optional<Tensor> bias =
       bias_in.has_value() ? c10::optional<Tensor>(compute_dtype(*bias_in)) : c10::nullopt;
-  Tensor y = at::empty({M, N}, x.options());
+  Tensor y = cpu::empty_output({M, N}, x);
   if (M > 0) {
     if (x.scalar_type() == at::kDouble)
       run_forward<double>(x, values, bias, y, index, plain_matrix(M, K), M, N, K, bs);
@@ -318,7 +319,7 @@ Tensor bsr_linear_dx_cpu(const Tensor& dy_in, const Tensor& values_in, const Ten
   const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), cdiv(K, bs),
                                   values_in.size(0));
   const Tensor dy = compute_dtype(dy_in), values = compute_dtype(values_in);
-  Tensor dx = at::empty({M, K}, dy.options());
+  Tensor dx = cpu::empty_output({M, K}, dy);
   if (M > 0) {
     if (dy.scalar_type() == at::kDouble)
       run_backward_input<double>(dy, values, dx, index, plain_matrix(M, K), M, N, K, bs);
@@ -340,7 +341,7 @@ Tensor bsr_sddmm_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& row_
   const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), cdiv(K, bs),
                                   col_idx.numel());
   const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
-  Tensor out = at::empty({index.nnz, bs, bs}, dy.options());
+  Tensor out = cpu::empty_output({index.nnz, bs, bs}, dy);
   if (dy.scalar_type() == at::kDouble)
     run_sddmm<double>(dy, x, out, index, plain_matrix(M, K), M, N, K, bs);
   else
@@ -376,7 +377,7 @@ Tensor block_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64_t bl
   TORCH_CHECK(dy_in.size(0) == x_in.size(0), "dy has ", dy_in.size(0), " rows but x has ", x_in.size(0));
   // fp32 scores for every input dtype but fp64, as the reference accumulates.
   const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
-  Tensor scores = at::empty({cdiv(dy.size(1), block_size), cdiv(x.size(1), block_size)}, dy.options());
+  Tensor scores = cpu::empty_output({cdiv(dy.size(1), block_size), cdiv(x.size(1), block_size)}, dy);
   const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
   if (dy.scalar_type() == at::kDouble)
     run_block_scores<double>(dy, x, scores, plain_matrix(M, K), M, N, K, block_size);
@@ -432,7 +433,7 @@ Tensor bsr_conv2d_cpu(const Tensor& x_in, const Tensor& values_in, const Tensor&
   const Tensor x = compute_dtype(x_in), values = compute_dtype(values_in);
   const c10::optional<Tensor> bias =
       bias_in.has_value() ? c10::optional<Tensor>(compute_dtype(*bias_in)) : c10::nullopt;
-  Tensor y = at::empty({B, output_size[0], output_size[1], N}, x.options());
+  Tensor y = cpu::empty_output({B, output_size[0], output_size[1], N}, x);
   if (M > 0) {
     if (x.scalar_type() == at::kDouble)
       run_forward<double>(x, values, bias, y, index, geometry, M, N, K, bs);
@@ -458,7 +459,7 @@ Tensor bsr_conv2d_dgrad_cpu(const Tensor& dy_in, const Tensor& values_in, const 
   const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), K / bs,
                                   values_in.size(0));
   const Tensor dy = compute_dtype(dy_in), values = compute_dtype(values_in);
-  Tensor dx = at::empty({B, input_size[0], input_size[1], in_channels}, dy.options());
+  Tensor dx = cpu::empty_output({B, input_size[0], input_size[1], in_channels}, dy);
   if (dx.numel() > 0) {
     if (dy.scalar_type() == at::kDouble)
       run_backward_input<double>(dy, values, dx, index, geometry, M, N, K, bs);
@@ -484,7 +485,7 @@ Tensor bsr_conv2d_wgrad_cpu(const Tensor& dy_in, const Tensor& x_in, const Tenso
   const auto index = check_layout({row_ptr, col_idx, coo_row, col_ptr, row_idx, perm}, cdiv(N, bs), K / bs,
                                   col_idx.numel());
   const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
-  Tensor out = at::empty({index.nnz, bs, bs}, dy.options());
+  Tensor out = cpu::empty_output({index.nnz, bs, bs}, dy);
   if (dy.scalar_type() == at::kDouble)
     run_sddmm<double>(dy, x, out, index, geometry, M, N, K, bs);
   else
@@ -505,7 +506,7 @@ Tensor bsr_conv2d_grad_scores_cpu(const Tensor& dy_in, const Tensor& x_in, int64
   const int64_t M = B * dy_in.size(1) * dy_in.size(2), K = kernel_size[0] * kernel_size[1] * C;
   // fp32 scores for every input dtype but fp64, as the reference accumulates.
   const Tensor dy = compute_dtype(dy_in), x = compute_dtype(x_in);
-  Tensor scores = at::empty({cdiv(N, bs), cdiv(K, bs)}, dy.options());
+  Tensor scores = cpu::empty_output({cdiv(N, bs), cdiv(K, bs)}, dy);
   if (dy.scalar_type() == at::kDouble)
     run_block_scores<double>(dy, x, scores, geometry, M, N, K, bs);
   else
