@@ -2,6 +2,7 @@
 // the CPU reports avx2 and fma (checked at run time by the glue).
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include <immintrin.h>
 

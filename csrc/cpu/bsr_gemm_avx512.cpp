@@ -2,6 +2,7 @@
 // the CPU reports avx512f (checked at run time by the glue); the rest of the build stays baseline x86-64.
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include <immintrin.h>
 

@@ -11,6 +11,7 @@
 // fused multiply-adds, so the result does not depend on the thread count or on the tiling.
 
 #define SK_INLINE inline __attribute__((always_inline))
+#define SK_INLINE_LAMBDA __attribute__((always_inline))
 
 template <typename I>
 constexpr SK_INLINE I min_of(I a, I b) {
@@ -57,6 +58,16 @@ SK_INLINE void with_rows(int rows, F&& f) {
   f(std::integral_constant<int, MR>{});
 }
 
+// Call f(std::integral_constant<int, BS>) for a full block, else f(depth): a full block's loop then has a constant
+// trip count, unrolled, whose exit is predicted (measured 3-4% on the 2048^3 forward at 90% sparsity, blocks of 32).
+template <int BS, class F>
+SK_INLINE void with_depth(int depth, F&& f) {
+  if (depth == BS)
+    f(std::integral_constant<int, BS>{});
+  else
+    f(depth);
+}
+
 // acc[MR][NV] held in registers; update() adds a rank-`depth` product of MR rows of A (one pointer
 // per row, contiguous along the reduction) with a row-major panel B (a strip of width NV * W).
 template <class V, int MR, int NV>
@@ -72,8 +83,10 @@ struct RowTile {
       for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
   }
 
-  // Row i of A at a[i] (conv dgrad: rows gathered from anywhere, or a row of zeros).
-  SK_INLINE void update(const T* const* a, int depth, const T* b, int64_t ldb) {
+  // Row i of A at a[i] (conv dgrad: rows gathered from anywhere, or a row of zeros). `depth`: an int, or a
+  // std::integral_constant for a loop of constant trip count (with_depth).
+  template <class Depth>
+  SK_INLINE void update(const T* const* a, Depth depth, const T* b, int64_t ldb) {
     const T* a_row[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) a_row[i] = a[i];
@@ -81,19 +94,20 @@ struct RowTile {
   }
 
   // Row i of A at a + i * LDA (a panel): one base register and constant offsets for the broadcasts.
-  template <int LDA>
-  SK_INLINE void update_panel(const T* a, int depth, const T* b, int64_t ldb) {
+  template <int LDA, class Depth>
+  SK_INLINE void update_panel(const T* a, Depth depth, const T* b, int64_t ldb) {
     update_rows([&](int i, int64_t t) { return a[t + i * LDA]; }, depth, b, ldb);
   }
 
   // Row i of A at a + i * lda (a matrix read in place).
-  SK_INLINE void update_strided(const T* a, int64_t lda, int depth, const T* b, int64_t ldb) {
+  template <class Depth>
+  SK_INLINE void update_strided(const T* a, int64_t lda, Depth depth, const T* b, int64_t ldb) {
     update_rows([&](int i, int64_t t) { return a[t + i * lda]; }, depth, b, ldb);
   }
 
-  template <class A>
-  SK_INLINE void update_rows(A&& a_at, int depth, const T* b, int64_t ldb) {
-    for (int64_t t = 0; t < depth; ++t) {  // 64-bit: no sign extension in the address arithmetic
+  template <class A, class Depth>
+  SK_INLINE void update_rows(A&& a_at, Depth depth, const T* b, int64_t ldb) {
+    const auto step = [&](int64_t t) SK_INLINE_LAMBDA {  // 64-bit t: no sign extension in the address arithmetic
       R b_vec[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) b_vec[v] = V::load(b + t * ldb + v * V::W);
@@ -103,7 +117,18 @@ struct RowTile {
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(a_val, b_vec[v], acc[i][v]);
       }
+    };
+    if constexpr (std::is_same_v<Depth, int>) {
+      for (int64_t t = 0; t < depth; ++t) step(t);
+    } else {
+      static_assert(Depth::value % 8 == 0);
+      for (int64_t t = 0; t < Depth::value; t += 8) unrolled(step, t, std::make_integer_sequence<int, 8>{});
     }
+  }
+
+  template <class Step, int... I>
+  SK_INLINE static void unrolled(const Step& step, int64_t t, std::integer_sequence<int, I...>) {
+    (step(t + I), ...);
   }
 
   SK_INLINE static void prefetch_c(T* c, int64_t ldc, int cols) {
@@ -340,10 +365,12 @@ SK_INLINE void gemm_tile(const GemmWalk<typename V::T>& w, int64_t m0, int64_t l
       if constexpr (IN_PLACE) {
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) prefetch_row(next + i * lda, BS, false);
-        tile.update_strided(slices[j] + local_m * lda, lda, depths[j], b, BS);
+        const T* a = slices[j] + local_m * lda;
+        with_depth<BS>(depths[j], [&](auto depth) { tile.update_strided(a, lda, depth, b, BS); });
       } else {
         prefetch_row(next, MR * BS, false);
-        tile.template update_panel<BS>(slices[j] + local_m * BS, depths[j], b, BS);
+        const T* a = slices[j] + local_m * BS;
+        with_depth<BS>(depths[j], [&](auto depth) { tile.template update_panel<BS>(a, depth, b, BS); });
       }
     }
     T* out = w.out + m0 * w.out_width + col0;
@@ -457,8 +484,9 @@ SK_INLINE void conv_backward_input_tile(const BackwardInputArgs<typename V::T>& 
           const T* a[MR];
 #pragma GCC unroll 16
           for (int i = 0; i < MR; ++i) a[i] = dy_row[i] >= 0 ? p.dy + dy_row[i] + r * BS : ZeroRow<T>::data;
-          tile.update(a, static_cast<int>(min_of<int64_t>(BS, p.N - r * BS)),
-                      p.values + static_cast<int64_t>(p.index.perm[q]) * BS * BS + s * S::STRIP, BS);
+          const T* b = p.values + static_cast<int64_t>(p.index.perm[q]) * BS * BS + s * S::STRIP;
+          with_depth<BS>(static_cast<int>(min_of<int64_t>(BS, p.N - r * BS)),
+                         [&](auto depth) { tile.update(a, depth, b, BS); });
         }
       }
     }

@@ -3,6 +3,7 @@
 // vectorise them for the baseline instruction set.
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "bsr_gemm.h"
 
