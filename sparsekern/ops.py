@@ -98,48 +98,56 @@ def backend_has_op(backend: str, op: str, dtype: Optional[torch.dtype] = None) -
 
 
 # Both backend choices below are made once per key and cached: resolving them on every call cost tens of
-# microseconds of Python, more than a small GEMM. The key holds all they read that may change while the process
-# runs (the static order and TRITON_INTERPRET, which decides whether Triton runs on CPU tensors); the build and the
-# importable modules do not change.
+# microseconds of Python, more than a small GEMM, and 0.1 ms right after a large op has evicted that Python from
+# the caches. The key holds all they read that may change while the process runs (the static order and, where
+# Triton could be picked for CPU tensors, TRITON_INTERPRET); the build and the importable modules do not change.
 
-def _auto_backends(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
+def _auto_order(device_type: str) -> Tuple[str, ...]:
+    return _AUTO_ORDER.get(device_type, ("reference",))
+
+
+def _triton_on_cpu(requested: str, device_type: str) -> bool:
+    """TRITON_INTERPRET=1, where it can matter: it decides only whether Triton runs on CPU tensors, so it is read
+    only where Triton could be picked for them."""
+    could_pick = requested == "triton" or (requested == "auto" and "triton" in _auto_order(device_type))
+    return device_type == "cpu" and could_pick and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _auto_backends(op: str, device_type: str, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
     """The backends ``auto`` may run ``op`` on here, in static order; never empty (every order ends with the
     reference)."""
-    return _runnable(_AUTO_ORDER.get(device.type, ("reference",)), op, device.type, dtype, _triton_interpreted())
+    return _runnable(_auto_order(device_type), op, device_type, dtype, _triton_on_cpu("auto", device_type))
 
 
 @functools.lru_cache(maxsize=None)
 def _runnable(order: Tuple[str, ...], op: str, device_type: str, dtype: Optional[torch.dtype],
-              triton_interpreted: bool) -> Tuple[str, ...]:
+              triton_on_cpu: bool) -> Tuple[str, ...]:
     return tuple(backend for backend in order
                  if backend_unavailable_reason(backend, device_type) is None and backend_has_op(backend, op, dtype))
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _static_backend(op: str, device_type: str, dtype: Optional[torch.dtype]) -> str:
+    """auto's static pick, or the forced backend (the reference where it lacks ``op``)."""
+    requested = requested_backend()
+    if requested == "auto":
+        return _auto_backends(op, device_type, dtype)[0]
+    return _forced_choice(requested, op, device_type, dtype, _triton_on_cpu(requested, device_type))
+
+
+@functools.lru_cache(maxsize=None)  # a backend that cannot run raises every time: lru_cache keeps no exceptions
+def _forced_choice(requested: str, op: str, device_type: str, dtype: Optional[torch.dtype],
+                   triton_on_cpu: bool) -> str:
+    why = backend_unavailable_reason(requested, device_type)
+    if why is not None:
+        raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
+    return requested if backend_has_op(requested, op, dtype) else "reference"
 
 
 def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs ``op`` on ``device`` (for ``dtype``) under the current ``SPARSEKERN_BACKEND``. For
     ``auto`` this is the static order's pick; on CUDA tensors a call may run the other fast backend instead when
     measuring found it faster for that call's shapes (see the module docstring)."""
-    requested = requested_backend()
-    if requested == "auto":
-        return _auto_backends(op, device, dtype)[0]
-    return _forced_backend(requested, op, device, dtype)
-
-
-def _forced_backend(requested: str, op: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
-    return _forced_choice(requested, op, device.type, dtype, _triton_interpreted())
-
-
-@functools.lru_cache(maxsize=None)  # a backend that cannot run raises every time: lru_cache keeps no exceptions
-def _forced_choice(requested: str, op: str, device_type: str, dtype: Optional[torch.dtype],
-                   triton_interpreted: bool) -> str:
-    why = backend_unavailable_reason(requested, device_type)
-    if why is not None:
-        raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
-    return requested if backend_has_op(requested, op, dtype) else "reference"
+    return _static_backend(op, device.type, dtype)
 
 
 def _mutates(op: str) -> bool:
@@ -158,18 +166,16 @@ def _function(backend: str, op: str) -> Callable:
 def _implementation(op: str, args: Sequence) -> Callable:
     """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
     operand = args[0]
-    requested = requested_backend()
-    if requested != "auto":
-        return _function(_forced_backend(requested, op, operand.device, operand.dtype), op)
-    backends = _auto_backends(op, operand.device, operand.dtype)
-    if not _mutates(op) and tuning.enabled() and tuning.TUNER.measures(operand.device):
+    device = operand.device
+    if (not _mutates(op) and tuning.TUNER.measures(device) and requested_backend() == "auto"
+            and tuning.enabled()):
         # the fast backends are timed against each other on this call (when there are two)
+        backends = _auto_backends(op, device.type, operand.dtype)
         candidates = [backend for backend in backends if backend != "reference"]
         if len(candidates) > 1:
             calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
-            return _function(tuning.TUNER.choose(tuning.call_key(op, args), operand.device, calls,
-                                                 static=backends[0]), op)
-    return _function(backends[0], op)
+            return _function(tuning.TUNER.choose(tuning.call_key(op, args), device, calls, static=backends[0]), op)
+    return _function(_static_backend(op, device.type, operand.dtype), op)
 
 
 def _call(op: str, *args):
@@ -183,10 +189,10 @@ def _run(op: str, *args):
     straight to its implementation, as the custom op would: on the 2-core CI machine its Python wrappers cost
     about 50 us a call, and 0.1-0.3 ms right after a large op has evicted them from the caches."""
     tensors = [a for a in args if isinstance(a, Tensor)]
-    grad = torch.is_grad_enabled()
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch.overrides.has_torch_function(tensors)
-            or any((grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)):
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            or torch._C._functorch.peek_interpreter_stack() is not None  # inside a torch.func transform
+            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch.overrides.has_torch_function(tensors)):
         return getattr(torch.ops.sparsekern, op)(*args)
     return _call(op, *args)
 
@@ -420,8 +426,9 @@ def _check_values(layout, values: Tensor) -> None:
 
 
 def _autocast(*tensors: Optional[Tensor]):
-    """Under torch.autocast, run the GEMM in the autocast dtype (fp32 master values stay fp32)."""
-    device_type = next(t for t in tensors if t is not None).device.type
+    """Under torch.autocast, run the GEMM in the autocast dtype (fp32 master values stay fp32). The first tensor is
+    the operand (never None)."""
+    device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
