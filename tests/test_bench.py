@@ -227,6 +227,15 @@ def test_check_and_time_outcomes():
     assert (timed.mode, timed.calls) == ("host", 1)
 
 
+def test_with_backend_calls_run_under_their_backend_timed_or_not(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_BACKEND", "auto")
+    seen = []
+    call = common.with_backend("reference", lambda: seen.append(sk.ops.requested_backend()))
+    call()
+    ms = common.time_interleaved({"ref": call}, CPU, reps=2, warmup=0)
+    assert seen == ["reference"] * 3 and ms["ref"] >= 0
+    assert os.environ["SPARSEKERN_BACKEND"] == "auto"
+
 def test_backend_choices_report_missing_kernels():
     choices = dict(common.backend_choices("build_layout_index_", CPU, None, ["reference", "triton", "cuda"]))
     assert choices["reference"] is None
