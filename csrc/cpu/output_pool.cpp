@@ -8,13 +8,12 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Functions.h>
 #include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
 
 namespace sparsekern {
 namespace cpu {
 namespace {
 
-// Below this, malloc serves from its bins and pages stay mapped: nothing to gain.
+// Below this the page faults are a small share of an op's time: not worth holding memory for.
 constexpr size_t kMinPooledBytes = size_t(1) << 20;
 // Free buffers kept at most; beyond it the oldest are released. A request takes a free buffer at most 25%
 // larger than itself, so that a small output never pins a large buffer.
