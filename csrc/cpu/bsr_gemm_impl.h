@@ -367,11 +367,11 @@ SK_INLINE void gemm_tile(const GemmWalk<typename V::T>& w, int64_t m0, int64_t l
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) prefetch_row(next + i * lda, BS, false);
         const T* a = slices[j] + local_m * lda;
-        with_depth<BS>(depths[j], [&](auto depth) { tile.update_strided(a, lda, depth, b, BS); });
+        with_depth<BS>(depths[j], [&](auto depth) SK_INLINE_LAMBDA { tile.update_strided(a, lda, depth, b, BS); });
       } else {
         prefetch_row(next, MR * BS, false);
         const T* a = slices[j] + local_m * BS;
-        with_depth<BS>(depths[j], [&](auto depth) { tile.template update_panel<BS>(a, depth, b, BS); });
+        with_depth<BS>(depths[j], [&](auto depth) SK_INLINE_LAMBDA { tile.template update_panel<BS>(a, depth, b, BS); });
       }
     }
     T* out = w.out + m0 * w.out_width + col0;
@@ -487,7 +487,7 @@ SK_INLINE void conv_backward_input_tile(const BackwardInputArgs<typename V::T>& 
           for (int i = 0; i < MR; ++i) a[i] = dy_row[i] >= 0 ? p.dy + dy_row[i] + r * BS : ZeroRow<T>::data;
           const T* b = p.values + static_cast<int64_t>(p.index.perm[q]) * BS * BS + s * S::STRIP;
           with_depth<BS>(static_cast<int>(min_of<int64_t>(BS, p.N - r * BS)),
-                         [&](auto depth) { tile.update(a, depth, b, BS); });
+                         [&](auto depth) SK_INLINE_LAMBDA { tile.update(a, depth, b, BS); });
         }
       }
     }
