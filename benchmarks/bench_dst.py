@@ -13,30 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import sparsekern as sk
+from sparsekern.bench.common import time_once
 from sparsekern.models import resnet50
 from sparsekern.train import _stem_filter
-
-
-def _timer(device: torch.device):
-    """A function that times a callable in milliseconds (events on CUDA, perf_counter on CPU)."""
-    def run(fn) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return (time.perf_counter() - begin) * 1e3
-    return run
 
 
 def main(argv=None) -> None:
@@ -52,7 +36,6 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     batch = args.batch_size or (64 if device.type == "cuda" else 4)
     size = args.image_size or (224 if device.type == "cuda" else 112)
-    time_ms = _timer(device)
 
     torch.manual_seed(0)
     model = sk.sparsify(resnet50(num_classes=1000), args.sparsity, args.block_size, "erk", _stem_filter).to(device)
@@ -67,7 +50,7 @@ def main(argv=None) -> None:
         optimizer.step()
 
     train_step()  # warm-up (and momentum buffers exist, as in a real update)
-    step_ms = statistics.median(time_ms(train_step) for _ in range(args.repeats))
+    step_ms = statistics.median(time_once(train_step, device) for _ in range(args.repeats))
     print(f"ResNet-50 {size}px batch {batch}, {args.sparsity:.0%} sparse, block {args.block_size}, on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: "
           f"training step {step_ms:.1f} ms (median of {args.repeats})")
@@ -78,11 +61,11 @@ def main(argv=None) -> None:
         captures, updates, observes = [], [], []
         for _ in range(args.repeats):
             dst._arm_capture()  # the next step is an update step
-            capture_ms = time_ms(train_step) - step_ms if dst.needs_grad_scores else 0.0
+            capture_ms = time_once(train_step, device) - step_ms if dst.needs_grad_scores else 0.0
             if not dst.needs_grad_scores:
                 train_step()
-            observes.append(time_ms(dst.observe))
-            updates.append(time_ms(lambda: dst.update(dst.drop_fraction)))
+            observes.append(time_once(dst.observe, device))
+            updates.append(time_once(lambda: dst.update(dst.drop_fraction), device))
             captures.append(max(capture_ms, 0.0))
         per_step = statistics.median(observes)
         per_update = statistics.median(captures) + statistics.median(updates)

@@ -21,47 +21,25 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import sparsekern as sk
 from sparsekern import ops
+from sparsekern.bench.common import time_once
 from sparsekern.models import resnet50
 from sparsekern.optim import MaskedSGD
+from sparsekern.train import _stem_filter
 
 SPARSE = (sk.SparseLinear, sk.SparseConv2d)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-5
 
 
-def _timer(device: torch.device):
-    """A function that times a callable in milliseconds (events on CUDA, perf_counter on CPU)."""
-    def run(fn) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return (time.perf_counter() - begin) * 1e3
-    return run
-
-
 def _median_ms(fn, device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    timer = _timer(device)
-    return statistics.median(timer(fn) for _ in range(repeats))
-
-
-def _stem_filter(module: nn.Module, name: str) -> bool:
-    # The 3-channel stem is a block or two wide in K: it stays dense, as in the DST literature.
-    return not (isinstance(module, nn.Conv2d) and module.in_channels <= 3)
+    return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
 def build_dense(quick: bool, seed: int = 0) -> nn.Module:

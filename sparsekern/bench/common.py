@@ -38,13 +38,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
     """Milliseconds of one call: CUDA events on GPU, perf_counter on CPU. A ``with_backend`` call switches the
     backend outside the timed region: users do not switch it around every call (on the 2-core CPU, switching cost
     0.1 ms a call right after a large op)."""
     if isinstance(fn, BackendCall):
         with backend(fn.name):
-            return _time_once(fn.fn, device)
+            return time_once(fn.fn, device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -67,7 +67,7 @@ def time_interleaved(candidates: Dict[str, Callable[[], object]], device: torch.
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
-            samples[name].append(_time_once(fn, device))
+            samples[name].append(time_once(fn, device))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -162,7 +162,7 @@ def prepare_timing(fn: Callable[[], object], device: torch.device, use_graphs: b
         for _ in range(2):
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
-    one = _time_once(fn, device)
+    one = time_once(fn, device)
     calls = max(1, min(max_calls, math.ceil(target_ms / max(one, 1e-3))))
 
     def loop():
