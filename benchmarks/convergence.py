@@ -167,6 +167,18 @@ def frozen_layers(model: str, in_channels: int, sparsity: float, block: int, dro
     return sum(round(drop_fraction * k) == 0 for k in counts), len(counts)
 
 
+def _tally(claim: str, won: List[str], lost: List[str]) -> List[str]:
+    """["<claim> in W of N settings. It did not in ... It did in ..."], or [] where nothing was compared."""
+    if not (won or lost):
+        return []
+    line = f"{claim} in {len(won)} of {len(won) + len(lost)} settings."
+    if lost:
+        line += " It did not in " + "; ".join(lost) + "."
+    if won:
+        line += " It did in " + "; ".join(won) + "."
+    return [line]
+
+
 def findings(results: List[dict], frozen: Optional[Dict[tuple, tuple]] = None) -> List[str]:
     """Sentences comparing the runs, each derived from the accuracies and timings in ``results`` (and, if
     given, ``frozen``: {(sparsity, block): (layers that swap no block, sparse layers)})."""
@@ -186,14 +198,7 @@ def findings(results: List[dict], frozen: Optional[Dict[tuple, tuple]] = None) -
             text = (f"{s:.0%}/{opt}: {bidst['test_accuracy']:.2%} vs {best['method']} {best['test_accuracy']:.2%} "
                     f"({_pts(bidst['test_accuracy'], best['test_accuracy'])})")
             (bidst_won if bidst["test_accuracy"] > best["test_accuracy"] else bidst_lost).append(text)
-    if bidst_lost or bidst_won:
-        total = len(bidst_lost) + len(bidst_won)
-        line = f"BiDST beat the better of SET and RigL in {len(bidst_won)} of {total} settings."
-        if bidst_lost:
-            line += " It did not in " + "; ".join(bidst_lost) + "."
-        if bidst_won:
-            line += " It did in " + "; ".join(bidst_won) + "."
-        out.append(line)
+    out += _tally("BiDST beat the better of SET and RigL", bidst_won, bidst_lost)
 
     # SparseOpt against MaskedSGD, per method and sparsity.
     so_lost, so_won = [], []
@@ -205,14 +210,7 @@ def findings(results: List[dict], frozen: Optional[Dict[tuple, tuple]] = None) -
             text = (f"{method} {s:.0%}: {so['test_accuracy']:.2%} vs {sgd['test_accuracy']:.2%} "
                     f"({_pts(so['test_accuracy'], sgd['test_accuracy'])})")
             (so_won if so["test_accuracy"] > sgd["test_accuracy"] else so_lost).append(text)
-    if so_lost or so_won:
-        total = len(so_lost) + len(so_won)
-        line = f"SparseOpt beat SGD in {len(so_won)} of {total} settings."
-        if so_lost:
-            line += " It did not in " + "; ".join(so_lost) + "."
-        if so_won:
-            line += " It did in " + "; ".join(so_won) + "."
-        out.append(line)
+    out += _tally("SparseOpt beat SGD", so_won, so_lost)
 
     # Sparse against dense: accuracy and throughput.
     if dense is not None:
