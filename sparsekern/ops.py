@@ -109,8 +109,10 @@ def _auto_order(device_type: str) -> Tuple[str, ...]:
 def _triton_on_cpu(requested: str, device_type: str) -> bool:
     """TRITON_INTERPRET=1, where it can matter: it decides only whether Triton runs on CPU tensors, so it is read
     only where Triton could be picked for them."""
+    if device_type != "cpu":
+        return False
     could_pick = requested == "triton" or (requested == "auto" and "triton" in _auto_order(device_type))
-    return device_type == "cpu" and could_pick and os.environ.get("TRITON_INTERPRET") == "1"
+    return could_pick and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _auto_backends(op: str, device_type: str, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
@@ -172,9 +174,10 @@ def _implementation(op: str, args: Sequence) -> Callable:
         # the fast backends are timed against each other on this call (when there are two)
         backends = _auto_backends(op, device.type, operand.dtype)
         candidates = [backend for backend in backends if backend != "reference"]
-        if len(candidates) > 1:
-            calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
-            return _function(tuning.TUNER.choose(tuning.call_key(op, args), device, calls, static=backends[0]), op)
+        if len(candidates) < 2:
+            return _function(backends[0], op)
+        calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
+        return _function(tuning.TUNER.choose(tuning.call_key(op, args), device, calls, static=backends[0]), op)
     return _function(_static_backend(op, device.type, operand.dtype), op)
 
 
