@@ -8,6 +8,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Functions.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/accumulate.h>
 
 namespace sparsekern {
 namespace cpu {
@@ -90,8 +91,7 @@ class OutputPool final : public c10::Allocator {
 }  // namespace
 
 at::Tensor empty_output(c10::IntArrayRef sizes, const at::Tensor& like) {
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
+  const int64_t numel = c10::multiply_integers(sizes);
   if (static_cast<size_t>(numel) * like.element_size() < kMinPooledBytes) return at::empty(sizes, like.options());
   return at::detail::empty_generic(sizes, &OutputPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    like.scalar_type(), c10::nullopt);
