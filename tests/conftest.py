@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors. Triton decides at decoration
 # time, so this must be set before sparsekern.triton_kernels is first imported.
@@ -24,6 +25,17 @@ def randn(*shape, seed, dtype=torch.float32, requires_grad=False):
     """Normal noise from a fixed seed, in ``dtype`` (drawn in fp32 so all dtypes see the same numbers)."""
     t = torch.randn(*shape, generator=generator(seed)).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+def small_model(seed=0):
+    """Sparse conv (24 out channels: a padded block-row; K = 72: a padded block-column) + BN + sparse Linear +
+    dense Linear, from a fixed seed: the optimizer tests' model."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        sk.SparseConv2d(8, 24, 3, padding=1, sparsity=0.5, block_size=16), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        sk.SparseLinear(96, 40, sparsity=0.5, block_size=16), nn.BatchNorm1d(40), nn.ReLU(),
+        nn.Linear(40, 10))
 
 
 def random_block_mask(grid, density, seed):

@@ -15,10 +15,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import sparsekern as sk
-from conftest import randn
+from conftest import randn, small_model
 from sparsekern import _native, ops, reference
 from sparsekern.optim import MaskedSGD, SparseOpt
 
@@ -331,16 +330,6 @@ def test_cuda_runs_without_host_sync():
 
 # ----------------------------------------------------------------------------------------------
 # Through the optimizers: a backend against SPARSEKERN_BACKEND=reference over 5 steps
-
-def small_model(seed):
-    """Sparse conv (padded block-row and block-column) + BN + sparse Linear + dense Linear, from a fixed seed."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        sk.SparseConv2d(8, 24, 3, padding=1, sparsity=0.5, block_size=16), nn.BatchNorm2d(24), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        sk.SparseLinear(96, 40, sparsity=0.5, block_size=16), nn.BatchNorm1d(40), nn.ReLU(),
-        nn.Linear(40, 10))
-
 
 OPTIMIZER_HYPER = [
     dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-3),

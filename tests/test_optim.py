@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
-from conftest import randn
+from conftest import randn, small_model
 from sparsekern.optim import MaskedSGD, SparseOpt
 
 SPARSE = (sk.SparseLinear, sk.SparseConv2d)
@@ -69,16 +69,6 @@ def batch(seed, channels=8, size=6, n=6, classes=10):
     x = randn(n, channels, size, size, seed=seed)
     target = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed + 1000))
     return x, target
-
-
-def small_model(seed=0):
-    """Conv (24 out channels: a padded block-row; K = 72: a padded block-column) + BN + sparse and dense Linear."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        sk.SparseConv2d(8, 24, 3, padding=1, sparsity=0.5, block_size=16), nn.BatchNorm2d(24), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        sk.SparseLinear(96, 40, sparsity=0.5, block_size=16), nn.BatchNorm1d(40), nn.ReLU(),
-        nn.Linear(40, 10))
 
 
 def skewed_model(seed=0):
