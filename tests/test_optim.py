@@ -111,6 +111,16 @@ def assert_params_match(pairs, **tol):
         torch.testing.assert_close(ours.detach(), expected, **(tol or EXACT))
 
 
+def step_in_lockstep(model, twin, pairs, opt, ref, steps, rule=None, **tol):
+    """``steps`` optimizer steps of ours and the reference on the same batches, parameters compared after each."""
+    for step in range(steps):
+        zero_grads(model, twin)
+        backward_both(model, twin, pairs, seed=step, rule=rule)
+        opt.step()
+        ref.step()
+        assert_params_match(pairs, **tol)
+
+
 def zero_grads(*models):
     for m in models:
         m.zero_grad(set_to_none=True)
@@ -139,12 +149,7 @@ def test_masked_sgd_matches_torch_sgd(hyper):
     opt = MaskedSGD([p for p, *_ in pairs], lr=0.1, **hyper)
     ref = sgd([q for _, q, *_ in pairs], lr=0.1, **hyper)
     before = [p.detach().clone() for p, *_ in pairs]
-    for step in range(5):
-        zero_grads(model, twin)
-        backward_both(model, twin, pairs, seed=step)
-        opt.step()
-        ref.step()
-        assert_params_match(pairs)
+    step_in_lockstep(model, twin, pairs, opt, ref, steps=5)
     assert all(not torch.equal(p, b) for (p, *_), b in zip(pairs, before))  # every parameter moved
     for p, *_ in pairs:
         state = opt.state[p]
@@ -183,12 +188,7 @@ def test_param_groups_with_their_own_lr():
 
     opt = MaskedSGD(groups(0), lr=0.1, momentum=0.9)
     ref = sgd(groups(1), lr=0.1, momentum=0.9)
-    for step in range(4):
-        zero_grads(model, twin)
-        backward_both(model, twin, pairs, seed=step)
-        opt.step()
-        ref.step()
-        assert_params_match(pairs)
+    step_in_lockstep(model, twin, pairs, opt, ref, steps=4)
     assert [g["lr"] for g in opt.param_groups] == [0.2, 0.03]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 1e-3]
 
@@ -463,23 +463,14 @@ def test_sparseopt_matches_plain_pytorch_rule(hyper):
     twin, pairs = dense_twin(model)
     opt = SparseOpt([p for p, *_ in pairs], lr=0.1, **hyper)
     ref = sgd([q for _, q, *_ in pairs], lr=0.1, **hyper)
-    for step in range(5):
-        zero_grads(model, twin)
-        backward_both(model, twin, pairs, seed=step, rule=sparseopt_rule)
-        opt.step()
-        ref.step()
-        # Bit-exact with the reference backend today; a fused kernel may round a factor by an ulp.
-        assert_params_match(pairs, rtol=1e-6, atol=1e-9)
+    # Bit-exact with the reference backend today; a fused kernel may round a factor by an ulp.
+    step_in_lockstep(model, twin, pairs, opt, ref, steps=5, rule=sparseopt_rule, rtol=1e-6, atol=1e-9)
     # The scaling matters here: MaskedSGD (no factors) on the same gradients ends somewhere else.
     plain_model = skewed_model()
     plain_twin, plain_pairs = dense_twin(plain_model)
     plain = MaskedSGD([p for p, *_ in plain_pairs], lr=0.1, **hyper)
     plain_ref = sgd([q for _, q, *_ in plain_pairs], lr=0.1, **hyper)
-    for step in range(5):
-        zero_grads(plain_model, plain_twin)
-        backward_both(plain_model, plain_twin, plain_pairs, seed=step)
-        plain.step()
-        plain_ref.step()
+    step_in_lockstep(plain_model, plain_twin, plain_pairs, plain, plain_ref, steps=5)
     assert (plain_model[5].values - model[5].values).abs().max() > 1e-3
 
 
