@@ -10,6 +10,16 @@ import sparsekern as sk
 from sparsekern import reference
 
 
+def stacked(*decorators):
+    """One decorator for a stack the test files repeat: ``decorators`` applied as if written one above the other,
+    in this order (so the test ids come out as with the written stack)."""
+    def apply(test):
+        for decorator in reversed(decorators):
+            test = decorator(test)
+        return test
+    return apply
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

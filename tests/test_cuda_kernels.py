@@ -94,39 +94,30 @@ BLOCK_SIZES = [16, 32, 64, 128]
 SHAPES = [(37, 75, 53), (300, 98, 67), (200, 96, 136), (257, 264, 80)]
 DENSITIES = [0.0, 0.4, 1.0]
 
+# The op tests' grids, on a GPU only: every dtype, block size and shape, and every density for the sparse GEMMs.
+on_gpu_every_shape = gemm_cases.stacked(
+    pytest.mark.cuda, needs_gpu, pytest.mark.parametrize("shape", SHAPES, ids=str),
+    pytest.mark.parametrize("bs", BLOCK_SIZES), pytest.mark.parametrize("dtype", DTYPES, ids=str))
+on_gpu_every_density = gemm_cases.stacked(pytest.mark.parametrize("density", DENSITIES), on_gpu_every_shape)
+
 
 # ----------------------------------------------------------------------------------------------
 # Each op against the reference (GPU)
 
-@pytest.mark.cuda
-@needs_gpu
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("bs", BLOCK_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@on_gpu_every_density
 def test_bsr_linear(dtype, bs, shape, density, bias):
     _, args = linear_args(shape, bs, density, dtype, seed=1, bias=bias)
     assert_close_to_reference("bsr_linear", args)
 
 
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("bs", BLOCK_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@on_gpu_every_density
 def test_bsr_linear_dx(dtype, bs, shape, density):
     _, args = dx_args(shape, bs, density, dtype, seed=2)
     assert_close_to_reference("bsr_linear_dx", args)
 
 
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("bs", BLOCK_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@on_gpu_every_density
 def test_bsr_sddmm(dtype, bs, shape, density):
     layout, args = sddmm_args(shape, bs, density, dtype, seed=3)
     out = assert_close_to_reference("bsr_sddmm", args)
@@ -135,11 +126,7 @@ def test_bsr_sddmm(dtype, bs, shape, density):
     assert torch.count_nonzero(out.float() * pad) == 0
 
 
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("bs", BLOCK_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@on_gpu_every_shape
 def test_block_grad_scores(dtype, bs, shape):
     m, n, k = shape
     dy, x = randn(m, n, seed=4, dtype=dtype), randn(m, k, seed=5, dtype=dtype)

@@ -43,46 +43,36 @@ def assert_close_to_reference(op, args, out=None):
 
 
 DTYPES = [torch.float32, torch.float16]
+# The op tests' grids: every dtype, block size and shape, and every density for the sparse GEMMs.
+every_shape = gemm_cases.stacked(
+    small, pytest.mark.parametrize("dtype", DTYPES, ids=str), pytest.mark.parametrize("bs", [16, 32]),
+    pytest.mark.parametrize("shape", SHAPES, ids=str))
+every_density = gemm_cases.stacked(every_shape, pytest.mark.parametrize("density", DENSITIES))
 
 
 # ----------------------------------------------------------------------------------------------
 # Each op against the reference
 
-@small
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("density", DENSITIES)
+@every_density
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_bsr_linear(shape, bs, density, dtype, bias):
     _, args = linear_args(shape, bs, density, dtype, seed=1, bias=bias)
     assert_close_to_reference("bsr_linear", args)
 
 
-@small
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("density", DENSITIES)
+@every_density
 def test_bsr_linear_dx(shape, bs, density, dtype):
     _, args = dx_args(shape, bs, density, dtype, seed=2)
     assert_close_to_reference("bsr_linear_dx", args)
 
 
-@small
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("density", DENSITIES)
+@every_density
 def test_bsr_sddmm(shape, bs, density, dtype):
     _, args = sddmm_args(shape, bs, density, dtype, seed=3)
     assert_close_to_reference("bsr_sddmm", args)
 
 
-@small
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@every_shape
 def test_block_grad_scores(shape, bs, dtype):
     m, n, k = shape
     dy, x = randn(m, n, seed=4, dtype=dtype), randn(m, k, seed=5, dtype=dtype)
