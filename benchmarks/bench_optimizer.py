@@ -10,8 +10,8 @@ ResNet-50 (sparsekern.models.resnet50, 1000 classes) is made block-sparse with s
 - dense: what DST code does today, ``torch.optim.SGD(foreach=True)`` over the dense model followed by the mask
   multiply ``torch._foreach_mul_(weights, masks)`` of every sparse layer.
 
-Both use momentum 0.9 and weight decay 5e-5. Times are medians of ``--repeats`` timed steps after warm-up
-(CUDA events on a GPU, perf_counter on the CPU). On a GPU the table adds our achieved bandwidth, from the
+Both use momentum 0.9 and weight decay 5e-5. Times are medians of ``--repeats`` timed steps after warm-up,
+the two taking turns (CUDA events on a GPU, perf_counter on the CPU). On a GPU the table adds our achieved bandwidth, from the
 bytes a fused step must move (read param, grad and momentum buffer; write param and buffer), against a
 measured device-to-device copy. ``--quick`` keeps only the stem and the first two stages (about 1.4 M weights).
 """
@@ -20,26 +20,19 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 
 import torch
 from torch import nn
 
 import sparsekern as sk
 from sparsekern import ops
-from sparsekern.bench.common import time_once
+from sparsekern.bench.common import copy_bandwidth_gbps, time_interleaved
 from sparsekern.models import resnet50
 from sparsekern.optim import MaskedSGD
 from sparsekern.train import _stem_filter
 
 SPARSE = (sk.SparseLinear, sk.SparseConv2d)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-5
-
-
-def _median_ms(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
 def build_dense(quick: bool, seed: int = 0) -> nn.Module:
@@ -54,14 +47,6 @@ def _give_grads(params, seed: int) -> None:
     generator = torch.Generator(device=params[0].device).manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype).mul_(1e-3)
-
-
-def copy_bandwidth(device: torch.device, repeats: int) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, warmup=3, repeats=repeats)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
 def bench_sparsity(sparsity: float, args, device: torch.device) -> dict:
@@ -89,8 +74,8 @@ def bench_sparsity(sparsity: float, args, device: torch.device) -> dict:
     _give_grads(ours_params, seed=2)
     ours = MaskedSGD(ours_params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-    dense_ms = _median_ms(dense_step, device, args.warmup, args.repeats)
-    ours_ms = _median_ms(ours.step, device, args.warmup, args.repeats)
+    medians = time_interleaved({"dense": dense_step, "ours": ours.step}, device, args.repeats, warmup=args.warmup)
+    dense_ms, ours_ms = medians["dense"], medians["ours"]
 
     stored = sum(p.numel() for p in ours_params)
     moved = sum(5 * p.numel() * p.element_size() for p in ours_params)  # r: p, g, buf; w: p, buf
@@ -121,7 +106,7 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# optimizer step, ResNet-50{' (stem + stages 1-2)' if args.quick else ''}, block {args.block_size}, "
           f"{where}, SPARSEKERN_BACKEND={os.environ.get('SPARSEKERN_BACKEND', 'auto')}")
-    copy_gbps = copy_bandwidth(device, args.repeats) if device.type == "cuda" else None
+    copy_gbps = copy_bandwidth_gbps(device, 1 << 30, args.repeats) if device.type == "cuda" else None
     if copy_gbps is not None:
         print(f"# device-to-device copy: {copy_gbps:.0f} GB/s")
     header = (f"{'sparsity':>8} {'density':>8} {'dense M':>8} {'stored M':>9} {'tensors':>7} {'backend':>8} "
