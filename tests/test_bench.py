@@ -236,6 +236,7 @@ def test_with_backend_calls_run_under_their_backend_timed_or_not(monkeypatch):
     assert seen == ["reference"] * 3 and ms["ref"] >= 0
     assert os.environ["SPARSEKERN_BACKEND"] == "auto"
 
+
 def test_backend_choices_report_missing_kernels():
     choices = dict(common.backend_choices("build_layout_index_", CPU, None, ["reference", "triton", "cuda"]))
     assert choices["reference"] is None
