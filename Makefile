@@ -15,7 +15,7 @@ endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install dataset demo test clean
+.PHONY: install dataset demo test gpu-check clean
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ demo: install dataset
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$status
+
+# On a GPU machine, with its own python3, torch and triton (no .venv, no network): build for that GPU, the
+# `cuda` tests, the GPU suites, in at most 9 minutes, at most 8 files into OUT (benchmarks/gpu_check.py).
+gpu-check:
+	@if [ -z "$(OUT)" ]; then echo "usage: make gpu-check OUT=DIR"; exit 2; fi
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info sparsekern/*.so $(VENV)

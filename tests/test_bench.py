@@ -256,6 +256,24 @@ def test_backend_choices_add_auto_where_it_measures():
     assert dict(common.backend_choices("bsr_linear", CPU, None, ["auto"])) == {"auto": None}
 
 
+def test_backend_choices_of_a_pass_need_every_op():
+    """A pass (gpu-conv's forward + backward) needs all its kernels: a backend missing one is reported with the
+    missing op's name, and auto, which has every op, is never reported missing one (it read n/a on every gpu-conv
+    row on the H200 because it was asked whether an 'auto' kernel was compiled)."""
+    pass_ops = ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_linear_dx")
+    choices = dict(common.backend_choices(pass_ops, CPU, torch.float32, ["auto", "reference", "cuda"]))
+    assert choices["auto"] is None and choices["reference"] is None
+    assert "cuda" in choices["cuda"]
+    real_has_op = sk.ops.backend_has_op
+    lacking = lambda name, op, dtype=None: op != "bsr_conv2d_dgrad" and real_has_op(name, op, dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sk.ops, "backend_has_op", lacking)
+        choices = dict(common.backend_choices(pass_ops, CPU, torch.float32, ["auto", "reference"]))
+    assert choices == {"auto": None, "reference": "no bsr_conv2d_dgrad kernel for float32"}
+    cuda_choices = dict(common.backend_choices(pass_ops, torch.device("cuda"), torch.bfloat16))
+    assert cuda_choices.get("auto", None) is None
+
+
 TINY_LAYERS = [(64, 96), (70, 64), (32, 288)]  # 70 rows: the last block-row is partly padding
 
 

@@ -11,7 +11,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -110,29 +110,34 @@ def available_backends(device: torch.device, include_reference: bool) -> List[st
 
 
 
-def backend_choices(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype: Optional[torch.dtype] = None,
                     requested: Optional[Sequence[str]] = None) -> List[Tuple[str, Optional[str]]]:
-    """[(backend, why it cannot run ``op`` here, or None)]: the ``requested`` backends, or by default every one
-    that runs on the device except the reference (the reference alone where no other does), then ``auto`` where
-    it chooses between several by measuring (CUDA tensors), so that its pick shows beside the backends it picked
-    from. A backend that lacks the op would silently run the reference (ops.py), so it is reported instead of
-    timed."""
+    """[(backend, why it cannot run ``ops`` here, or None)] for one op or the ops of one pass: the ``requested``
+    backends, or by default every one that runs on the device except the reference (the reference alone where no
+    other does), then ``auto`` where it chooses between several by measuring (CUDA tensors), so that its pick shows
+    beside the backends it picked from. A backend that lacks one of the ops would silently run the reference for it
+    (ops.py), so it is reported instead of timed; ``auto`` has every op."""
+    ops = (ops,) if isinstance(ops, str) else tuple(ops)
+
+    def lacks(name: str) -> Optional[str]:
+        missing = next((op for op in ops if not sk.ops.backend_has_op(name, op, dtype)), None)
+        if missing is None:
+            return None
+        return f"no {missing} kernel" + (f" for {str(dtype).replace('torch.', '')}" if dtype is not None else "")
+
     if requested:
         names = list(requested)
     else:
         names = [b for b in sk.ops.BACKENDS
                  if b != "reference" and sk.ops.backend_unavailable_reason(b, device.type) is None] or ["reference"]
-        if device.type == "cuda" and len([b for b in names if sk.ops.backend_has_op(b, op, dtype)]) > 1:
+        if device.type == "cuda" and len([b for b in names if lacks(b) is None]) > 1:
             names.append("auto")
     choices = []
     for name in names:
         if name == "auto":
             choices.append((name, None))
             continue
-        why = sk.ops.backend_unavailable_reason(name, device.type)
-        if why is None and not sk.ops.backend_has_op(name, op, dtype):
-            why = f"no {op} kernel" + (f" for {str(dtype).replace('torch.', '')}" if dtype is not None else "")
-        choices.append((name, why))
+        choices.append((name, sk.ops.backend_unavailable_reason(name, device.type) or lacks(name)))
     return choices
 
 
@@ -288,6 +293,7 @@ class Outcome:
     errors: Optional[Dict[str, float]] = None
     limits: Optional[Dict[str, float]] = None
     note: str = ""
+    first_call_s: Optional[float] = None  # the first call's wall time: compiling, autotuning and auto's measuring
 
     def worst(self):
         """(error, limit) of the quantity closest to (or furthest past) its limit, or (None, None)."""
@@ -318,18 +324,24 @@ def check_and_time(label: str, impls: Sequence[Impl], device: torch.device, reps
             outcomes[impl.name] = Outcome(impl, "n/a", note=impl.why)
             continue
         try:
-            errors = impl.check(impl.fn()) if impl.check is not None else {}
+            start = time.perf_counter()
+            out = impl.fn()
+            _synchronize(device)
+            first_call_s = time.perf_counter() - start
+            errors = impl.check(out) if impl.check is not None else {}
             if impl is baseline:
                 limits = {q: error_limit(e, dtype) for q, e in errors.items()}
             bad = {q: e for q, e in errors.items() if not e <= limits[q]}  # NaN/inf fail too
             if bad:
                 text = ", ".join(f"{q} rel err {e:.2e} > limit {limits[q]:.2e}" for q, e in bad.items())
                 report(f"!!! MISMATCH {label} [{impl.name}]: {text}: not timed")
-                outcomes[impl.name] = Outcome(impl, "MISMATCH", errors=errors, limits=limits, note=text)
+                outcomes[impl.name] = Outcome(impl, "MISMATCH", errors=errors, limits=limits, note=text,
+                                              first_call_s=first_call_s)
                 continue
             timed[impl.name] = prepare_timing(impl.fn, device, use_graphs)
             outcomes[impl.name] = Outcome(impl, "ok", timing=timed[impl.name].mode, errors=errors, limits=limits,
-                                          note="; ".join(t for t in (impl.why, timed[impl.name].note) if t))
+                                          note="; ".join(t for t in (impl.why, timed[impl.name].note) if t),
+                                          first_call_s=first_call_s)
         except Exception as error:  # a baseline that cannot run this case (dtype, layout, memory) is a row, not a crash
             report(f"!!! ERROR {label} [{impl.name}]: {first_line(error)}")
             outcomes[impl.name] = Outcome(impl, "error", note=first_line(error))

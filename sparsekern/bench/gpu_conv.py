@@ -39,7 +39,7 @@ PASS_KERNELS = {"forward": ("bsr_conv2d", "bsr_linear"),
                 "forward+backward": ("bsr_conv2d", "bsr_conv2d_dgrad", "bsr_conv2d_wgrad", "bsr_linear",
                                      "bsr_linear_dx", "bsr_sddmm")}
 FIELDS = ["model", "layer", "count", "batch", "input", "dtype", "sparsity", "block", "density", "pass", "impl",
-          "timing", "ms", "dense_ms", "speedup", "frac_ideal", "rel_err", "err_limit", "status", "note"]
+          "timing", "ms", "dense_ms", "speedup", "frac_ideal", "rel_err", "err_limit", "status", "first_call_s", "note"]
 
 
 @dataclass(frozen=True)
@@ -161,10 +161,7 @@ class ConvCase:
                          lambda out: check((out[0], self.blocks(out[1]))))
             call = _fwd_bwd(self.sparse, self.x, self.dy, self.sparse.values)
         impls = [dense]
-        for name, why in backend_choices(PASS_KERNELS[pass_name][0], self.x.device, dtype, backends):
-            for kernel in PASS_KERNELS[pass_name][1:]:
-                if why is None and not sk.ops.backend_has_op(name, kernel, dtype):
-                    why = f"no {kernel} kernel for {str(dtype)[6:]}"
+        for name, why in backend_choices(PASS_KERNELS[pass_name], self.x.device, dtype, backends):
             impls.append(Impl(name, "SparseConv2d", None if why else with_backend(name, call), check, why or ""))
         return impls
 
@@ -179,7 +176,7 @@ def _row(model, shape_label, count, batch, image_size, dtype, sparsity, block, d
             "pass": pass_name, "impl": outcome.impl.name, "timing": outcome.timing, "ms": ms, "dense_ms": dense_ms,
             "speedup": dense_ms / ms if timed else None,
             "frac_ideal": density * dense_ms / ms if timed else None, "rel_err": err, "err_limit": limit,
-            "status": outcome.status, "note": outcome.note}
+            "status": outcome.status, "first_call_s": outcome.first_call_s, "note": outcome.note}
 
 
 def total_rows(layer_rows: List[dict]) -> List[dict]:
@@ -200,7 +197,7 @@ def total_rows(layer_rows: List[dict]) -> List[dict]:
                            "timing": "", "ms": ms, "dense_ms": dense_ms,
                            "speedup": dense_ms / ms if complete else None,
                            "frac_ideal": ideal_ms / ms if complete else None, "rel_err": None, "err_limit": None,
-                           "status": "ok" if complete else "incomplete",
+                           "status": "ok" if complete else "incomplete", "first_call_s": None,
                            "note": "sum of count x ms" if complete else "a layer has no time (see its row)"})
     return totals
 

@@ -42,7 +42,7 @@ STK_BLOCK = 128
 OP_KERNELS = {"linear_fwd": "bsr_linear", "linear_dx": "bsr_linear_dx", "linear_sddmm": "bsr_sddmm",
               "block_grad_scores": "block_grad_scores"}
 FIELDS = ["op", "shape", "dtype", "sparsity", "block", "density", "impl", "call", "timing", "ms", "dense_ms",
-          "speedup", "frac_ideal", "tflops", "roofline_frac", "rel_err", "err_limit", "status", "note"]
+          "speedup", "frac_ideal", "tflops", "roofline_frac", "rel_err", "err_limit", "status", "first_call_s", "note"]
 # The issues' targets on an H100 at M, N, K = 8192, 4096, 4096, bf16: (op, sparsity, block) -> speedup over dense.
 GOALS = {("linear_fwd", 0.9, 64): 7.0, ("linear_dx", 0.9, 64): 6.0, ("linear_sddmm", 0.9, 64): 6.0,
          ("linear_fwd", 0.9, 32): 5.0}
@@ -243,7 +243,8 @@ def group_rows(op: str, case: Case, sparsity, dtype, outcomes, ceilings: Ceiling
             "speedup": dense_ms / ms if timed else None, "frac_ideal": ideal * dense_ms / ms if timed else None,
             "tflops": f / (ms * 1e-3) / 1e12 if ms else None,
             "roofline_frac": ceilings.floor_ms(f, b) / ms if ms else None,
-            "rel_err": err, "err_limit": limit, "status": outcome.status, "note": outcome.note})
+            "rel_err": err, "err_limit": limit, "status": outcome.status, "first_call_s": outcome.first_call_s,
+            "note": outcome.note})
     return rows
 
 

@@ -1,0 +1,75 @@
+"""benchmarks/gpu_check.py, the one command of a GPU run: its summary from pytest's junit XML and the suites' CSVs,
+the reasons it gives for crashed tests, and its deadline (no GPU needed: the steps are skipped or faked)."""
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_cuda_kernels.TestOnGpu" name="test_ok" time="0.1"/>
+<testcase classname="tests.test_cuda_kernels" name="test_dx[bf16]" time="0.1">
+  <failure message="AssertionError: dx rel err 1.0e+00 &gt; limit&#10;second line">trace</failure></testcase>
+<testcase classname="tests.test_cuda_conv" name="test_errors_name_the_tensor" time="0.1">
+  <failure message="worker 'gw3' crashed while running 'tests/test_cuda_conv.py::test_errors_name_the_tensor'"/>
+</testcase>
+<testcase classname="tests.test_bench" name="test_skip" time="0"><skipped message="no GPU"/></testcase>
+</testsuite></testsuites>"""
+
+FAULT = """Fatal Python error: Segmentation fault
+
+Current thread 0x00007f00 (most recent call first):
+  File "{root}/sparsekern/ops.py", line 99 in _run
+  File "{root}/tests/test_cuda_conv.py", line 133 in test_errors_name_the_tensor
+  File "/usr/lib/python3/site-packages/_pytest/python.py", line 157 in pytest_pyfunc_call
+"""
+
+
+def test_summary_lists_each_failure_and_crash_and_ends_with_the_counts(tmp_path):
+    check = gpu_check.Check(str(tmp_path), deadline_s=60)
+    check.gpu = "nvidia-h200"
+    (tmp_path / "junit.xml").write_text(JUNIT)
+    check.read_junit(str(tmp_path / "junit.xml"))
+    (tmp_path / "nvidia-h200_gpu_linear.csv").write_text(
+        "op,impl,first_call_s\nlinear_fwd,triton,3.5\nlinear_fwd,triton,0.25\nlinear_fwd,dense,\n")
+    lines = Path(check.write_summary()).read_text().splitlines()
+    assert lines[-1] == "1 passed, 1 failed, 1 crashed"
+    assert "  tests.test_cuda_kernels::test_dx[bf16]: AssertionError: dx rel err 1.0e+00 > limit" in lines
+    assert any(line.startswith("  tests.test_cuda_conv::test_errors_name_the_tensor: worker 'gw3' crashed")
+               for line in lines)
+    assert "  nvidia-h200_gpu_linear.csv linear_fwd [triton]: 3.50 s" in lines  # the slowest first call
+    assert "1 skipped" in lines
+    assert (tmp_path / "nvidia-h200_gpu_check.txt").exists()
+
+
+def test_node_ids_and_crash_frames():
+    assert gpu_check._node_id("tests.test_cuda_kernels.TestOnGpu::test_x[1]") == \
+        "tests/test_cuda_kernels.py::TestOnGpu::test_x[1]"
+    assert gpu_check._crash_frame(FAULT.format(root=ROOT)) == (
+        "Segmentation fault at sparsekern/ops.py:99 in _run <- tests/test_cuda_conv.py:133 in "
+        "test_errors_name_the_tensor")
+    assert gpu_check._crash_frame("all fine") == ""
+
+
+def test_steps_run_under_the_deadline_and_a_late_step_is_skipped(tmp_path):
+    check = gpu_check.Check(str(tmp_path), deadline_s=gpu_check.SUMMARY_RESERVE_S + 12)
+    assert check.run("gpu-optim", ["python3", "-c", "print('hello')"]) == 0
+    assert check.run("memcheck", ["python3", "-c", "import time; time.sleep(120)"]) == 124  # killed at its limit
+    assert check.run("gpu-conv", ["python3", "-c", "print('never')"]) == -1  # nothing left of the deadline
+    assert [(name, status) for name, status, _, _ in check.steps] == [
+        ("gpu-optim", "ok"), ("memcheck", "out of time"), ("gpu-conv", "skipped")]
+    assert "hello" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_the_check_writes_at_most_eight_files(tmp_path):
+    """Everything the check can write: the summary, the log, junit.xml and one CSV per suite."""
+    assert 3 + len(gpu_check.SUITE_ARGS) <= 8
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,suites,memcheck", "--deadline", "60"]) == 0
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0] == "gpu_check.log" and files[1].endswith("_gpu_check.txt")
+    assert (tmp_path / files[1]).read_text().splitlines()[-1] == "0 passed, 0 failed, 0 crashed"
