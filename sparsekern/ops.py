@@ -17,9 +17,11 @@ that key (``sparsekern.tuning``; ``tuned_choices()`` lists what was measured). W
 runs that one, else the reference. The static order Triton, CUDA, reference (``select_backend``) is used instead
 of measuring with ``SPARSEKERN_AUTOTUNE=0``, for the mutating ops (``masked_sgd_``, ``build_layout_index_``: timing
 would apply them several times), and under CUDA graph capture for a key not measured yet (warm up eagerly before
-capturing). A forced backend is never measured: one that cannot run on the device raises; one that lacks an op
-(or the operands' dtype, e.g. Triton and float64) uses the reference for that op (``python -m sparsekern.info``
-lists which ops each backend has).
+capturing). A forced backend applies to the tensors of its own device (``cuda``: CUDA tensors; ``cpu``: CPU
+tensors; ``triton``: CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``); ops on other devices keep auto's
+choice, so a model built on the CPU under a forced GPU backend still builds. A forced backend is never measured: one
+that cannot run on its own device raises; one that lacks an op (or the operands' dtype, e.g. Triton and float64)
+uses the reference for that op (``python -m sparsekern.info`` lists which ops each backend has).
 
 The public functions below check their arguments, then call the custom op where autograd, torch.compile, a tensor
 subclass or a mode must see it, and its implementation directly otherwise (``_run``): inference calls skip the
@@ -52,11 +54,24 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
 
 
-def requested_backend() -> str:
+def requested_backend(device_type: Optional[str] = None) -> str:
+    """SPARSEKERN_BACKEND, or ``auto`` for tensors on ``device_type`` when the forced backend is not for that
+    device: forcing ``cuda`` or ``triton`` must not break a model built on the CPU before it is moved to the GPU
+    (its layout index is built by a CPU op), and forcing ``cpu`` leaves CUDA tensors to the default choice."""
     name = os.environ.get("SPARSEKERN_BACKEND", "auto").strip().lower() or "auto"
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"SPARSEKERN_BACKEND={name!r} is not a backend; choose auto or one of {', '.join(BACKENDS)}")
+    if device_type is not None and not _backend_is_for(name, device_type):
+        return "auto"
     return name
+
+
+def _backend_is_for(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` is meant for tensors on ``device_type`` (whether or not it is available there)."""
+    if backend in ("auto", "reference") or backend == device_type:
+        return True
+    return backend == "triton" and (device_type == "cuda" or
+                                    (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +145,7 @@ def _runnable(order: Tuple[str, ...], op: str, device_type: str, dtype: Optional
 
 def _static_backend(op: str, device_type: str, dtype: Optional[torch.dtype]) -> str:
     """auto's static pick, or the forced backend (the reference where it lacks ``op``)."""
-    requested = requested_backend()
+    requested = requested_backend(device_type)
     if requested == "auto":
         return _auto_backends(op, device_type, dtype)[0]
     return _forced_choice(requested, op, device_type, dtype, _triton_on_cpu(requested, device_type))
@@ -169,7 +184,7 @@ def _implementation(op: str, args: Sequence) -> Callable:
     """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
     operand = args[0]
     device = operand.device
-    if (not _mutates(op) and tuning.TUNER.measures(device) and requested_backend() == "auto"
+    if (not _mutates(op) and tuning.TUNER.measures(device) and requested_backend(device.type) == "auto"
             and tuning.enabled()):
         # the fast backends are timed against each other on this call (when there are two)
         backends = _auto_backends(op, device.type, operand.dtype)

@@ -5,9 +5,10 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import sparsekern as sk
-from conftest import block_frobenius_norms, dense_matrix, randn, random_layout, random_values
+from conftest import block_frobenius_norms, dense_matrix, randn, random_layout, random_values, small_model
 
 # (M, N, K): rows of X, out_features, in_features; none but one a multiple of the block size
 SHAPES = [(5, 37, 70), (1, 16, 16), (33, 64, 129), (7, 130, 40)]
@@ -346,13 +347,69 @@ def test_bogus_backend_raises(linear_problem, backend_env):
         sk.ops.select_backend("bsr_linear", torch.device("cpu"))
 
 
-def test_cuda_backend_on_cpu_tensors_raises(linear_problem, backend_env):
+@pytest.mark.parametrize("forced", ["cuda", "triton"])
+def test_a_forced_gpu_backend_leaves_cpu_tensors_to_the_default(linear_problem, backend_env, monkeypatch, forced):
+    """SPARSEKERN_BACKEND=cuda or triton applies to CUDA tensors only (triton also to CPU tensors under
+    TRITON_INTERPRET=1): CPU tensors keep auto's choice, so models built on the CPU still build (on the H200 every
+    layer constructed on the CPU raised in build_layout_index_)."""
     layout, values, x, dy, bias = linear_problem
-    backend_env("cuda")
-    with pytest.raises(RuntimeError, match="cuda"):
-        sk.ops.bsr_linear(x, layout, values, bias)
-    with pytest.raises(RuntimeError, match="cuda"):
-        sk.ops.block_grad_scores(dy, x, 16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backend_env("auto")
+    default = sk.ops.select_backend("bsr_linear", x.device, x.dtype)
+    default_index = sk.ops.select_backend("build_layout_index_", x.device, torch.bool)
+    expected = sk.ops.bsr_linear(x, layout, values, bias)
+    backend_env(forced)
+    assert sk.ops.requested_backend("cpu") == "auto" and sk.ops.requested_backend("cuda") == forced
+    assert sk.ops.select_backend("bsr_linear", x.device, x.dtype) == default
+    torch.testing.assert_close(sk.ops.bsr_linear(x, layout, values, bias), expected, rtol=0, atol=0)
+    assert sk.ops.select_backend("build_layout_index_", x.device, torch.bool) == default_index
+
+
+def test_a_forced_cpu_backend_leaves_cuda_tensors_to_the_default(backend_env):
+    backend_env("cpu")
+    assert sk.ops.requested_backend("cuda") == "auto" and sk.ops.requested_backend("cpu") == "cpu"
+
+
+def test_forced_triton_applies_to_cpu_tensors_under_the_interpreter(backend_env, monkeypatch):
+    backend_env("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert sk.ops.requested_backend("cpu") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert sk.ops.requested_backend("cpu") == "auto"
+
+
+@pytest.mark.parametrize("forced", ["cuda", "triton"])
+def test_models_build_and_train_on_cpu_under_a_forced_gpu_backend(backend_env, monkeypatch, forced):
+    """Built the usual way (on the CPU), with a forced GPU backend: construction, sparsify and a training step
+    run on the CPU (the cuda-marked test below then moves the model to the GPU)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backend_env(forced)
+    model = small_model(seed=3)
+    dense = nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 8))
+    sk.sparsify(dense, sparsity=0.5, block_size=16)
+    opt = sk.optim.MaskedSGD(list(model.parameters()) + list(dense.parameters()), lr=0.1, momentum=0.9)
+    loss = model(randn(4, 8, 6, 6, seed=1)).sum() + dense(randn(5, 12, seed=2)).sum()
+    loss.backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("forced", ["cuda", "triton"])
+def test_a_model_built_on_cpu_trains_on_the_gpu_under_a_forced_backend(backend_env, forced):
+    backend_env(forced)
+    if sk.ops.backend_unavailable_reason(forced, "cuda") is not None:
+        pytest.skip(sk.ops.backend_unavailable_reason(forced, "cuda"))
+    model = small_model(seed=3)
+    model.cuda()
+    opt = sk.optim.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert sk.ops.select_backend("bsr_conv2d", torch.device("cuda"), torch.float32) == forced
+    before = [p.detach().clone() for p in model.parameters()]
+    model(randn(4, 8, 6, 6, seed=1).cuda()).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("op", GEMM_OPS)
