@@ -2,7 +2,8 @@
 
 The Triton and hand-written CUDA kernels tile differently, so neither wins every shape. When more than one fast
 backend can run a pure op, ``sparsekern.ops`` asks the tuner here. On the first call of a key (op, device,
-dtype, the shape of every tensor argument and the value of every other argument: block size, geometry...) it
+dtype, the shape of every tensor argument with the activations' rows rounded up to a power of two, as Triton's
+autotune keys do, and the value of every other argument: block size, geometry...) it
 runs each candidate on the caller's own arguments, once to warm up (Triton compiles and autotunes there) and
 then ``REPS`` times timed with CUDA events, and keeps the lowest median; later calls with that key reuse it.
 
@@ -46,19 +47,28 @@ class Choice(NamedTuple):
     failures: Mapping[str, str]  # why each dropped candidate raised
 
 
-def _signature(value):
-    """What a call's speed depends on in one argument; hashable."""
+def rows_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the Triton kernels' autotune key for the activation rows, so that a
+    new batch size in a seen bucket is neither re-tuned by Triton nor re-measured here."""
+    return 1 << max(int(rows) - 1, 0).bit_length()
+
+
+def _signature(value, operand: Tensor):
+    """What a call's speed depends on in one argument; hashable. The leading (row or batch) size of the activations
+    (tensors shaped like the operand) is bucketed."""
     if isinstance(value, Tensor):
+        if value.dim() == operand.dim() and value.dim() > 0 and value.shape[0] == operand.shape[0]:
+            return (rows_bucket(value.shape[0]), *value.shape[1:])
         return tuple(value.shape)
     if isinstance(value, (list, tuple)):
-        return tuple(_signature(v) for v in value)
+        return tuple(_signature(v, operand) for v in value)
     return value
 
 
 def call_key(op: str, args: Sequence) -> Key:
     """The cache key of ``op`` called on ``args``; ``args[0]`` is the operand whose device and dtype decide."""
     operand = args[0]
-    return Key(op, str(operand.device), operand.dtype, tuple(_signature(a) for a in args))
+    return Key(op, str(operand.device), operand.dtype, tuple(_signature(a, operand) for a in args))
 
 
 def cuda_event_timer(fn: Callable[[], object], device: torch.device) -> float:

@@ -144,6 +144,11 @@ def test_choices_are_a_read_only_copy(tuner):
         ops.tuned_choices()[KEY].times_ms["cuda"] = 0.0
 
 
+def test_rows_bucket_is_the_next_power_of_two():
+    assert [tuning.rows_bucket(m) for m in (0, 1, 2, 3, 4, 5, 8, 9, 8192, 8193)] == \
+        [1, 1, 2, 4, 4, 8, 8, 16, 8192, 16384]
+
+
 def test_the_key_holds_op_device_dtype_shapes_and_other_arguments():
     def key(op="bsr_linear", x=torch.zeros(4, 8), block_size=16, geometry=(1, 2)):
         return tuning.call_key(op, (x, torch.zeros(3), block_size, None, list(geometry)))
@@ -152,6 +157,7 @@ def test_the_key_holds_op_device_dtype_shapes_and_other_arguments():
     hash(base)
     assert base == tuning.Key("bsr_linear", "cpu", torch.float32, ((4, 8), (3,), 16, None, (1, 2)))
     assert key(x=torch.ones(4, 8)) == base  # values do not matter, shapes do
+    assert key(x=torch.zeros(3, 8)) == base  # the rows are bucketed like Triton's autotune key (M_BUCKET)
     for other in (key(x=torch.zeros(5, 8)), key(block_size=32), key(geometry=(1, 3)), key(op="bsr_linear_dx"),
                   key(x=torch.zeros(4, 8, dtype=torch.float64)), key(x=torch.zeros(4, 8, device="meta"))):
         assert other != base
@@ -237,14 +243,18 @@ def test_auto_measures_each_key_once_and_runs_the_choice(cpu_race, monkeypatch):
     assert triton.calls == 2  # warm-up and timed call; the op itself ran on cpu
     (key, choice), = ops.tuned_choices().items()
     assert (key.op, key.device, key.dtype) == ("bsr_linear", "cpu", torch.float32)
-    assert key.args[0] == (5, 70) and key.args[-2:] == (37, None)
+    assert key.args[0] == (8, 70) and key.args[-2:] == (37, None)  # 5 rows: the bucket of 8
     assert choice.backend == "cpu" and dict(choice.times_ms) == {"triton": 2.0, "cpu": 1.0}
     torch.testing.assert_close(y, reference_linear(layout, values, x))
 
     torch.testing.assert_close(sk.ops.bsr_linear(x, layout, values), y)  # same key: cached, on cpu
     assert cpu_race.calls == 2 and triton.calls == 2
 
-    x9 = gemm_cases.randn(9, 70, seed=4)  # another batch size is another key
+    x7 = gemm_cases.randn(7, 70, seed=5)  # a new batch size in a seen bucket is not measured again
+    torch.testing.assert_close(sk.ops.bsr_linear(x7, layout, values), reference_linear(layout, values, x7))
+    assert cpu_race.calls == 2 and triton.calls == 2
+
+    x9 = gemm_cases.randn(9, 70, seed=4)  # a batch size in another bucket is another key
     cpu_race.costs = [1.0, 3.0]
     y9 = sk.ops.bsr_linear(x9, layout, values)
     assert cpu_race.calls == 4

@@ -6,6 +6,7 @@ see exactly the configs that ship.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from functools import lru_cache
 
@@ -263,6 +264,12 @@ def conv_wgrad_gather_configs(block_size: int, elem_bytes: int, budget: int, int
     return _fit(candidates, _sddmm_stage_bytes(block_size, elem_bytes), budget)
 
 
+# Autotune results kept on disk (Triton's cache dir) so that a new process does not re-tune a shape it has seen;
+# triton.autotune takes cache_results since 3.3.
+_AUTOTUNE_ON_DISK = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+                     else {})
+
+
 class TunedKernels:
     """One autotuned wrapper of a jit kernel per (block size, element size, smem budget)."""
 
@@ -276,5 +283,6 @@ class TunedKernels:
         slot = (block_size, elem_bytes, budget)
         if slot not in self._cache:
             configs = self.config_fn(block_size, elem_bytes, budget)
-            self._cache[slot] = triton.autotune(configs=configs, key=self.key, **self.autotune_kwargs)(self.kernel)
+            self._cache[slot] = triton.autotune(configs=configs, key=self.key, **_AUTOTUNE_ON_DISK,
+                                                **self.autotune_kwargs)(self.kernel)
         return self._cache[slot]
