@@ -174,6 +174,15 @@ cpu::BsrIndex check_layout(const Layout& l, int64_t n_block_rows, int64_t n_bloc
     TORCH_CHECK(index.perm[j] >= 0 && index.perm[j] < nnz, "perm[", j, "] = ", index.perm[j], " is outside the ", nnz,
                 " stored blocks");
   }
+  // Each block-CSC entry must be a stored block of its column and row: dX walks them, and a wrong one would give
+  // a silently wrong result rather than a crash.
+  for (int64_t c = 0; c < n_block_cols; ++c)
+    for (int64_t j = index.col_ptr[c]; j < index.col_ptr[c + 1]; ++j) {
+      const int32_t p = index.perm[j];
+      TORCH_CHECK(index.col_idx[p] == c && index.coo_row[p] == index.row_idx[j], "perm[", j, "] = ", p,
+                  " and row_idx[", j, "] = ", index.row_idx[j], " must name a stored block of block column ", c,
+                  ", but stored block ", p, " is at (", index.coo_row[p], ", ", index.col_idx[p], ")");
+    }
   return index;
 }
 
