@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -58,20 +58,31 @@ def requested_backend(device_type: Optional[str] = None) -> str:
     """SPARSEKERN_BACKEND, or ``auto`` for tensors on ``device_type`` when the forced backend is not for that
     device: forcing ``cuda`` or ``triton`` must not break a model built on the CPU before it is moved to the GPU
     (its layout index is built by a CPU op), and forcing ``cpu`` leaves CUDA tensors to the default choice."""
-    name = os.environ.get("SPARSEKERN_BACKEND", "auto").strip().lower() or "auto"
+    setting = os.environ.get("SPARSEKERN_BACKEND", "")
+    return _request(setting, device_type, device_type is not None and _interpret_matters(setting, device_type))
+
+
+def _interpret_matters(setting: str, device_type: str) -> bool:
+    """TRITON_INTERPRET=1, read only where it can change a choice: whether Triton, forced or in auto's order, runs
+    CPU tensors."""
+    could_pick = "triton" in setting.lower() or "triton" in _auto_order(device_type)
+    return device_type == "cpu" and could_pick and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _request(setting: str, device_type: Optional[str], triton_on_cpu: bool) -> str:
+    name = setting.strip().lower() or "auto"
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"SPARSEKERN_BACKEND={name!r} is not a backend; choose auto or one of {', '.join(BACKENDS)}")
-    if device_type is not None and not _backend_is_for(name, device_type):
+    if device_type is not None and not _backend_is_for(name, device_type, triton_on_cpu):
         return "auto"
     return name
 
 
-def _backend_is_for(backend: str, device_type: str) -> bool:
+def _backend_is_for(backend: str, device_type: str, triton_on_cpu: bool) -> bool:
     """Whether ``backend`` is meant for tensors on ``device_type`` (whether or not it is available there)."""
     if backend in ("auto", "reference") or backend == device_type:
         return True
-    return backend == "triton" and (device_type == "cuda" or
-                                    (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+    return backend == "triton" and (device_type == "cuda" or (device_type == "cpu" and triton_on_cpu))
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,28 +123,25 @@ def backend_has_op(backend: str, op: str, dtype: Optional[torch.dtype] = None) -
     return _native.has_kernel(f"native_{op}", backend, dtype)
 
 
-# Both backend choices below are made once per key and cached: resolving them on every call cost tens of
-# microseconds of Python, more than a small GEMM, and 0.1 ms right after a large op has evicted that Python from
-# the caches. The key holds all they read that may change while the process runs (the static order and, where
-# Triton could be picked for CPU tensors, TRITON_INTERPRET); the build and the importable modules do not change.
+# The choice is made once per key and cached: resolving it on every call cost microseconds of Python, as much as a
+# small GEMM. The key holds all it reads that may change while the process runs (SPARSEKERN_BACKEND, TRITON_INTERPRET
+# where it matters, auto's static order, the device type the tuner measures); the build and the importable modules
+# do not change.
+
+class _Choice(NamedTuple):
+    static: str  # the backend that runs the op when nothing is measured
+    measure: Tuple[str, ...]  # the fast backends auto times against each other on CUDA tensors (empty: none)
+
 
 def _auto_order(device_type: str) -> Tuple[str, ...]:
     return _AUTO_ORDER.get(device_type, ("reference",))
 
 
-def _triton_on_cpu(requested: str, device_type: str) -> bool:
-    """TRITON_INTERPRET=1, where it can matter: it decides only whether Triton runs on CPU tensors, so it is read
-    only where Triton could be picked for them."""
-    if device_type != "cpu":
-        return False
-    could_pick = requested == "triton" or (requested == "auto" and "triton" in _auto_order(device_type))
-    return could_pick and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _auto_backends(op: str, device_type: str, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
+def _auto_backends(op: str, device_type: str, dtype: Optional[torch.dtype], triton_on_cpu: bool = False
+                   ) -> Tuple[str, ...]:
     """The backends ``auto`` may run ``op`` on here, in static order; never empty (every order ends with the
     reference)."""
-    return _runnable(_auto_order(device_type), op, device_type, dtype, _triton_on_cpu("auto", device_type))
+    return _runnable(_auto_order(device_type), op, device_type, dtype, triton_on_cpu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,21 +151,30 @@ def _runnable(order: Tuple[str, ...], op: str, device_type: str, dtype: Optional
                  if backend_unavailable_reason(backend, device_type) is None and backend_has_op(backend, op, dtype))
 
 
-def _static_backend(op: str, device_type: str, dtype: Optional[torch.dtype]) -> str:
-    """auto's static pick, or the forced backend (the reference where it lacks ``op``)."""
-    requested = requested_backend(device_type)
-    if requested == "auto":
-        return _auto_backends(op, device_type, dtype)[0]
-    return _forced_choice(requested, op, device_type, dtype, _triton_on_cpu(requested, device_type))
+def _choice(op: str, device_type: str, dtype: Optional[torch.dtype]) -> _Choice:
+    setting = os.environ.get("SPARSEKERN_BACKEND", "")
+    return _cached_choice(setting, op, device_type, dtype, _interpret_matters(setting, device_type),
+                          _AUTO_ORDER.get(device_type), tuning.TUNER.device_type)
 
 
 @functools.lru_cache(maxsize=None)  # a backend that cannot run raises every time: lru_cache keeps no exceptions
-def _forced_choice(requested: str, op: str, device_type: str, dtype: Optional[torch.dtype],
-                   triton_on_cpu: bool) -> str:
+def _cached_choice(setting: str, op: str, device_type: str, dtype: Optional[torch.dtype], triton_on_cpu: bool,
+                   auto_order, tuned_device_type: str) -> _Choice:
+    requested = _request(setting, device_type, triton_on_cpu)
+    if requested == "auto":
+        backends = _auto_backends(op, device_type, dtype, triton_on_cpu)
+        fast = tuple(b for b in backends if b != "reference")
+        measured = len(fast) > 1 and device_type == tuned_device_type and not _mutates(op)
+        return _Choice(backends[0], fast if measured else ())
     why = backend_unavailable_reason(requested, device_type)
     if why is not None:
         raise RuntimeError(f"SPARSEKERN_BACKEND={requested} cannot run {op}: {why}")
-    return requested if backend_has_op(requested, op, dtype) else "reference"
+    return _Choice(requested if backend_has_op(requested, op, dtype) else "reference", ())
+
+
+def _static_backend(op: str, device_type: str, dtype: Optional[torch.dtype]) -> str:
+    """auto's static pick, or the forced backend (the reference where it lacks ``op``)."""
+    return _choice(op, device_type, dtype).static
 
 
 def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
@@ -184,16 +201,12 @@ def _implementation(op: str, args: Sequence) -> Callable:
     """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
     operand = args[0]
     device = operand.device
-    if (not _mutates(op) and tuning.TUNER.measures(device) and requested_backend(device.type) == "auto"
-            and tuning.enabled()):
-        # the fast backends are timed against each other on this call (when there are two)
-        backends = _auto_backends(op, device.type, operand.dtype)
-        candidates = [backend for backend in backends if backend != "reference"]
-        if len(candidates) < 2:
-            return _function(backends[0], op)
-        calls = {name: functools.partial(_function(name, op), *args) for name in candidates}
-        return _function(tuning.TUNER.choose(tuning.call_key(op, args), device, calls, static=backends[0]), op)
-    return _function(_static_backend(op, device.type, operand.dtype), op)
+    choice = _choice(op, device.type, operand.dtype)
+    if choice.measure and tuning.enabled():
+        # the fast backends are timed against each other on this call
+        calls = {name: functools.partial(_function(name, op), *args) for name in choice.measure}
+        return _function(tuning.TUNER.choose(tuning.call_key(op, args), device, calls, static=choice.static), op)
+    return _function(choice.static, op)
 
 
 def _call(op: str, *args):
@@ -207,11 +220,15 @@ def _run(op: str, *args):
     straight to its implementation, as the custom op would: on the 2-core CI machine its Python wrappers cost
     about 50 us a call, and 0.1-0.3 ms right after a large op has evicted them from the caches."""
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            or torch._C._functorch.peek_interpreter_stack() is not None  # inside a torch.func transform
+    if (torch._C._functorch.peek_interpreter_stack() is not None  # inside a torch.func transform
             or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch.overrides.has_torch_function(tensors)):
         return getattr(torch.ops.sparsekern, op)(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # Plain eager autograd: a torch.autograd.Function with the custom op's own formulas. The custom op's autograd
+        # wrappers cost more host time than the rest of a small layer's forward and backward together.
+        eager = _EAGER_AUTOGRAD.get(op)
+        return eager.apply(*args) if eager is not None else getattr(torch.ops.sparsekern, op)(*args)
     return _call(op, *args)
 
 
@@ -409,11 +426,26 @@ def _conv_backward(ctx, grad):
     return (dx, dvalues) + (None,) * 7 + (dbias,) + (None,) * 5
 
 
-_bsr_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
-_bsr_linear.register_autograd(_linear_backward, setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
-_bsr_linear_dx.register_autograd(_linear_dx_backward,
-                                 setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
-_bsr_sddmm.register_autograd(_sddmm_backward, setup_context=lambda ctx, inputs, output: _save_all(ctx, inputs, output))
+_EAGER_AUTOGRAD: Dict[str, type] = {}  # op -> the torch.autograd.Function that _run uses in plain eager mode
+
+
+def _register_autograd(custom_op, op: str, backward: Callable, setup: Callable) -> None:
+    """The same setup and backward for the custom op (torch.compile, torch.func, modes) and for eager calls."""
+    custom_op.register_autograd(backward, setup_context=setup)
+
+    def forward(ctx, *args):
+        output = _call(op, *args)
+        setup(ctx, args, output)
+        return output
+
+    _EAGER_AUTOGRAD[op] = type(f"{op}_function", (torch.autograd.Function,),
+                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_register_autograd(_bsr_conv2d, "bsr_conv2d", _conv_backward, _conv_setup)
+_register_autograd(_bsr_linear, "bsr_linear", _linear_backward, _save_all)
+_register_autograd(_bsr_linear_dx, "bsr_linear_dx", _linear_dx_backward, _save_all)
+_register_autograd(_bsr_sddmm, "bsr_sddmm", _sddmm_backward, _save_all)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,9 +475,22 @@ def _check_values(layout, values: Tensor) -> None:
         raise ValueError(f"values must be floating point, got {values.dtype}")
 
 
+# torch._C._is_any_autocast_enabled is private; where a torch lacks it, every call asks per device instead.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in for the operand ``t``: the autocast dtype under torch.autocast, else ``t``'s."""
+    if _any_autocast() and torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 def _autocast(*tensors: Optional[Tensor]):
     """Under torch.autocast, run the GEMM in the autocast dtype (fp32 master values stay fp32). The first tensor is
     the operand (never None)."""
+    if not _any_autocast():  # one C call, where the per-device query below costs a microsecond
+        return tensors
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors

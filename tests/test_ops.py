@@ -465,23 +465,49 @@ def test_calls_that_need_no_grad_skip_the_custom_op(monkeypatch):
         assert torch.equal(direct[op], call()), op
 
 
-def test_calls_that_need_grad_go_through_the_custom_op():
+def test_eager_calls_that_need_grad_run_the_custom_ops_formulas_without_their_wrappers():
+    """In plain eager mode a call that needs grad runs a torch.autograd.Function with the custom op's own setup and
+    backward (the custom op's Python wrappers cost more host time than a small layer's whole step); ops without
+    autograd (block_grad_scores) still go through their custom op. Gradients equal the custom op's."""
     layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4, requires_grad=True)
     for op, call in public_linear_calls(layout, values, x, dy, bias).items():
-        assert f"sparsekern::{op}" in sparsekern_ops_run(call), op
-        with torch.no_grad():
-            assert f"sparsekern::{op}" not in sparsekern_ops_run(call), op
+        assert (f"sparsekern::{op}" in sparsekern_ops_run(call)) == (op not in sk.ops._EAGER_AUTOGRAD), op
+        out = call()
+        if op in sk.ops._EAGER_AUTOGRAD:
+            assert type(out.grad_fn).__name__ == f"{op}_functionBackward", op
+    inputs = (x, values, bias)
+    eager = torch.autograd.grad(sk.ops.bsr_linear(x, layout, values, bias), inputs, dy)
+    custom = torch.autograd.grad(torch.ops.sparsekern.bsr_linear(x, values, *layout.index_tensors(), 37, bias),
+                                 inputs, dy)
+    for a, b in zip(eager, custom):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_backward_reaches_the_custom_ops_only_to_differentiate_them_again():
+def test_compiling_sees_the_custom_op():
+    layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4, requires_grad=True)
+    call = public_linear_calls(layout, values, x, dy, bias)["bsr_linear"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert "sparsekern::bsr_linear" in sparsekern_ops_run(call)
+
+
+def test_backward_reaches_no_custom_op_and_stays_differentiable():
     layout, values, x, dy, bias = problem((5, 37, 70), 16, 0.4, requires_grad=True)
 
     def backward(create_graph):
         y = sk.ops.bsr_linear(x, layout, values, bias)
-        return sparsekern_ops_run(lambda: torch.autograd.grad(y, (x, values), dy.detach(), create_graph=create_graph))
+        grads = []
+        ran = sparsekern_ops_run(lambda: grads.extend(torch.autograd.grad(y, (x, values), dy.detach(),
+                                                                          create_graph=create_graph)))
+        return ran, grads
 
-    assert not {"sparsekern::bsr_linear_dx", "sparsekern::bsr_sddmm"} & backward(create_graph=False)
-    assert {"sparsekern::bsr_linear_dx", "sparsekern::bsr_sddmm"} <= backward(create_graph=True)
+    ran, grads = backward(create_graph=False)
+    assert not ran & {"sparsekern::bsr_linear_dx", "sparsekern::bsr_sddmm"}
+    assert all(g.grad_fn is None for g in grads)
+    ran, grads = backward(create_graph=True)
+    assert not ran & {"sparsekern::bsr_linear_dx", "sparsekern::bsr_sddmm"}
+    assert [type(g.grad_fn).__name__ for g in grads] == ["bsr_linear_dx_functionBackward",
+                                                         "bsr_sddmm_functionBackward"]
 
 
 def test_a_dispatch_mode_sees_the_public_op():

@@ -143,7 +143,7 @@ class SparseConv2d(BlockSparseWeight):
         CUDA kernels take fp16/bf16/fp32 (autocast included) and any in_channels; the native CPU kernel fp32/fp64
         and in_channels a multiple of the block. Otherwise im2col + bsr_linear, which may still have a native
         kernel (any width)."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = ops.compute_dtype(x)
         backend = _conv_backend(x.device, dtype)
         if backend == "cpu":
             return dtype in (torch.float32, torch.float64) and self.in_channels % self.block_size == 0
