@@ -13,6 +13,13 @@ import torch
 from . import __version__, _native, ops
 
 
+# What has run on which GPU, updated with each committed GPU check (benchmarks/results/<gpu>_gpu_check.txt).
+GPU_VERIFIED = (
+    "NVIDIA H200, 2026-12-04, main 3e59f8c (torch 2.11, triton 3.6): kernel suites correct; 694 of 835 `cuda` tests "
+    "passed, 141 failed, 2 crashed. The fixes since then have not run on a GPU: run `make gpu-check OUT=DIR` there.",
+)
+
+
 def _triton_version() -> str:
     try:
         import triton
@@ -39,6 +46,7 @@ def report() -> str:
         lines += [f"sparsekern._C     built against torch {info.get('torch_version')}; CUDA kernels: {cuda}"]
     else:
         lines += [f"sparsekern._C     NOT LOADED: {_native.LOAD_ERROR}"]
+    lines += ["", "verified on GPUs:"] + [f"  {line}" for line in GPU_VERIFIED]
     lines += ["", "backend availability (per device):"]
     for backend in ops.BACKENDS:
         for device_type in ("cpu", "cuda"):
@@ -53,9 +61,12 @@ def report() -> str:
         picks = ", ".join(f"{d}: {ops.select_backend(op, torch.device(d))}" for d in devices)
         lines.append(f"  {op:<22} auto -> {picks:<28} kernels: {', '.join(native) or 'reference only'}")
     lines += ["  auto on cuda measures per shape: where triton and cuda both have the op for the dtype, the first "
-              "call of each (op, device, dtype, argument shapes and values) times both and keeps the faster. Listed "
+              "call of each (op, device, dtype, argument shapes with the rows bucketed to a power of two, other "
+              "argument values) times both and keeps the faster. Listed "
               "above is the static order (triton, cuda, reference), used instead with SPARSEKERN_AUTOTUNE=0, for the "
               "mutating ops, and under CUDA graph capture before a shape was measured (warm up before capturing)."]
+    lines += ["  a forced SPARSEKERN_BACKEND applies to its own device's tensors (cuda: CUDA; cpu: CPU; triton: CUDA, "
+              "and CPU under TRITON_INTERPRET=1); other devices keep auto's choice."]
     lines += _tuned_lines(ops.tuned_choices())
     lines += ["", "convolution (SparseConv2d):",
               "  groups=1      implicit GEMM over NHWC, no im2col (bsr_conv2d + dgrad/wgrad/grad_scores) where the "
