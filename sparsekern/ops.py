@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _native, reference, tuning
+from . import _env, _native, reference, tuning
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # auto's static order; on CUDA tensors measuring (sparsekern.tuning) chooses among the fast backends in it.
@@ -58,7 +58,7 @@ def requested_backend(device_type: Optional[str] = None) -> str:
     """SPARSEKERN_BACKEND, or ``auto`` for tensors on ``device_type`` when the forced backend is not for that
     device: forcing ``cuda`` or ``triton`` must not break a model built on the CPU before it is moved to the GPU
     (its layout index is built by a CPU op), and forcing ``cpu`` leaves CUDA tensors to the default choice."""
-    setting = os.environ.get("SPARSEKERN_BACKEND", "")
+    setting = _env.read("SPARSEKERN_BACKEND")
     return _request(setting, device_type, device_type is not None and _interpret_matters(setting, device_type))
 
 
@@ -66,7 +66,7 @@ def _interpret_matters(setting: str, device_type: str) -> bool:
     """TRITON_INTERPRET=1, read only where it can change a choice: whether Triton, forced or in auto's order, runs
     CPU tensors."""
     could_pick = "triton" in setting.lower() or "triton" in _auto_order(device_type)
-    return device_type == "cpu" and could_pick and os.environ.get("TRITON_INTERPRET") == "1"
+    return device_type == "cpu" and could_pick and _env.read("TRITON_INTERPRET") == "1"
 
 
 def _request(setting: str, device_type: Optional[str], triton_on_cpu: bool) -> str:
@@ -152,8 +152,9 @@ def _runnable(order: Tuple[str, ...], op: str, device_type: str, dtype: Optional
 
 
 def _choice(op: str, device_type: str, dtype: Optional[torch.dtype]) -> _Choice:
-    setting = os.environ.get("SPARSEKERN_BACKEND", "")
-    return _cached_choice(setting, op, device_type, dtype, _interpret_matters(setting, device_type),
+    setting = _env.read("SPARSEKERN_BACKEND")
+    return _cached_choice(setting, op, device_type, dtype,
+                          device_type == "cpu" and _interpret_matters(setting, device_type),
                           _AUTO_ORDER.get(device_type), tuning.TUNER.device_type)
 
 
@@ -200,17 +201,28 @@ def _function(backend: str, op: str) -> Callable:
 def _implementation(op: str, args: Sequence) -> Callable:
     """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
     operand = args[0]
-    device = operand.device
-    choice = _choice(op, device.type, operand.dtype)
-    if choice.measure and tuning.enabled():
+    # is_cuda / is_cpu are plain flags; device.type builds a string (0.3 us)
+    device_type = "cuda" if operand.is_cuda else "cpu" if operand.is_cpu else operand.device.type
+    static, measure = _choice(op, device_type, operand.dtype)
+    if measure and tuning.enabled():
         # the fast backends are timed against each other on this call
-        calls = {name: functools.partial(_function(name, op), *args) for name in choice.measure}
-        return _function(tuning.TUNER.choose(tuning.call_key(op, args), device, calls, static=choice.static), op)
-    return _function(choice.static, op)
+        calls = {name: functools.partial(_function(name, op), *args) for name in measure}
+        return _function(tuning.TUNER.choose(tuning.call_key(op, args), operand.device, calls, static=static), op)
+    return _function(static, op)
 
 
 def _call(op: str, *args):
     return _implementation(op, args)(*args)
+
+
+# Where each op's floating-point operands are (the others are int32 index tensors, sizes and geometry): the first
+# two, and a bias.
+_BIAS_POSITION = {"bsr_linear": 9, "bsr_conv2d": 9}
+
+
+def _requires_grad(op: str, args: Sequence) -> bool:
+    bias = args[_BIAS_POSITION[op]] if op in _BIAS_POSITION else None
+    return args[0].requires_grad or args[1].requires_grad or (bias is not None and bias.requires_grad)
 
 
 def _run(op: str, *args):
@@ -219,17 +231,16 @@ def _run(op: str, *args):
     torch.func transform), torch.compile and export, tensor subclasses, torch function and dispatch modes. Otherwise
     straight to its implementation, as the custom op would: on the 2-core CI machine its Python wrappers cost
     about 50 us a call, and 0.1-0.3 ms right after a large op has evicted them from the caches."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
     if (torch._C._functorch.peek_interpreter_stack() is not None  # inside a torch.func transform
             or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch.overrides.has_torch_function(tensors)):
+            or torch.overrides.has_torch_function(args)):  # non-tensors have no __torch_function__
         return getattr(torch.ops.sparsekern, op)(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and _requires_grad(op, args):
         # Plain eager autograd: a torch.autograd.Function with the custom op's own formulas. The custom op's autograd
         # wrappers cost more host time than the rest of a small layer's forward and backward together.
         eager = _EAGER_AUTOGRAD.get(op)
         return eager.apply(*args) if eager is not None else getattr(torch.ops.sparsekern, op)(*args)
-    return _call(op, *args)
+    return _implementation(op, args)(*args)
 
 
 def tuned_choices() -> Dict[tuning.Key, tuning.Choice]:
@@ -466,10 +477,11 @@ def _check_matrix(name: str, t: Tensor, like: Tensor, width: Optional[int] = Non
 
 def _check_values(layout, values: Tensor) -> None:
     bs = layout.block_size
-    expected = (layout.nnz_blocks, bs, bs)
-    if tuple(values.shape) != expected:
-        raise ValueError(f"values must have shape {expected} for this layout, got {tuple(values.shape)}")
-    if values.device != layout.device:
+    row_ptr, col_idx = layout.index_tensors()[:2]
+    if values.shape != (col_idx.shape[0], bs, bs):
+        raise ValueError(f"values must have shape {(layout.nnz_blocks, bs, bs)} for this layout, "
+                         f"got {tuple(values.shape)}")
+    if values.device != row_ptr.device:
         raise ValueError(f"values are on {values.device} but the layout is on {layout.device}")
     if not values.is_floating_point():
         raise ValueError(f"values must be floating point, got {values.dtype}")
@@ -505,7 +517,7 @@ def bsr_linear(x: Tensor, layout, values: Tensor, bias: Optional[Tensor] = None)
     x, values, bias = _autocast(x, values, bias)
     _check_matrix("x", x, values, in_features)
     if bias is not None:
-        if tuple(bias.shape) != (out_features,):
+        if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         if bias.dtype != values.dtype or bias.device != values.device:
             raise ValueError(f"bias must match values ({values.dtype} on {values.device}), "

@@ -15,7 +15,6 @@ It does not measure:
 """
 from __future__ import annotations
 
-import os
 import statistics
 from types import MappingProxyType
 from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
@@ -23,12 +22,14 @@ from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _env
+
 REPS = 5
 
 
 def enabled() -> bool:
     """Whether ``auto`` may measure (``SPARSEKERN_AUTOTUNE``, default 1)."""
-    value = os.environ.get("SPARSEKERN_AUTOTUNE", "1").strip() or "1"
+    value = _env.read("SPARSEKERN_AUTOTUNE", "1").strip() or "1"
     if value not in ("0", "1"):
         raise ValueError(f"SPARSEKERN_AUTOTUNE={value!r}: use 1 (measure, the default) or 0 (static order)")
     return value == "1"

@@ -32,7 +32,12 @@ class BlockSparseWeight(nn.Module):
 
     def _gemm(self, x2d: Tensor) -> Tensor:
         """bsr_linear of the layer on a 2-D input, recording gradient scores when DST asks for them."""
-        y = ops.bsr_linear(x2d, self.layout, self.values, self.bias)
+        # The module's own dicts, not nn.Module.__getattr__: three lookups through it cost more than the op's checks.
+        # (A parametrized values or bias is a property instead, found by getattr.)
+        params = self._parameters
+        values = params["values"] if "values" in params else self.values
+        bias = params["bias"] if "bias" in params else self.bias
+        y = ops.bsr_linear(x2d, self._modules["layout"], values, bias)
         if self.capture_grad_scores and y.requires_grad:
             x_saved = x2d.detach()
             # Under autocast the gradient comes in the autocast dtype while x2d is the layer's input.
