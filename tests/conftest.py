@@ -3,6 +3,7 @@
 The oracles here use plain loops over the layout's stored blocks, not ``sparsekern.reference``, so that
 a bug in the reference cannot hide itself by agreeing with its own test.
 """
+import functools
 import os
 
 import pytest
@@ -134,3 +135,14 @@ def index_oracle(block_mask):
         "row_idx": [r for r, _ in csc],
         "perm": [csr.index(block) for block in csc],
     }
+
+
+@pytest.fixture
+def matmul_flags():
+    """set(name, value) on torch.backends.cuda.matmul for one test. Not monkeypatch.setattr: on that module object
+    (all __getattr__/__setattr__) the undo of pytest >= 9.2 deletes the attribute instead of restoring it, which
+    fails and leaves the flag set for the rest of the process."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32, matmul.fp32_precision
+    yield functools.partial(setattr, matmul)
+    matmul.allow_tf32, matmul.fp32_precision = saved  # in this order: setting the old flag also sets the new one

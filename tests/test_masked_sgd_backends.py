@@ -299,33 +299,50 @@ def test_triton_has_the_op_for_its_dtypes():
     assert triton_kernels.masked_sgd_ is not None
 
 
+@needs_triton
+@triton_mark
+def test_triton_launch_rounds_each_product(monkeypatch):
+    """The step is launched without Triton's contraction of a * b + c into one FMA, which rounds the product
+    differently from the reference (the interpreter never contracts; tests/test_triton_static.py checks the PTX)."""
+    from sparsekern.triton_kernels import masked_sgd as module
+    launches = []
+    launch = module._masked_sgd_kernel.run
+    monkeypatch.setattr(module._masked_sgd_kernel, "run",
+                        lambda *args, **kwargs: launches.append(kwargs) or launch(*args, **kwargs))
+    run("triton", make_case((5,), 0, TRITON_DEVICE, grad_scale=True), HYPER["momentum"])
+    assert len(launches) == 1 and launches[0]["enable_fp_fusion"] is False
+
+
 @pytest.mark.cuda
-@needs_cuda_kernel
-def test_cuda_runs_without_host_sync():
-    """The whole step, counter included, is enqueued: the CUDA graph of a step captures and replays."""
+@needs_gpu
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=needs_cuda_kernel),
+                                     pytest.param("triton", marks=needs_triton)])
+def test_cuda_runs_without_host_sync(backend):
+    """The whole step, counter included, is enqueued: the CUDA graph of a step captures and replays, and its
+    replays take the first step (buffer = gradient) and then a momentum step, as the counter on the device says."""
     hyper = HYPER["nesterov_wd"]
     case = make_case((64, 32, 32), 2, "cuda", param_dtype=torch.bfloat16, momentum=True, step=0, grad_scale=True,
                      inv_loss_scale=0.5, found_inf=0.0)
     ours = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in case.items()}
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        run("cuda", ours, hyper)  # warm-up outside the graph
+        run(backend, ours, hyper)  # warm-up (compiles, loads) outside the graph; run() steps a copy of ours
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     args = [ours[k] for k in ("param", "grad", "momentum_buffer", "master", "step", "grad_scale", "inv_loss_scale",
                               "found_inf")]
     with torch.cuda.graph(graph):
-        torch.ops.sparsekern.native_masked_sgd_(*args, 0.05, hyper["momentum"], hyper["dampening"],
-                                                hyper["weight_decay"], hyper["nesterov"],
-                                                hyper["decoupled_weight_decay"])
+        kernel(backend)(*args, 0.05, hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"],
+                        hyper["decoupled_weight_decay"])
     expected = case
-    for _ in range(3):
+    for _ in range(2):
         expected = run("reference", expected, hyper)
     graph.replay()
     graph.replay()
     torch.cuda.synchronize()
-    assert int(ours["step"]) == 3
-    torch.testing.assert_close(ours["master"], expected["master"], rtol=1e-5, atol=1e-5)
+    assert int(ours["step"]) == 2
+    for name in ("master", "momentum_buffer"):
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------

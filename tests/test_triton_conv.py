@@ -220,8 +220,8 @@ def test_gpu_realistic(case, dtype):
 @on_gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
-def test_gpu_fp32_precision(allow_tf32, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+def test_gpu_fp32_precision(allow_tf32, matmul_flags, monkeypatch):
+    matmul_flags("allow_tf32", allow_tf32)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
     problem = Conv(**GPU_CASES["resnet_3x3_s2_128"], dtype=torch.float32, seed=31)
     exact = problem.oracle()

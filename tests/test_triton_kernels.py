@@ -18,8 +18,11 @@ from triton_setup import DEVICE, on_gpu, small
 
 import sparsekern as sk
 from sparsekern import triton_kernels as tk
+from sparsekern.triton_kernels import conv, conv_dgrad, conv_wgrad, grad_scores, linear, linear_dx, sddmm
+from sparsekern.triton_kernels._common import dot_precision
 from sparsekern.triton_kernels.sddmm import sddmm_splits
 
+import conv_cases
 import gemm_cases
 from conftest import assert_layer_matches_reference
 
@@ -192,6 +195,53 @@ def test_errors():
 
 
 # ----------------------------------------------------------------------------------------------
+# fp32 means fp32: tl.dot takes TF32 only where torch's own fp32 matmuls would (the interpreter ignores the
+# precision, so these check the choice and that every launcher passes it on)
+
+@pytest.mark.parametrize("flag,value,expected", [
+    (None, None, "ieee"),
+    ("allow_tf32", True, "tf32"),
+    ("fp32_precision", "tf32", "tf32"),  # the API of torch >= 2.9, under which reading allow_tf32 raises
+    ("fp32_precision", "ieee", "ieee"),
+], ids=["default", "allow_tf32", "fp32_precision_tf32", "fp32_precision_ieee"])
+def test_dot_precision_follows_torch(flag, value, expected, matmul_flags):
+    if flag is not None:
+        matmul_flags(flag, value)
+    assert dot_precision(torch.float32) == expected
+    # 16-bit inputs ignore the precision: one variant, whatever the flag
+    assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "tf32"
+
+
+GEMM_KERNELS = (linear._bsr_linear_kernel, linear_dx._bsr_linear_dx_kernel, sddmm._bsr_sddmm_kernel,
+                grad_scores._block_grad_scores_kernel, conv._bsr_conv2d_kernel, conv_dgrad._bsr_conv2d_dgrad_kernel,
+                conv_wgrad._bsr_conv2d_wgrad_kernel, conv_wgrad._conv_grad_scores_kernel)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(DEVICE != "cpu", reason="records the launches instead of running them, which would leave wrong "
+                                            "timings in the autotuner; on a GPU test_gpu_fp32_precision checks this")
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_every_launcher_passes_the_precision(allow_tf32, matmul_flags, monkeypatch):
+    matmul_flags("allow_tf32", allow_tf32)
+    launched = {}
+    for kernel in GEMM_KERNELS:  # record the launch instead of running it
+        monkeypatch.setattr(kernel, "run", lambda *args, _name=kernel.fn.__name__, **kwargs: launched.setdefault(
+            _name, set()).add(kwargs["INPUT_PRECISION"]))
+    shape = (40, 50, 60)
+    tk.bsr_linear(*linear_args(shape, 16, 0.5, torch.float32, seed=25)[1])
+    tk.bsr_linear_dx(*dx_args(shape, 16, 0.5, torch.float32, seed=26)[1])
+    args = sddmm_args(shape, 16, 0.5, torch.float32, seed=27)[1]
+    tk.bsr_sddmm(*args)
+    tk.block_grad_scores(args[0], args[1], 16)
+    problem = conv_cases.Conv(**conv_cases.CASES["3x3_s1_p1"], device=DEVICE)
+    for op in conv_cases.OPS:
+        getattr(tk, op)(*problem.args(op))
+    assert launched == {kernel.fn.__name__: {"tf32" if allow_tf32 else "ieee"} for kernel in GEMM_KERNELS}
+    # and the autotuner keeps a config per precision (TF32 runs on MMAs, IEEE on FMAs)
+    assert "INPUT_PRECISION" in linear._tuned(16, torch.float32, torch.device(DEVICE)).keys
+
+
+# ----------------------------------------------------------------------------------------------
 # On a GPU: bf16/fp16 at realistic sizes, and TF32 on and off for fp32
 
 GPU_CASES = [(1024, 512, 512, 32, 0.1), (1024, 1024, 512, 64, 0.5), (1000, 1000, 1020, 128, 0.25),
@@ -216,8 +266,8 @@ def test_gpu_realistic(case, dtype):
 @on_gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
-def test_gpu_fp32_precision(allow_tf32, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+def test_gpu_fp32_precision(allow_tf32, matmul_flags):
+    matmul_flags("allow_tf32", allow_tf32)
     _, args = linear_args((512, 512, 384), 64, 0.5, torch.float32, seed=23)
     assert_close_to_reference("bsr_linear", args)
     _, args = sddmm_args((2048, 256, 256), 32, 0.5, torch.float32, seed=24)

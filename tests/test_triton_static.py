@@ -1,5 +1,6 @@
 """Static GPU checks of the Triton kernels, with no GPU: compile the shipped autotune configs ahead of time
-for sm_90 (H100) and sm_80 (A100) and check the PTX uses tensor cores and the shared memory fits.
+for sm_90 (H100) and sm_80 (A100) and check the PTX uses tensor cores, no approximate square roots, and the
+shared memory fits; and compile masked_sgd_'s kernel in the specialisations Triton's JIT gives its launches.
 
 The compiles run in subprocesses (``python -m sparsekern.triton_kernels._static``, one per architecture, in
 parallel) without TRITON_INTERPRET: under the interpreter ``triton.jit`` hands back interpreted functions,
@@ -27,12 +28,16 @@ ARCHS = (90, 80)
 KERNELS = [spec.name for spec in _static.SPECS]
 
 
-def _compile_arch(arch):
+def _static_compile(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "sparsekern.triton_kernels._static", "--subset", "ci",
-                           "--arch", str(arch)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"static compile for sm_{arch} failed:\n{proc.stderr[-4000:]}"
+    proc = subprocess.run([sys.executable, "-m", "sparsekern.triton_kernels._static", *args], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"static compile {' '.join(args)} failed:\n{proc.stderr[-4000:]}"
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _compile_arch(arch):
+    return _static_compile("--subset", "ci", "--arch", str(arch))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,11 @@ def records():
     with ThreadPoolExecutor(len(ARCHS)) as pool:
         per_arch = list(pool.map(_compile_arch, ARCHS))
     return [record for arch_records in per_arch for record in arch_records]
+
+
+@pytest.fixture(scope="module")
+def masked_sgd_records():
+    return _static_compile("--masked-sgd", *(f"--arch={arch}" for arch in ARCHS))
 
 
 def _select(records, kernel, arch):
@@ -118,3 +128,21 @@ def test_pipelined(records, arch):
         if r["shared"] < 2 * one_stage:
             flat.append(f"{_name(r)}: {r['shared']} B for {one_stage} B per stage")
     assert not flat, "not pipelined:\n" + "\n".join(flat)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_results_correctly_rounded(records, arch):
+    """No approximate square roots (tl.sqrt): the gradient scores' norms are rounded as torch's are."""
+    approx = [_name(r) for r in records if r["arch"] == arch and "error" not in r and r["sqrt.approx"]]
+    assert not approx, "sqrt.approx in:\n" + "\n".join(approx)
+
+
+def test_masked_sgd_compiles_as_launched(masked_sgd_records):
+    """Every specialisation of the optimizer step compiles, slice_len == 1 included (a 1-D param: Triton's JIT
+    passes an int argument equal to 1 as a constexpr, which the interpreter never does), and every product is
+    rounded on its own as in the reference (no PTX mul/add that ptxas could contract into an FMA)."""
+    assert len(masked_sgd_records) == len(ARCHS) * len(_static.masked_sgd_cases())
+    wrong = [f"sm_{r['arch']} {r['dtype']} slice_len={r['slice_len']}: "
+             + (r.get("error") or f"{r['unrounded']} unrounded fp32 ops")
+             for r in masked_sgd_records if "error" in r or r["unrounded"]]
+    assert not wrong, "\n".join(wrong)

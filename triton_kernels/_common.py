@@ -91,10 +91,12 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 goes through TF32 only when PyTorch's own matmuls would (torch.backends.cuda.matmul.allow_tf32)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot's input_precision: fp32 goes through TF32 only where PyTorch's own fp32 matmuls would. That is
+    torch.backends.cuda.matmul.fp32_precision (torch >= 2.9), which allow_tf32 = True/False and
+    set_float32_matmul_precision also set; reading allow_tf32 itself raises once a user has set the new flag."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision != "tf32":
         return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit inputs
+    return "tf32"  # ignored by tl.dot for 16-bit inputs (so their kernels do not depend on the flag)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,10 +273,12 @@ _AUTOTUNE_ON_DISK = ({"cache_results": True} if "cache_results" in inspect.signa
 
 
 class TunedKernels:
-    """One autotuned wrapper of a jit kernel per (block size, element size, smem budget)."""
+    """One autotuned wrapper of a jit kernel per (block size, element size, smem budget). The kernel's
+    INPUT_PRECISION joins the autotune key: fp32 under TF32 (MMA) and IEEE (FMA) are tuned apart."""
 
     def __init__(self, kernel, config_fn, key, **autotune_kwargs):
-        self.kernel, self.config_fn, self.key, self.autotune_kwargs = kernel, config_fn, key, autotune_kwargs
+        self.kernel, self.config_fn, self.autotune_kwargs = kernel, config_fn, autotune_kwargs
+        self.key = [*key, "INPUT_PRECISION"]
         self._cache = {}
 
     def __call__(self, block_size: int, dtype: torch.dtype, device: torch.device):

@@ -3,13 +3,15 @@
 Used by ``tests/test_triton_static.py`` (tensor-core instructions and shared memory in CI) and
 ``benchmarks/triton_static_report.py`` (registers, spills, SASS counts). Each kernel is described once:
 its argument types for a dtype, its constexprs for a block size, and its shipped config list, so the
-checks compile exactly what the launchers would run (``triton_kernels/_common.py``).
+checks compile exactly what the launchers would run (``triton_kernels/_common.py``). ``--masked-sgd`` compiles
+the optimizer step's kernel instead, in the specialisations its launches get.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +26,7 @@ from .conv_wgrad import _bsr_conv2d_wgrad_kernel, _conv_grad_scores_kernel
 from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
 from .linear_dx import _bsr_linear_dx_kernel
+from .masked_sgd import LAUNCH_OPTIONS, _masked_sgd_kernel
 from .sddmm import _bsr_sddmm_kernel
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -150,6 +153,14 @@ def shipped_configs(spec: KernelSpec, block_size: int, dtype: torch.dtype, arch:
     return spec.config_fn(block_size, elem_bytes, budget, interpret=False)
 
 
+def _check_not_interpreted() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Under the interpreter triton.jit (ours and Triton's own tl.standard helpers) returned interpreted
+        # functions, which the compiler cannot lower: compile in a process without it (see ``main``).
+        raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET=1; "
+                           "run `python -m sparsekern.triton_kernels._static` instead")
+
+
 def compile_kernel(spec: KernelSpec, block_size: int, dtype: torch.dtype, config, arch: int,
                    input_precision: str = "tf32"):
     """triton.compile the kernel for ``sm_{arch}`` with one config; returns the CompiledKernel
@@ -157,11 +168,7 @@ def compile_kernel(spec: KernelSpec, block_size: int, dtype: torch.dtype, config
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # Under the interpreter triton.jit (ours and Triton's own tl.standard helpers) returned interpreted
-        # functions, which the compiler cannot lower: compile in a process without it (see ``main``).
-        raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET=1; "
-                           "run `python -m sparsekern.triton_kernels._static` instead")
+    _check_not_interpreted()
     data = TRITON_TYPES[dtype]
     constexprs = dict(spec.constexprs(block_size, input_precision))
     constexprs.update(config.kwargs)
@@ -228,11 +235,49 @@ def selection(subset: str = "ci", archs=ARCHS):
     return items
 
 
+# ----------------------------------------------------------------------------------------------
+# masked_sgd: one fixed config, no tensor cores; what can break on a GPU only is a specialisation Triton's JIT
+# makes from the launch's values (an int argument equal to 1 becomes a constexpr: slice_len of a 1-D param) and
+# the rounding of its products.
+
+def masked_sgd_cases():
+    """[(param dtype, slice_len is 1)]: fp32 params with coupled decay and nesterov, bf16 params with an fp32
+    master and decoupled decay (every branch of the kernel), each with a runtime slice_len and with 1."""
+    return [(dtype, one) for dtype in (torch.float32, torch.bfloat16) for one in (False, True)]
+
+
+def compile_masked_sgd(param_dtype: torch.dtype, slice_len_one: bool, arch: int):
+    """triton.compile the masked_sgd kernel for ``sm_{arch}`` as its launcher would run it (its launch options,
+    every optional operand present)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    _check_not_interpreted()
+    master = param_dtype != torch.float32
+    constexprs = {"HAS_MASTER": master, "USE_MOMENTUM": True, "NESTEROV": not master, "COUPLED_DECAY": not master,
+                  "DECOUPLED_DECAY": master, "HAS_GRAD_SCALE": True, "HAS_INV_LOSS_SCALE": True,
+                  "HAS_FOUND_INF": True, "BLOCK": 1024}
+    if slice_len_one:
+        constexprs["slice_len"] = 1
+    param = "*" + TRITON_TYPES[param_dtype]
+    types = {"WEIGHTS": "*fp32", "PARAM": param, "GRAD": param, "BUFFER": "*fp32", "GRAD_SCALE": "*fp32",
+             "INV_LOSS_SCALE": "*fp32", "FOUND_INF": "*fp32", "STEP": "*i64", "numel": "i32", "slice_len": "i32",
+             "momentum": "fp32", "dampening_keep": "fp32", "weight_decay": "fp32", "decay": "fp32", "neg_lr": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in _masked_sgd_kernel.arg_names}
+    source = ASTSource(fn=_masked_sgd_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, **LAUNCH_OPTIONS})
+
+
+def unrounded_float_ops(ptx: str) -> int:
+    """fp32 add/sub/mul/fma without a rounding modifier in PTX: those that ptxas may contract into FMAs."""
+    return len(re.findall(r"\b(?:add|sub|mul|fma)(?:\.ftz)?(?:\.sat)?\.f32\b", ptx))
+
+
 def describe(spec, arch, dtype, block_size, config, compiled) -> dict:
     ptx = compiled.asm["ptx"]
     return {"kernel": spec.name, "arch": arch, "dtype": TRITON_TYPES[dtype], "block_size": block_size,
             "config": config_label(config), "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "shared": shared_bytes(compiled), **tensor_core_counts(ptx)}
+            "shared": shared_bytes(compiled), **tensor_core_counts(ptx), "sqrt.approx": ptx.count("sqrt.approx")}
 
 
 def main(argv=None) -> None:
@@ -240,7 +285,19 @@ def main(argv=None) -> None:
                                                  "print one JSON line per compile.")
     parser.add_argument("--subset", choices=("ci", "full"), default="ci")
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
+    parser.add_argument("--masked-sgd", action="store_true", help="compile masked_sgd_'s kernel instead")
     args = parser.parse_args(argv)
+    if args.masked_sgd:
+        for arch in args.arch or ARCHS:
+            for dtype, one in masked_sgd_cases():
+                record = {"kernel": "masked_sgd", "arch": arch, "dtype": TRITON_TYPES[dtype],
+                          "slice_len": "1" if one else "runtime"}
+                try:
+                    record["unrounded"] = unrounded_float_ops(compile_masked_sgd(dtype, one, arch).asm["ptx"])
+                except Exception as error:
+                    record["error"] = f"{type(error).__name__}: {error}"[:2000]
+                print(json.dumps(record), flush=True)
+        return
     for spec, arch, dtype, bs, config in selection(args.subset, tuple(args.arch or ARCHS)):
         try:
             record = describe(spec, arch, dtype, bs, config, compile_kernel(spec, bs, dtype, config, arch))

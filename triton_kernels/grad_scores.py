@@ -22,7 +22,8 @@ def store_block_norms(acc, OUT, pid_n, pid_k, N, n_block_cols, BS: tl.constexpr,
     store those into OUT [ceil(N/bs), n_block_cols]."""
     square = acc * acc
     square = tl.reshape(square, (TILE_N // BS, BS, TILE_K // BS, BS))
-    norms = tl.sqrt(tl.sum(tl.sum(square, axis=3), axis=1))  # [TILE_N // BS, TILE_K // BS]
+    # sqrt_rn: correctly rounded as torch's (tl.sqrt is sqrt.approx on NVIDIA GPUs; the interpreter's is exact)
+    norms = tl.sqrt_rn(tl.sum(tl.sum(square, axis=3), axis=1))  # [TILE_N // BS, TILE_K // BS]
 
     block_r = pid_n * (TILE_N // BS) + tl.arange(0, TILE_N // BS)
     block_c = pid_k * (TILE_K // BS) + tl.arange(0, TILE_K // BS)

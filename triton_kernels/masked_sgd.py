@@ -11,7 +11,9 @@ buffer once and writes the weights, the buffer and (with a master) the low-preci
 inv_loss_scale and the step counter are read on the device, so nothing waits for the host; a non-zero
 found_inf masks every store except the param's refresh from the master (as the reference does). The step
 counter is advanced by a second one-program launch, after every program of the first has read it.
-Every ``x.add(y, alpha=a)`` of the reference is one ``tl.fma`` (the interpreter rounds it twice).
+Every ``x.add(y, alpha=a)`` of the reference is one ``tl.fma`` (the interpreter rounds it twice) and every other
+product is rounded on its own: the launch turns off Triton's contraction of a * b + c into FMAs (``LAUNCH_OPTIONS``),
+as the CUDA kernel does with ``__fmul_rn``.
 The kernel is not autotuned: it updates its operands in place, so a tuning rerun would apply the step twice.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, check, check_device
+
+# Round each product as the reference does (PTX mul.rn / add.rn, which ptxas never fuses).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -46,10 +51,11 @@ def _masked_sgd_kernel(WEIGHTS, PARAM, GRAD, BUFFER, GRAD_SCALE, INV_LOSS_SCALE,
     if HAS_INV_LOSS_SCALE:
         g = g * tl.load(INV_LOSS_SCALE).to(w.dtype)
     if HAS_GRAD_SCALE:
-        # one 64-bit division per program, 32-bit ones per element (offsets within a slice fit in int32)
+        # one 64-bit division per program, 32-bit ones per element (a slice, so its offsets, fit in int32). A 1-D
+        # param has slice_len 1, which Triton's JIT passes as a constexpr: no tensor methods on it (no .to).
         first_slice = base // slice_len
         within = (base - first_slice * slice_len).to(tl.int32) + lane
-        index = first_slice + within // slice_len.to(tl.int32)
+        index = first_slice + within // slice_len
         g = g * tl.load(GRAD_SCALE + index, mask=live, other=1.0).to(w.dtype)
     if COUPLED_DECAY:
         g = tl.fma(w, weight_decay, g)
@@ -147,7 +153,8 @@ def masked_sgd_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Option
             HAS_MASTER=master is not None, USE_MOMENTUM=use_momentum, NESTEROV=bool(nesterov),
             COUPLED_DECAY=weight_decay != 0 and not decoupled_weight_decay, DECOUPLED_DECAY=decoupled,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_INV_LOSS_SCALE=inv_loss_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+            HAS_FOUND_INF=found_inf is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            **LAUNCH_OPTIONS)
     _advance_step_kernel[(1,)](step, found_inf if found_inf is not None else step, HAS_FOUND_INF=found_inf is not None)
 
     if param_c.data_ptr() != param.data_ptr():
