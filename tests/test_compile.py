@@ -2,6 +2,8 @@
 
 Each test compiles once (a few seconds on 2 CPU cores), so shapes stay small.
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +93,34 @@ def test_layout_update_does_not_recompile_the_model():
             y = compiled(x)
         torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
         assert torch.equal(model.head.layout.to_block_mask(), mask)
+
+
+def test_a_whole_training_step_compiles_and_survives_mask_updates():
+    """What CUDA-graph capture of a training step needs, checked on the CPU: the model (forward, and its backward
+    through AOTAutograd) and the fused optimizer step each compile as one graph (fullgraph), layout updates between
+    steps cause no recompile, and the parameters follow the eager run's step for step."""
+    torch.manual_seed(21)
+    model = SmallNet()
+    eager = copy.deepcopy(model)
+    opts = [sk.optim.MaskedSGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, eager)]
+    compiled_model = torch.compile(model, fullgraph=True, backend="inductor")
+    compiled_step = torch.compile(opts[0].step, fullgraph=True, backend="inductor")
+    x = randn(3, 5, 7, 9, seed=22)
+
+    def train(net, step, opt):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        step()
+
+    for _ in range(2):  # the optimizer's state appears at its first step: one recompile, once
+        train(compiled_model, compiled_step, opts[0])
+        train(eager, opts[1].step, opts[1])
+    for mask in masks_like(model.head.layout, seeds=(23, 24)):
+        for m, opt in ((model, opts[0]), (eager, opts[1])):
+            buffer = opt.state[m.head.values]["momentum_buffer"]
+            m.head.layout.update_(mask, block_tensors=[m.head.values.data, buffer])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            train(compiled_model, compiled_step, opts[0])
+        train(eager, opts[1].step, opts[1])
+        for got, want in zip(model.parameters(), eager.parameters()):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
