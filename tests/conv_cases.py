@@ -119,3 +119,71 @@ GPU_CASES = {
     "vgg_3x3_cin100_bs128": dict(batch=4, size=(31, 29), cin=100, cout=200, kernel=3, padding=1, bs=128,
                                  density=0.25),
 }
+
+
+def error_problem(device="cpu"):
+    """The valid problem the CUDA glue's error cases (CUDA_ERRORS) start from: 3x3, padding 1, 32 -> 40 channels."""
+    return Conv(**CASES["3x3_s1_p1"], seed=4, device=device)
+
+
+def _with(args, **bad):
+    """args with entries replaced, by position: _with(args, at_11=[0, 1])."""
+    args = list(args)
+    for key, value in bad.items():
+        args[int(key[3:])] = value
+    return args
+
+
+def _conv(p, **bad):
+    return "bsr_conv2d", _with(p.args("bsr_conv2d"), **bad)
+
+
+def _dgrad(p, **bad):
+    return "bsr_conv2d_dgrad", _with(p.args("bsr_conv2d_dgrad"), **bad)
+
+
+def _wgrad(p, **bad):
+    return "bsr_conv2d_wgrad", _with(p.args("bsr_conv2d_wgrad"), **bad)
+
+
+def _scores(p, **bad):
+    return "bsr_conv2d_grad_scores", _with(p.args("bsr_conv2d_grad_scores"), **bad)
+
+
+# One bad argument per call of a native CUDA convolution op: {id: p -> (op, args, a fragment of the error message)},
+# p from error_problem. Argument positions: bsr_conv2d (x, values, 6 index tensors, out_channels 8, bias 9,
+# kernel_size 10, stride 11, padding 12, dilation 13, output_size 14); dgrad (dy, values, index, in_channels 8,
+# input_size 9, geometry 10-13); wgrad (dy, x, index, block_size 8, geometry 9-12); grad scores (dy, x,
+# block_size 2, geometry 3-6). Each must raise before anything is read or launched.
+CUDA_ERRORS = {
+    "conv-x-float64": lambda p: (*_conv(p, at_0=p.x.double()), "float64"),
+    "conv-x-3d": lambda p: (*_conv(p, at_0=p.x[0]), "x must be 4-D NHWC"),
+    "conv-x-on-cpu": lambda p: (*_conv(p, at_0=p.x.cpu()), "x must be a CUDA tensor"),
+    "conv-x-channels-not-the-layouts": lambda p: (*_conv(p, at_0=p.x[..., :16]), "col_ptr must have"),
+    "conv-values-float16": lambda p: (*_conv(p, at_1=p.values.half()), "values has dtype"),
+    "conv-out_channels-0": lambda p: (*_conv(p, at_8=0), "out_channels must be positive"),
+    "conv-bias-short": lambda p: (*_conv(p, at_9=p.bias[:-1]), "bias must have shape"),
+    "conv-kernel_size-one-entry": lambda p: (*_conv(p, at_10=[3]), "must each have 2 entries"),
+    "conv-stride-0": lambda p: (*_conv(p, at_11=[0, 1]), "stride must be positive"),
+    "conv-padding-three-entries": lambda p: (*_conv(p, at_12=[1, 1, 1]), "must each have 2 entries"),
+    "conv-padding-negative": lambda p: (*_conv(p, at_12=[-1, 1]), "padding must be non-negative"),
+    "conv-dilation-70000": lambda p: (*_conv(p, at_13=[70000, 1]), "under 65536"),
+    "conv-output_size-one-entry": lambda p: (*_conv(p, at_14=[9]), "output_size must be two positive sizes"),
+    "conv-output_size-too-many-pixels": lambda p: (*_conv(p, at_14=[2 ** 20, 2 ** 20]), "fewer than 2^31 pixels"),
+    "dgrad-dy-float64": lambda p: (*_dgrad(p, at_0=p.dy.double()), "float64"),
+    "dgrad-dy-channels-not-the-layouts": lambda p: (*_dgrad(p, at_0=p.dy[..., :8]), "row_ptr must have"),
+    "dgrad-values-on-cpu": lambda p: (*_dgrad(p, at_1=p.values.cpu()), "values is on cpu"),
+    "dgrad-in_channels-0": lambda p: (*_dgrad(p, at_8=0), "in_channels must be positive"),
+    "dgrad-in_channels-huge": lambda p: (*_dgrad(p, at_8=2 ** 62), "kh*kw*in_channels < 2^31"),
+    "dgrad-input_size-one-entry": lambda p: (*_dgrad(p, at_9=[9]), "input_size must be two positive sizes"),
+    "dgrad-stride-one-entry": lambda p: (*_dgrad(p, at_11=[1]), "must each have 2 entries"),
+    "wgrad-block_size-24": lambda p: (*_wgrad(p, at_8=24), "block_size must be"),
+    "wgrad-x-on-cpu": lambda p: (*_wgrad(p, at_1=p.x.cpu()), "x must be a CUDA tensor"),
+    "wgrad-x-float16": lambda p: (*_wgrad(p, at_1=p.x.half()), "x has dtype"),
+    "wgrad-x-batch": lambda p: (*_wgrad(p, at_1=p.x[:1]), "dy has batch 2 but x has 1"),
+    "wgrad-dilation-one-entry": lambda p: (*_wgrad(p, at_12=[1]), "must each have 2 entries"),
+    "scores-dy-batch": lambda p: (*_scores(p, at_0=p.dy[:1]), "dy has batch 1 but x has 2"),
+    "scores-dy-3d": lambda p: (*_scores(p, at_0=p.dy[0]), "dy must be 4-D NHWC"),
+    "scores-block_size-0": lambda p: (*_scores(p, at_2=0), "block_size must be"),
+    "scores-kernel_size-0": lambda p: (*_scores(p, at_3=[0, 3]), "kernel_size must be positive"),
+}

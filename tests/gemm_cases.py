@@ -89,3 +89,75 @@ def sddmm_args(shape, bs, density, dtype, seed, device="cpu", **layout_kw):
     dy = randn(m, n, seed=seed + 2, dtype=dtype, device=device)
     x = randn(m, k, seed=seed + 3, dtype=dtype, device=device)
     return layout, (dy, x, *layout.index_tensors(), bs)
+
+
+def error_problem(device="cpu"):
+    """The valid arguments the CUDA glue's error cases (CUDA_ERRORS) start from: x [20, 30], dy [20, 40], the layout
+    of W [40, 30] at block 16 (a 3 x 2 grid, half of it stored), its values and a bias."""
+    layout, args = linear_args((20, 40, 30), 16, 0.5, torch.float32, seed=19, device=device)
+    dy = randn(20, 40, seed=25, dtype=torch.float32, device=device)
+    return dict(x=args[0], dy=dy, values=args[1], index=list(args[2:8]), bias=args[9], n=40, k=30)
+
+
+def _replace(items, at, value):
+    items = list(items)
+    items[at] = value
+    return items
+
+
+def _linear(p, **bad):
+    """bsr_linear's arguments with some replaced (x, values, index: a {position: tensor} dict, n, bias)."""
+    index = p["index"]
+    for at, tensor in bad.pop("index", {}).items():
+        index = _replace(index, at, tensor)
+    q = {**p, **bad}
+    return (q["x"], q["values"], *index, q["n"], q["bias"])
+
+
+def _dx(p, **bad):
+    q = {**p, **bad}
+    return (q["dy"], q["values"], *q["index"], q["k"])
+
+
+def _sddmm(p, bs=16, **bad):
+    q = {**p, **bad}
+    return (q["dy"], q["x"], *q["index"], bs)
+
+
+# One bad argument per call of a native CUDA GEMM op: {id: p -> (op, args, a fragment of the error message)}, p
+# from error_problem. Each must raise before anything is read or launched (tests/test_cuda_kernels.py runs them on
+# the GPU, and on fake CUDA tensors without one).
+CUDA_ERRORS = {
+    "linear-x-float64": lambda p: ("bsr_linear", _linear(p, x=p["x"].double()), "float64"),
+    "linear-x-on-cpu": lambda p: ("bsr_linear", _linear(p, x=p["x"].cpu()), "x must be a CUDA tensor"),
+    "linear-x-1d": lambda p: ("bsr_linear", _linear(p, x=p["x"][0]), "x must be 2-D"),
+    "linear-values-float16": lambda p: ("bsr_linear", _linear(p, values=p["values"].half()), "values has dtype"),
+    "linear-values-2d": lambda p: ("bsr_linear", _linear(p, values=p["values"][0]), "values must be 3-D"),
+    "linear-values-on-cpu": lambda p: ("bsr_linear", _linear(p, values=p["values"].cpu()), "values is on cpu"),
+    "linear-values-block-24": lambda p: ("bsr_linear", _linear(p, values=p["values"][:, :12, :12].repeat(1, 2, 2)),
+                                         "values must be [nnz, bs, bs]"),
+    "linear-row_ptr-int64": lambda p: ("bsr_linear", _linear(p, index={0: p["index"][0].long()}),
+                                       "row_ptr must be int32"),
+    "linear-col_idx-on-cpu": lambda p: ("bsr_linear", _linear(p, index={1: p["index"][1].cpu()}),
+                                        "col_idx is on cpu"),
+    "linear-perm-2d": lambda p: ("bsr_linear", _linear(p, index={5: p["index"][5].view(1, -1)}), "perm must be 1-D"),
+    "linear-out_features-not-the-layouts": lambda p: ("bsr_linear", _linear(p, n=80, bias=None), "row_ptr must have"),
+    "linear-out_features-0": lambda p: ("bsr_linear", _linear(p, n=0), "out_features must be"),
+    "linear-out_features-huge": lambda p: ("bsr_linear", _linear(p, n=2 ** 40, bias=None),
+                                          "out_features must be in [1, 2^31)"),
+    "linear-bias-short": lambda p: ("bsr_linear", _linear(p, bias=p["bias"][:-1]), "bias must have shape"),
+    "linear-bias-float16": lambda p: ("bsr_linear", _linear(p, bias=p["bias"].half()), "bias has dtype"),
+    "dx-dy-float64": lambda p: ("bsr_linear_dx", _dx(p, dy=p["dy"].double()), "float64"),
+    "dx-dy-on-cpu": lambda p: ("bsr_linear_dx", _dx(p, dy=p["dy"].cpu()), "dy must be a CUDA tensor"),
+    "dx-dy-features-not-the-layouts": lambda p: ("bsr_linear_dx", _dx(p, dy=p["x"]), "row_ptr must have"),
+    "dx-in_features-not-the-layouts": lambda p: ("bsr_linear_dx", _dx(p, k=60), "col_ptr must have"),
+    "dx-in_features-0": lambda p: ("bsr_linear_dx", _dx(p, k=0), "in_features must be"),
+    "sddmm-dy-rows": lambda p: ("bsr_sddmm", _sddmm(p, dy=p["dy"][:5]), "dy has 5 rows but x has 20"),
+    "sddmm-x-float16": lambda p: ("bsr_sddmm", _sddmm(p, x=p["x"].half()), "x has dtype"),
+    "sddmm-x-on-cpu": lambda p: ("bsr_sddmm", _sddmm(p, x=p["x"].cpu()), "x must be a CUDA tensor"),
+    "sddmm-block_size-24": lambda p: ("bsr_sddmm", _sddmm(p, bs=24), "block_size must be"),
+    "sddmm-block_size-not-the-layouts": lambda p: ("bsr_sddmm", _sddmm(p, bs=32), "row_ptr must have"),
+    "scores-float64": lambda p: ("block_grad_scores", (p["dy"].double(), p["x"].double(), 16), "float64"),
+    "scores-dy-3d": lambda p: ("block_grad_scores", (p["dy"][None], p["x"], 16), "dy must be 2-D"),
+    "scores-x-rows": lambda p: ("block_grad_scores", (p["dy"], p["x"][:5], 16), "dy has 20 rows but x has 5"),
+}

@@ -9,6 +9,7 @@ channel counts that are not multiples of the block or of the 16-byte chunk), eve
 density 0 and 1, empty block-rows and block-columns, and ResNet-sized layers.
 """
 import functools
+import re
 
 import pytest
 import torch
@@ -40,9 +41,9 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32_oracles(monkeypatch):
+def exact_fp32_oracles(monkeypatch, matmul_flags):
     """The reference's fp32 GEMMs (the error yardstick) must not run in TF32: the kernels' fp32 path is FFMA."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_flags("allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
@@ -118,25 +119,43 @@ def test_non_contiguous_inputs():
                            out=native.bsr_conv2d_dgrad(wide, *dargs[1:]))
 
 
-def test_errors_name_the_tensor():
-    problem = Conv(**CASES["3x3_s1_p1"], seed=4)
-    args = problem.args("bsr_conv2d")
-    with pytest.raises(RuntimeError, match="float64"):
-        native.bsr_conv2d(*problem.args("bsr_conv2d", torch.float64))
-    with pytest.raises(RuntimeError, match="x must be 4-D NHWC"):
-        native.bsr_conv2d(args[0][0], *args[1:])
-    with pytest.raises(RuntimeError, match="col_ptr must have"):
-        native.bsr_conv2d(args[0][..., :16], *args[1:])
-    with pytest.raises(RuntimeError, match="stride must be positive"):
-        native.bsr_conv2d(*args[:11], [0, 1], *args[12:])
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        native.bsr_conv2d(args[0].cpu(), *args[1:])
-    with pytest.raises(RuntimeError, match="row_ptr must have"):
-        native.bsr_conv2d_dgrad(problem.dy[..., :8], *problem.args("bsr_conv2d_dgrad")[1:])
-    with pytest.raises(RuntimeError, match="batch"):
-        native.bsr_conv2d_grad_scores(problem.dy[:1], problem.x, 16, *problem.geometry)
-    with pytest.raises(RuntimeError, match="block_size"):
-        native.bsr_conv2d_wgrad(problem.dy, problem.x, *problem.index, 24, *problem.geometry)
+@pytest.mark.parametrize("case", list(conv_cases.CUDA_ERRORS))
+def test_errors_name_the_tensor(case):
+    """One bad argument per case (a crash names its case): the op raises a message naming it."""
+    op, args, message = conv_cases.CUDA_ERRORS[case](conv_cases.error_problem("cuda"))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        getattr(native, op)(*args)
+
+
+# ResNet-50's first bottleneck 1x1 convolution at training size: batch 128, 56x56, 64 -> 64 channels, block 32, bf16.
+# At 90% sparsity its 2 x 2 block grid keeps round(0.4) = 0 blocks; its input gradient failed on the H200.
+RESNET50_1X1 = dict(batch=128, size=(56, 56), cin=64, cout=64, kernel=1, bs=32, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("blocks", [0, 1], ids=["no-blocks", "one-block"])
+def test_resnet50_first_bottleneck_dgrad(blocks):
+    """The convolution kernels' input gradient (and the other three ops) at that size."""
+    layout_kw = dict(density=1.0, empty_rows=(1,), empty_cols=(1,)) if blocks else dict(density=0.0)
+    problem = Conv(**RESNET50_1X1, seed=40, **layout_kw)
+    assert problem.layout.nnz_blocks == blocks
+    check_all_ops(problem)
+    if blocks == 0:
+        assert torch.count_nonzero(native.bsr_conv2d_dgrad(*problem.args("bsr_conv2d_dgrad"))) == 0
+
+
+def test_resnet50_first_bottleneck_through_the_layer(backend_env):
+    """SparseConv2d's forward and backward at that size with SPARSEKERN_BACKEND=cuda, as the benchmark ran it:
+    the 1x1 stride-1 layer's dX is bsr_linear_dx over the [B*H*W, C] pixels, with a layout of no blocks."""
+    backend_env("cuda")
+    torch.manual_seed(0)
+    layer = sk.SparseConv2d(64, 64, 1, bias=False, sparsity=0.9, block_size=32).to("cuda", torch.bfloat16)
+    assert layer.layout.nnz_blocks == 0
+    x = randn(128, 64, 56, 56, seed=42, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    assert ops.select_backend("bsr_linear_dx", x.device, x.dtype) == "cuda"
+    x.requires_grad_()
+    y = layer(x)
+    y.backward(randn(*y.shape, seed=43, dtype=torch.bfloat16))
+    assert torch.count_nonzero(y) == 0 and torch.count_nonzero(x.grad) == 0
 
 
 @pytest.mark.parametrize("name", ["3x3_s2_cin20", "stem", "1x1_s2"])

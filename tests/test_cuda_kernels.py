@@ -1,8 +1,8 @@
-"""The hand-written CUDA backend (csrc/cuda): registration and dispatch everywhere, and on a GPU every GEMM op
-against sparsekern.reference.
+"""The hand-written CUDA backend (csrc/cuda): registration, dispatch and the glue's argument checks everywhere, and
+on a GPU every GEMM op against sparsekern.reference.
 
-Without a GPU (CI) only the registration and dispatch tests run: the extension is compiled with CUDA there.
-The `cuda`-marked tests need a GPU. Tolerance is design §6's rule (flash-attention's): the kernel's error against
+Without a GPU (CI) the registration and dispatch tests run (the extension is compiled with CUDA there), and every
+bad-argument case of the CUDA glue on fake CUDA tensors. The `cuda`-marked tests need a GPU. Tolerance is design §6's rule (flash-attention's): the kernel's error against
 a float64 reference may be at most twice the error of the same computation done by plain PyTorch in the kernel's
 precision, plus one ulp of the result's magnitude. Shapes cover the kernels' two load paths: odd feature counts
 (element-by-element copies) and multiples of 8 (16-byte cp.async copies), none a multiple of the block size,
@@ -10,8 +10,10 @@ M not a multiple of the 128-row tile; and every block size, fp16/bf16/fp32, dens
 block-rows and block-columns. Then compute-sanitizer (memcheck, racecheck) over small cases of every kernel
 (tests/cuda_sanitizer_cases.py).
 """
+import copy
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsekern as sk
 from sparsekern import _native, ops
 
+import conv_cases
 import gemm_cases
 from conftest import assert_layer_matches_reference
 
@@ -66,6 +70,46 @@ def test_forced_cuda_backend_routes_to_the_kernels(op, backend_env):
     assert ops.select_backend(op, device, torch.float64) == "reference"
     assert not _native.has_kernel(f"native_{op}", "cuda", torch.float64)
     assert _native.has_kernel(f"native_{op}", "cpu", torch.float64)
+
+
+# The bad-argument cases of the CUDA glue (tests/gemm_cases.py and tests/conv_cases.py, CUDA_ERRORS): each raises
+# its own message from the op's checks, before any data is read, any device is queried or any kernel launched.
+ERROR_CASES = {**{f"gemm:{case}": (gemm_cases.CUDA_ERRORS[case], gemm_cases.error_problem)
+                  for case in gemm_cases.CUDA_ERRORS},
+               **{f"conv:{case}": (conv_cases.CUDA_ERRORS[case], conv_cases.error_problem)
+                  for case in conv_cases.CUDA_ERRORS}}
+
+
+def _fake_cuda(problem, mode):
+    """A copy of an error problem (a dict, or a conv_cases.Conv) whose tensors are fake CUDA tensors of `mode`:
+    shapes, dtypes and a device, no memory."""
+    def fake(t):
+        return mode.from_tensor(t).to("cuda") if isinstance(t, torch.Tensor) else t
+
+    with mode:
+        if isinstance(problem, dict):
+            return {k: [fake(t) for t in v] if isinstance(v, list) else fake(v) for k, v in problem.items()}
+        fake_problem = copy.copy(problem)
+        for name in ("x", "dy", "values", "bias"):
+            setattr(fake_problem, name, fake(getattr(problem, name)))
+        fake_problem.index = tuple(fake(t) for t in problem.index)
+        return fake_problem
+
+
+@built_with_cuda
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_glue_checks_come_first(case):
+    """Every bad-argument case through the CUDA kernel's glue, on fake CUDA tensors (no GPU needed): it must raise
+    its own message. A glue that read data, queried the device or made a guard before that check would fail here
+    (no GPU, no memory behind the tensors) with another error; on a GPU it could crash instead."""
+    build, make_problem = ERROR_CASES[case]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    problem = _fake_cuda(make_problem(), mode)
+    with mode:
+        op, args, message = build(problem)
+    cuda_kernel = getattr(torch.ops.sparsekern, f"native_{op}").default
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        cuda_kernel.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,23 +236,25 @@ class TestOnGpu:
         scores = native("block_grad_scores")(args[0], args[1], 16)
         assert scores.shape == (3, 2) and torch.count_nonzero(scores) == 0
 
-    def test_errors_name_the_tensor(self):
-        layout, args = linear_args((20, 40, 30), 16, 0.5, torch.float32, seed=19)
-        x, values = args[0], args[1]
-        with pytest.raises(RuntimeError, match="float64"):
-            native("bsr_linear")(*gemm_cases.as_float64(args))
-        with pytest.raises(RuntimeError, match="float64"):
-            native("block_grad_scores")(x.double(), x.double(), 16)
-        with pytest.raises(RuntimeError, match="values has dtype"):
-            native("bsr_linear")(x, values.half(), *args[2:])
-        with pytest.raises(RuntimeError, match="row_ptr must be int32"):
-            native("bsr_linear")(x, values, layout.row_ptr.long(), *args[3:])
-        with pytest.raises(RuntimeError, match="row_ptr must have"):
-            native("bsr_linear")(x, values, *layout.index_tensors(), 80, None)
-        with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-            native("bsr_linear")(x.cpu(), values, *args[2:])
-        with pytest.raises(RuntimeError, match="rows"):
-            native("bsr_sddmm")(x[:5], x, *layout.index_tensors(), 16)
+    @pytest.mark.parametrize("case", list(gemm_cases.CUDA_ERRORS))
+    def test_errors_name_the_tensor(self, case):
+        """One bad argument per case (a crash names its case): the op raises a message naming it."""
+        op, args, message = gemm_cases.CUDA_ERRORS[case](gemm_cases.error_problem("cuda"))
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            native(op)(*args)
+
+    @pytest.mark.parametrize("blocks", [0, 1], ids=["no-blocks", "one-block"])
+    def test_resnet50_first_bottleneck_dx(self, blocks):
+        """dX of ResNet-50's first bottleneck 1x1 convolution at training size, as SparseConv2d runs it (a 1x1
+        stride-1 convolution is bsr_linear_dx on the [B*H*W, C] pixels): M = 128*56*56 rows, 64 -> 64 channels,
+        block 32, bf16. At 90% sparsity its 2 x 2 block grid keeps round(0.4) = 0 blocks, and the empty layout's
+        perm (a zero-byte tensor, null data pointer) made the launcher refuse the call on the H200."""
+        layout_kw = dict(empty_rows=(1,), empty_cols=(1,)) if blocks else {}
+        layout, args = dx_args((128 * 56 * 56, 64, 64), 32, float(blocks), torch.bfloat16, seed=26, **layout_kw)
+        assert layout.nnz_blocks == blocks
+        dx = assert_close_to_reference("bsr_linear_dx", args)
+        if blocks == 0:
+            assert torch.count_nonzero(dx) == 0
 
     def test_sparse_linear_through_the_public_path(self, backend_env):
         """SparseLinear forward and backward with SPARSEKERN_BACKEND=cuda match the reference backend."""

@@ -5,6 +5,7 @@
 // allocated. float16 and bfloat16 run on tensor cores with fp32 accumulation, float32 on FFMA; everything runs on
 // the current stream with no host synchronisation.
 #include <cstdint>
+#include <initializer_list>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,8 +28,22 @@ void check_image(const Tensor& t, const char* name) {
   gemm_type(t, name);
 }
 
-// The kernels' view of the convolution, checked. They compute pixel and im2col indices in int32 (offsets into the
-// images in int64), with room for a tile hanging over the end.
+// Whether the product of non-negative factors is below `limit`, without overflowing on the way (the sizes may be
+// anything a caller passed).
+bool product_below(int64_t limit, std::initializer_list<int64_t> factors) {
+  for (const int64_t f : factors)
+    if (f == 0) return true;
+  int64_t product = 1;
+  for (const int64_t f : factors) {
+    if (product > (limit - 1) / f) return false;
+    product *= f;
+  }
+  return true;
+}
+
+// The kernels' view of the convolution, checked (every size non-negative: tensor sizes, or checked positive). They
+// compute pixel and im2col indices in int32 (offsets into the images in int64), with room for a tile hanging over
+// the end. The geometry's four pairs are read only after check_conv_geometry proved they have two entries.
 cuda::ConvShape conv_shape(int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_h,
                            int64_t out_w, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                            at::IntArrayRef dilation) {
@@ -38,8 +53,8 @@ cuda::ConvShape conv_shape(int64_t batch, int64_t height, int64_t width, int64_t
   for (const auto& pair : {kernel_size, stride, padding, dilation})
     TORCH_CHECK(pair[0] < kGeometryLimit && pair[1] < kGeometryLimit,
                 "kernel_size, stride, padding and dilation must be under 65536, got ", pair);
-  TORCH_CHECK(batch * out_h * out_w < kIndexLimit && batch * height * width < kIndexLimit &&
-                  kernel_size[0] * kernel_size[1] * channels < kIndexLimit,
+  TORCH_CHECK(product_below(kIndexLimit, {batch, out_h, out_w}) && product_below(kIndexLimit, {batch, height, width}) &&
+                  product_below(kIndexLimit, {kernel_size[0], kernel_size[1], channels}),
               "the CUDA convolution kernels take fewer than 2^31 pixels per image batch and kh*kw*in_channels < 2^31");
   const auto narrow = [](int64_t v) { return static_cast<int>(v); };
   return {batch,
@@ -114,7 +129,8 @@ Tensor bsr_conv2d_cuda(const Tensor& x_in, const Tensor& values_in, const Tensor
   args.out_cols = N;
   args.n_lines = cdiv(N, bs);
   args.conv = &shape;
-  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_conv2d");
+  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_conv2d",
+               {args.type, M, N, K, bs, values.size(0)});
   return y;
 }
 
@@ -152,7 +168,8 @@ Tensor bsr_conv2d_dgrad_cuda(const Tensor& dy_in, const Tensor& values_in, const
   args.perm = perm.data_ptr<int32_t>();
   args.out_channels = N;
   args.shape = shape;
-  check_launch(cuda::bsr_conv2d_dgrad(args, current_stream()), "native_bsr_conv2d_dgrad");
+  check_launch(cuda::bsr_conv2d_dgrad(args, current_stream()), "native_bsr_conv2d_dgrad",
+               {args.type, M, N, K, bs, values.size(0)});
   return dx;
 }
 

@@ -45,8 +45,8 @@ struct DgradLayout : GemmLayout<T, BS, true> {
   static constexpr int kRowsOffset = GemmLayout<T, BS, true>::kSmemBytes;  // 16-byte multiple
   static constexpr int kSmemBytes = kRowsOffset + GemmLayout<T, BS, true>::BM * static_cast<int>(sizeof(PixelRow));
   static_assert(kRowsOffset % 16 == 0, "the pixel table must start 16-byte aligned");
-  // fp32 with 128-wide blocks: 64 accumulators per thread plus the walk's cursor do not fit the 128 registers that
-  // two CTAs per SM would leave, and ptxas would spill; one CTA per SM instead.
+  // fp32 with 128-wide blocks: FmaMath's two sets of 64 accumulators plus the walk's cursor do not fit the 128
+  // registers that two CTAs per SM would leave, and ptxas would spill; one CTA per SM instead.
   static constexpr int kMinBlocks = sizeof(T) == 4 && BS == 128 ? 1 : ctas_per_sm(kSmemBytes);
 };
 
@@ -193,7 +193,7 @@ conv_dgrad_kernel(const DgradParams<T> p) {
 }
 
 template <typename T, int BS>
-cudaError_t launch(const ConvDgradArgs& a, cudaStream_t stream) {
+LaunchStatus launch(const ConvDgradArgs& a, cudaStream_t stream) {
   using L = DgradLayout<T, BS>;
   constexpr int kVec = kVecBytes / sizeof(T);
   const ConvShape& s = a.shape;
@@ -227,20 +227,18 @@ cudaError_t launch(const ConvDgradArgs& a, cudaStream_t stream) {
   p.tiles_per_phase = static_cast<int>(tiles_per_phase);
   p.dy_vec = aligned16(a.dy) && a.out_channels % kVec == 0;
 
+  // (channel chunk, pixel tile, phase) all in grid.x: in y or z they would be capped at 65535.
   const int64_t ctas = p.n_chunks * tiles_per_phase * s.stride_h * s.stride_w;
-  if (ctas == 0) return cudaSuccess;
+  if (ctas == 0) return LaunchStatus{};
   // Pixel indices of the last tile (past the image included) must stay int32.
-  if (ctas > INT32_MAX || tiles_per_phase * L::BM > INT32_MAX) return cudaErrorInvalidConfiguration;
-  const auto kernel = conv_dgrad_kernel<T, BS>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(ctas), L::kThreads, L::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  if (ctas > INT32_MAX || tiles_per_phase * L::BM > INT32_MAX) return LaunchStatus{cudaErrorInvalidConfiguration};
+  return launch_kernel(conv_dgrad_kernel<T, BS>, dim3(static_cast<unsigned>(ctas)), L::kThreads, L::kSmemBytes,
+                       stream, p);
 }
 
 }  // namespace
 
-cudaError_t bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream) {
+LaunchStatus bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream) {
   return dispatch_kernel(args.type, args.block_size, [&](auto type, auto block_size) {
     return launch<typename decltype(type)::type, decltype(block_size)::value>(args, stream);
   });

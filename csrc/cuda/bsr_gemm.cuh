@@ -5,10 +5,11 @@
 // W [N, K] is block-sparse: values [nnz, bs, bs] (row-major blocks, block i at block-row coo_row[i], block-column
 // col_idx[i], in block-CSR order) plus the transposed index (col_ptr, row_idx, perm: CSC position -> CSR block).
 // Blocks past N or K are partly padding; padding entries of `values` are never used. Every pointer is a device
-// pointer (`values` 16-byte aligned, so that blocks load in 16-byte copies); every function only enqueues work on
-// `stream` (no host synchronisation) and returns the first error.
+// pointer (`values` 16-byte aligned, so that blocks load in 16-byte copies); the pointers of empty tensors may be
+// null (a layout with no blocks: torch gives a zero-byte allocation no address), and nothing is read through them.
+// Every function only enqueues work on `stream` (no host synchronisation) and returns a LaunchStatus.
 // Element types: float16, bfloat16 (tensor cores, fp32 accumulation) and float32 (FFMA); block sizes 16, 32,
-// 64, 128; anything else returns cudaErrorInvalidValue.
+// 64, 128; anything else is refused with cudaErrorInvalidValue.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +20,17 @@
 
 namespace sparsekern {
 namespace cuda {
+
+// What a launcher did, for the glue's error message: the first error (cudaSuccess if none) and the configuration
+// of the launch that gave it, or launched = false when the launcher refused the arguments before launching.
+// cudaErrorInvalidValue from a launch does not mean a bad argument: a grid dimension over its limit or too much
+// dynamic shared memory give it too.
+struct LaunchStatus {
+  cudaError_t error = cudaSuccess;
+  bool launched = false;
+  dim3 grid, block;
+  int smem_bytes = 0;
+};
 
 // A convolution (groups = 1) of an NHWC image x [batch, height, width, channels] with a filter matrix
 // [out_channels, kernel_h * kernel_w * channels] (K ordered (kh, kw, c)) giving y [batch, out_h, out_w, N]; zero
@@ -47,12 +59,12 @@ struct BsrGemmArgs {
   void* out;
   const int32_t* line_ptr;  // [n_lines + 1]
   const int32_t* line_idx;  // [nnz]
-  const int32_t* perm;      // [nnz] (transposed) or null
+  const int32_t* perm;      // [nnz] (transposed; read only then)
   int64_t M, a_cols, out_cols, n_lines;
   const ConvShape* conv;  // or null
 };
 
-cudaError_t bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream);
+LaunchStatus bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream);
 
 // The operands of the weight-gradient GEMMs (dYᵀX [N, K], reduced over M): dy [M, N] with row stride ld_dy, and
 // x a plain [M, K] matrix with row stride ld_x, or (conv != null) the NHWC image whose implicit im2col is X
@@ -90,7 +102,7 @@ struct SddmmPlan {
 // of at least 256 rows). Requires M > 0.
 SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count);
 
-cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream);
+LaunchStatus bsr_sddmm(const SddmmArgs& args, cudaStream_t stream);
 
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = Frobenius norm of every block of the dense dYᵀX, computed tile by tile
 // in registers; the dense gradient never reaches memory. Requires M > 0.
@@ -99,7 +111,7 @@ struct BlockScoresArgs {
   float* scores;
 };
 
-cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream);
+LaunchStatus block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream);
 
 // The convolution's input gradient dx [batch, height, width, channels] from dy [batch, out_h, out_w, N] (both NHWC,
 // contiguous) and the filter walked through its transposed index (col_ptr, row_idx, perm, as in BsrGemmArgs).
@@ -117,7 +129,7 @@ struct ConvDgradArgs {
   ConvShape shape;
 };
 
-cudaError_t bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream);
+LaunchStatus bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sparsekern

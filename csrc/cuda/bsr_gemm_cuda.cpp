@@ -27,7 +27,7 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
                        int64_t out_features, const c10::optional<Tensor>& bias) {
   check_operand(x, "x");
   const int64_t bs = check_values(values, x, "x");
-  TORCH_CHECK(out_features > 0, "out_features must be positive, got ", out_features);
+  TORCH_CHECK(out_features > 0 && out_features <= INT32_MAX, "out_features must be in [1, 2^31), got ", out_features);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must have shape (", out_features, ",), got ",
                 bias->sizes());
@@ -60,7 +60,8 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   args.a_cols = K;
   args.out_cols = N;
   args.n_lines = n_block_rows;
-  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_linear");
+  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_linear",
+               {args.type, M, N, K, bs, values.size(0)});
   return y;
 }
 
@@ -69,7 +70,7 @@ Tensor bsr_linear_dx_cuda(const Tensor& dy, const Tensor& values, const Tensor& 
                           int64_t in_features) {
   check_operand(dy, "dy");
   const int64_t bs = check_values(values, dy, "dy");
-  TORCH_CHECK(in_features > 0, "in_features must be positive, got ", in_features);
+  TORCH_CHECK(in_features > 0 && in_features <= INT32_MAX, "in_features must be in [1, 2^31), got ", in_features);
   const int64_t M = dy.size(0), N = dy.size(1), K = in_features;
   const int64_t n_block_cols = cdiv(K, bs);
   check_layout(row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, cdiv(N, bs), n_block_cols, values.size(0), dy);
@@ -91,12 +92,13 @@ Tensor bsr_linear_dx_cuda(const Tensor& dy, const Tensor& values, const Tensor& 
   args.out = dx.data_ptr();
   args.line_ptr = col_ptr.data_ptr<int32_t>();
   args.line_idx = row_idx.data_ptr<int32_t>();
-  args.perm = perm.data_ptr<int32_t>();
+  args.perm = perm.data_ptr<int32_t>();  // null without blocks (a zero-byte allocation): then never read
   args.M = M;
   args.a_cols = N;
   args.out_cols = K;
   args.n_lines = n_block_cols;
-  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_linear_dx");
+  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_linear_dx",
+               {args.type, M, N, K, bs, values.size(0)});
   return dx;
 }
 

@@ -52,7 +52,9 @@ struct GemmLayout : GemmConfig<T, BS, TRANS> {
       imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * Cfg::BM * LDT * static_cast<int>(sizeof(float)));
   static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
   static_assert(BS % Cfg::KS == 0, "slices must cover the block");
-  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
+  // fp32 with 128-wide blocks: FmaMath's two sets of 64 accumulators take ~200 registers, more than the 128 that
+  // two CTAs of 256 threads leave (ptxas spilled): one CTA per SM.
+  static constexpr int kMinBlocks = sizeof(T) == 4 && BS == 128 ? 1 : ctas_per_sm(kSmemBytes);
 };
 
 }  // namespace tiles

@@ -104,7 +104,7 @@ bsr_gemm_kernel(const GemmParams<T, ASrc> p) {
 }
 
 template <typename T, int BS, bool TRANS, class ASrc>
-cudaError_t launch(const BsrGemmArgs& a, const ASrc& source, cudaStream_t stream) {
+LaunchStatus launch(const BsrGemmArgs& a, const ASrc& source, cudaStream_t stream) {
   using L = GemmLayout<T, BS, TRANS>;
   GemmParams<T, ASrc> p;
   p.a = source;
@@ -119,21 +119,19 @@ cudaError_t launch(const BsrGemmArgs& a, const ASrc& source, cudaStream_t stream
   p.out_cols = a.out_cols;
   p.n_lines = a.n_lines;
 
+  // One CTA per (M-tile, line), all in grid.x: M-tiles in y would cap M at 65535 tiles.
   const int64_t ctas = cdiv(a.M, L::BM) * a.n_lines;
-  if (ctas == 0) return cudaSuccess;
-  if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
-  const auto kernel = bsr_gemm_kernel<T, BS, TRANS, ASrc>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(ctas), L::kThreads, L::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  if (ctas == 0) return LaunchStatus{};
+  if (ctas > INT32_MAX) return LaunchStatus{cudaErrorInvalidConfiguration};
+  return launch_kernel(bsr_gemm_kernel<T, BS, TRANS, ASrc>, dim3(static_cast<unsigned>(ctas)), L::kThreads,
+                       L::kSmemBytes, stream, p);
 }
 
 // The dense operand: a plain matrix, or (forward convolution) the image's implicit im2col.
 template <typename T, int BS, bool TRANS>
-cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
+LaunchStatus launch(const BsrGemmArgs& a, cudaStream_t stream) {
   if (a.conv != nullptr) {
-    if (TRANS) return cudaErrorInvalidValue;  // the convolution's input gradient is bsr_conv2d_dgrad
+    if (TRANS) return LaunchStatus{cudaErrorInvalidValue};  // the convolution's input gradient is bsr_conv2d_dgrad
     return launch<T, BS, false>(a, im2col_rows<T>(a.a, *a.conv), stream);
   }
   return launch<T, BS, TRANS>(a, dense_rows<T>(a.a, a.lda, a.a_cols), stream);
@@ -141,8 +139,9 @@ cudaError_t launch(const BsrGemmArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream) {
-  if (args.transposed == (args.perm == nullptr)) return cudaErrorInvalidValue;
+// perm may be null even when transposed: a layout without blocks has an empty (address-less) perm, and its lines
+// are all empty, so nothing reads it.
+LaunchStatus bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream) {
   return dispatch_kernel(args.type, args.block_size, [&](auto type, auto block_size) {
     using T = typename decltype(type)::type;
     constexpr int BS = decltype(block_size)::value;

@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include "bsr_gemm.cuh"
 #include "element_type.cuh"
 
 namespace sparsekern {
@@ -32,6 +33,7 @@ constexpr int kVecBytes = 16;  // one cp.async: 16 bytes
 
 __host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 // Division of non-negative int32 values by a divisor fixed at launch, as a multiply-high and a shift
 // (Granlund-Montgomery): the im2col address of every 16-byte chunk takes four divisions by image sizes, which a
@@ -161,6 +163,30 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// d = a (16x16) b (16x8) alone (C = 0): the tile's products summed and rounded on their own.
+template <typename T>
+__device__ __forceinline__ void mma_16816_alone(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816_alone<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816_alone<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                               uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile copies into shared memory [ROWS][LDS]: the CTA's threads split a tile into 16-byte chunks (consecutive
 // threads on consecutive chunks of a row: coalesced reads), or into elements on the element-by-element paths.
@@ -279,7 +305,13 @@ __device__ __forceinline__ void run_pipeline(int n_steps, Load&& load, Compute&&
 // c0,c1 (row g, col 2t..2t+1), c2,c3 (row g+8). ldmatrix hands thread `lane` the pair (row lane/4, cols
 // 2(lane%4)..+1) of each 8x8 matrix as stored, or (rows 2(lane%4)..+1, col lane/4) with .trans; so a matrix
 // stored [row][red] (or [col][red]) is read plainly and one stored [red][row] (or [red][col]) with .trans.
-template <typename T, int MT, int NT, bool A_TRANS, bool B_TRANS>
+//
+// NEAREST: the tensor cores add a product tile to the accumulators with truncation (rounding toward zero; Fasi et
+// al., "Numerical behavior of NVIDIA tensor cores", 2021), a bias that builds up over a long reduction: after a few
+// hundred rows the fp32 sums sit several ulps nearer zero than an FFMA GEMM's. A 16-bit output hides that, an fp32
+// one does not (block_grad_scores, whose norms average the unbiased errors away but keep a bias): there each k16
+// tile is computed alone and added to the accumulators with FADD, which rounds to nearest.
+template <typename T, int MT, int NT, bool A_TRANS, bool B_TRANS, bool NEAREST>
 struct MmaWarpTile {
   static_assert(NT % 2 == 0, "B fragments are loaded two 8-column tiles at a time");
   float acc[MT][NT][4];
@@ -329,7 +361,16 @@ struct MmaWarpTile {
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
-      for (int j = 0; j < NT; ++j) mma_16816<T>(acc[i][j], a[i], b[j][0], b[j][1]);
+      for (int j = 0; j < NT; ++j) {
+        if (NEAREST) {
+          float d[4];
+          mma_16816_alone<T>(d, a[i], b[j][0], b[j][1]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][j][e] += d[e];
+        } else {
+          mma_16816<T>(acc[i][j], a[i], b[j][0], b[j][1]);
+        }
+      }
   }
 
   __device__ __forceinline__ void store(float* c, int ldc, int row0, int col0, int lane) const {
@@ -352,7 +393,9 @@ struct MmaWarpTile {
 // The CTA's C[ROWS][COLS] with tensor cores: GROUPS groups of WARPS_R x WARPS_C warps; each group takes every
 // GROUPS-th k16 step of a stage (a split of the reduction inside the CTA, for tiles too small to give every warp
 // its own part of C) and keeps its own partial C; store() writes group g's partial at c + g * ROWS * ldc.
-template <typename T, int ROWS, int COLS, int RED, int GROUPS, int WARPS_R, int WARPS_C, bool A_TRANS, bool B_TRANS>
+// NEAREST: see MmaWarpTile.
+template <typename T, int ROWS, int COLS, int RED, int GROUPS, int WARPS_R, int WARPS_C, bool A_TRANS, bool B_TRANS,
+          bool NEAREST = false>
 struct MmaMath {
   static constexpr int kThreads = GROUPS * WARPS_R * WARPS_C * kWarp;
   static constexpr int kGroups = GROUPS;
@@ -362,7 +405,7 @@ struct MmaMath {
   static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0 && RED % 16 == 0, "tile does not split into MMAs");
   static_assert(kSteps % GROUPS == 0, "every group takes the same number of k16 steps");
 
-  MmaWarpTile<T, kWarpRows / 16, kWarpCols / 8, A_TRANS, B_TRANS> tile;
+  MmaWarpTile<T, kWarpRows / 16, kWarpCols / 8, A_TRANS, B_TRANS, NEAREST> tile;
   int row0, col0, group, lane;
 
   __device__ __forceinline__ explicit MmaMath(int tid) {
@@ -389,6 +432,11 @@ struct MmaMath {
 // columns tx + j RX (i < TM, j < TN). Each warp is 4 rows x 8 columns of the grid, so an operand read is a
 // broadcast of 4 consecutive A rows and 8 consecutive B columns: conflict-free in either storage order with the
 // padded strides. Group g takes the reduction indices red = g, g + GROUPS, ... of a stage.
+//
+// A stage's products are summed from zero in registers and then added to the running sums (two levels of
+// summation). One chain of FMAs over the whole reduction errs several times more than cuBLAS's blocked or split-K
+// order (measured by emulation on the test shapes: 3-4x at 264-576 terms), and the tests' rule allows 2x PyTorch's
+// error; two levels of ~16 terms each err as little as cuBLAS. It costs a second set of accumulators.
 template <int ROWS, int COLS, int RED, int GROUPS, int RY, int RX, bool A_TRANS, bool B_TRANS>
 struct FmaMath {
   static constexpr int kThreads = GROUPS * RY * RX;
@@ -416,6 +464,7 @@ struct FmaMath {
   }
 
   __device__ __forceinline__ void stage(const float* a_s, int lda, const float* b_s, int ldb) {
+    float part[TM][TN];
 #pragma unroll
     for (int s = 0; s < RED / GROUPS; ++s) {
       const int red = s * GROUPS + group;
@@ -427,8 +476,12 @@ struct FmaMath {
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        for (int j = 0; j < TN; ++j) part[i][j] = s == 0 ? a[i] * b[j] : fmaf(a[i], b[j], part[i][j]);
     }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] += part[i][j];
   }
 
   __device__ __forceinline__ void store(float* c, int ldc) const {
@@ -449,24 +502,40 @@ struct TypeTag {
 };
 
 // f(TypeTag<T>{}, std::integral_constant<int, BS>{}) for T in {float, __half, __nv_bfloat16} and BS in {16, 32,
-// 64, 128}; cudaErrorInvalidValue for anything else.
+// 64, 128}; refused with cudaErrorInvalidValue for anything else.
 template <class F>
-cudaError_t dispatch_kernel(ElementType type, int block_size, F&& f) {
-  const auto with_block_size = [&](auto tag) -> cudaError_t {
+LaunchStatus dispatch_kernel(ElementType type, int block_size, F&& f) {
+  const auto with_block_size = [&](auto tag) -> LaunchStatus {
     switch (block_size) {
       case 16: return f(tag, std::integral_constant<int, 16>{});
       case 32: return f(tag, std::integral_constant<int, 32>{});
       case 64: return f(tag, std::integral_constant<int, 64>{});
       case 128: return f(tag, std::integral_constant<int, 128>{});
-      default: return cudaErrorInvalidValue;
+      default: return LaunchStatus{cudaErrorInvalidValue};
     }
   };
   switch (type) {
     case ElementType::kFloat32: return with_block_size(TypeTag<float>{});
     case ElementType::kFloat16: return with_block_size(TypeTag<__half>{});
     case ElementType::kBFloat16: return with_block_size(TypeTag<__nv_bfloat16>{});
-    default: return cudaErrorInvalidValue;
+    default: return LaunchStatus{cudaErrorInvalidValue};
   }
+}
+
+// kernel<<<grid, threads, smem_bytes, stream>>>(args...), its configuration recorded for the error message. Over
+// 48 KB the dynamic shared memory must be allowed first, or the launch fails with cudaErrorInvalidValue; so does a
+// grid.y or grid.z over 65535 (grid.x goes to 2^31 - 1), which the callers avoid.
+template <class Kernel, class... Args>
+LaunchStatus launch_kernel(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                           const Args&... args) {
+  LaunchStatus status{cudaSuccess, true, grid, dim3(threads), smem_bytes};
+  if (smem_bytes > 48 * 1024) {
+    status.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (status.error != cudaSuccess) return status;
+  }
+  kernel<<<grid, threads, smem_bytes, stream>>>(args...);
+  status.error = cudaGetLastError();
+  return status;
 }
 
 // CTAs per SM that a kernel's shared memory allows on an A100 (164 KB per SM, 1 KB reserved per CTA): the

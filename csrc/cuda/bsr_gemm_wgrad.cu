@@ -21,29 +21,36 @@ using namespace tiles;
 
 // Tile shapes per element type and tile width (under 99 KB of shared memory, see bsr_gemm_linear.cu). Tiles of
 // 16 and 32 are too small for one warp per piece of C: four warps each reduce every fourth k16 step (or row)
-// of a stage into their own copy of the tile, summed in the epilogue.
-template <typename T, int TILE, bool MMA = Elem<T>::kTensorCores>
+// of a stage into their own copy of the tile, summed in the epilogue. SCORES: block_grad_scores, whose fp32
+// output shows the tensor cores' truncating accumulation (MmaWarpTile's NEAREST).
+template <typename T, int TILE, bool SCORES, bool MMA = Elem<T>::kTensorCores>
 struct WgradConfig;
 
-template <typename T, int TILE>
-struct WgradConfig<T, TILE, true> {
+// kRegisterCtas: CTAs per SM that the registers allow, where that is fewer than the shared memory allows (32: no
+// limit). ptxas spilled at the shared memory's occupancy where two sets of accumulators live: the scores' NEAREST
+// tiles (~130 registers at TILE 64: three CTAs of 128 threads, not four; ~220 at TILE 128: one CTA of 256 threads)
+// and FmaMath's two-level sums (~200 at TILE 128: one CTA).
+template <typename T, int TILE, bool SCORES>
+struct WgradConfig<T, TILE, SCORES, true> {
   static constexpr int BLOCK_M = TILE <= 32 ? 64 : 32;
   static constexpr int STAGES = 4;
   using Math = MmaMath<T, TILE, TILE, BLOCK_M, TILE <= 32 ? 4 : 1, TILE <= 32 ? 1 : 2,
-                       TILE <= 32 ? 1 : (TILE == 64 ? 2 : 4), true, true>;
+                       TILE <= 32 ? 1 : (TILE == 64 ? 2 : 4), true, true, SCORES>;
+  static constexpr int kRegisterCtas = !SCORES ? 32 : (TILE == 128 ? 1 : 3);
 };
 
-template <int TILE>
-struct WgradConfig<float, TILE, false> {
+template <int TILE, bool SCORES>
+struct WgradConfig<float, TILE, SCORES, false> {
   static constexpr int BLOCK_M = TILE <= 32 ? 32 : 16;
   static constexpr int STAGES = 4;
   using Math = FmaMath<TILE, TILE, BLOCK_M, TILE <= 32 ? 4 : 1, TILE <= 32 ? 4 : 16, TILE == 128 ? 16 : 8, true, true>;
+  static constexpr int kRegisterCtas = TILE == 128 ? 1 : 32;
 };
 
 // Per stage dY [BLOCK_M][LD] then X [BLOCK_M][LD]; after the pipeline the fp32 tile [groups][TILE][LDT].
-template <typename T, int TILE>
-struct WgradLayout : WgradConfig<T, TILE> {
-  using Cfg = WgradConfig<T, TILE>;
+template <typename T, int TILE, bool SCORES>
+struct WgradLayout : WgradConfig<T, TILE, SCORES> {
+  using Cfg = WgradConfig<T, TILE, SCORES>;
   static constexpr int kThreads = Cfg::Math::kThreads;
   static constexpr int LD = TILE + kPad<T>;
   static constexpr int LDT = kTileStride<TILE>;
@@ -52,7 +59,7 @@ struct WgradLayout : WgradConfig<T, TILE> {
   static constexpr int kSmemBytes =
       imax(Cfg::STAGES * kStageBytes, Cfg::Math::kGroups * TILE * LDT * static_cast<int>(sizeof(float)));
   static_assert(kSmemBytes <= 99 * 1024, "over the shared memory of consumer sm_80+ parts");
-  static constexpr int kMinBlocks = ctas_per_sm(kSmemBytes);
+  static constexpr int kMinBlocks = imin(ctas_per_sm(kSmemBytes), Cfg::kRegisterCtas);
 };
 
 // XSrc: where X's tiles come from (tiles::DenseRows, or tiles::Im2colRows for the convolution's filter gradient).
@@ -75,10 +82,11 @@ struct WgradParams {
 // SCORES = false: grid (nnz, splits), one stored block (TILE == BS) and one M-chunk per CTA.
 // SCORES = true: grid (tiles of N x tiles of K), all of M per CTA.
 template <typename T, int TILE, int BS, bool SCORES, class XSrc>
-__global__ void __launch_bounds__(WgradLayout<T, TILE>::kThreads, WgradLayout<T, TILE>::kMinBlocks)
+__global__ void __launch_bounds__(WgradLayout<T, TILE, SCORES>::kThreads,
+                                  WgradLayout<T, TILE, SCORES>::kMinBlocks)
 weight_grad_kernel(const WgradParams<T, XSrc> p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  using L = WgradLayout<T, TILE>;
+  using L = WgradLayout<T, TILE, SCORES>;
   static_assert(SCORES || TILE == BS, "an SDDMM tile is one block");
   static_assert(TILE % BS == 0, "a score tile holds whole blocks");
   constexpr int BLOCK_M = L::BLOCK_M;
@@ -183,17 +191,13 @@ WgradParams<T, XSrc> common_params(const WeightGradOperands& in, const XSrc& x) 
 }
 
 template <typename T, int TILE, int BS, bool SCORES, class XSrc>
-cudaError_t launch_weight_grad(const WgradParams<T, XSrc>& p, dim3 grid, cudaStream_t stream) {
-  using L = WgradLayout<T, TILE>;
-  const auto kernel = weight_grad_kernel<T, TILE, BS, SCORES, XSrc>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+LaunchStatus launch_weight_grad(const WgradParams<T, XSrc>& p, dim3 grid, cudaStream_t stream) {
+  using L = WgradLayout<T, TILE, SCORES>;
+  return launch_kernel(weight_grad_kernel<T, TILE, BS, SCORES, XSrc>, grid, L::kThreads, L::kSmemBytes, stream, p);
 }
 
 template <typename T, int BS, class XSrc>
-cudaError_t sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
+LaunchStatus sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
   WgradParams<T, XSrc> p = common_params<T>(a.in, x);
   p.coo_row = a.coo_row;
   p.col_idx = a.col_idx;
@@ -201,20 +205,21 @@ cudaError_t sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
   p.chunk = a.chunk;
   p.partial = a.splits > 1 ? a.partial : nullptr;
   p.out = static_cast<T*>(a.out);
-  if (a.nnz == 0 || a.in.M == 0) return cudaSuccess;  // the caller fills the empty cases
+  if (a.nnz == 0 || a.in.M == 0) return LaunchStatus{};  // the caller fills the empty cases
+  // Blocks in grid.x, M-chunks in grid.y (sddmm_plan keeps them under its limit of 65535).
   if (a.nnz > INT32_MAX || a.splits > 65535 || a.splits * a.chunk < a.in.M || (a.splits > 1 && a.partial == nullptr))
-    return cudaErrorInvalidValue;
-  cudaError_t err = launch_weight_grad<T, BS, BS, false>(
+    return LaunchStatus{cudaErrorInvalidValue};
+  const LaunchStatus status = launch_weight_grad<T, BS, BS, false>(
       p, dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)), stream);
-  if (err != cudaSuccess || a.splits == 1) return err;
+  if (status.error != cudaSuccess || a.splits == 1) return status;
   const int64_t total = a.nnz * BS * BS;
   const int64_t blocks = cdiv(total, 256) < 65536 ? cdiv(total, 256) : 65536;
-  sum_partials_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a.partial, a.splits, total, p.out);
-  return cudaGetLastError();
+  return launch_kernel(sum_partials_kernel<T>, dim3(static_cast<unsigned>(blocks)), 256, 0, stream, a.partial,
+                       a.splits, total, p.out);
 }
 
 template <typename T, int BS, class XSrc>
-cudaError_t scores(const BlockScoresArgs& a, const XSrc& x, cudaStream_t stream) {
+LaunchStatus scores(const BlockScoresArgs& a, const XSrc& x, cudaStream_t stream) {
   constexpr int TILE = BS <= 64 ? 64 : 128;
   WgradParams<T, XSrc> p = common_params<T>(a.in, x);
   p.n_tile_cols = cdiv(a.in.K, TILE);
@@ -222,20 +227,20 @@ cudaError_t scores(const BlockScoresArgs& a, const XSrc& x, cudaStream_t stream)
   p.n_block_cols = cdiv(a.in.K, BS);
   p.scores = a.scores;
   const int64_t ctas = cdiv(a.in.N, TILE) * p.n_tile_cols;
-  if (ctas == 0 || a.in.M == 0) return cudaSuccess;  // the caller fills the empty cases
-  if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+  if (ctas == 0 || a.in.M == 0) return LaunchStatus{};  // the caller fills the empty cases
+  if (ctas > INT32_MAX) return LaunchStatus{cudaErrorInvalidConfiguration};
   return launch_weight_grad<T, TILE, BS, true>(p, dim3(static_cast<unsigned>(ctas)), stream);
 }
 
 // X: a plain matrix, or (convolution) the image's implicit im2col.
 template <typename T, int BS>
-cudaError_t sddmm(const SddmmArgs& a, cudaStream_t stream) {
+LaunchStatus sddmm(const SddmmArgs& a, cudaStream_t stream) {
   if (a.in.conv != nullptr) return sddmm<T, BS>(a, im2col_rows<T>(a.in.x, *a.in.conv), stream);
   return sddmm<T, BS>(a, dense_rows<T>(a.in.x, a.in.ld_x, a.in.K), stream);
 }
 
 template <typename T, int BS>
-cudaError_t scores(const BlockScoresArgs& a, cudaStream_t stream) {
+LaunchStatus scores(const BlockScoresArgs& a, cudaStream_t stream) {
   if (a.in.conv != nullptr) return scores<T, BS>(a, im2col_rows<T>(a.in.x, *a.in.conv), stream);
   return scores<T, BS>(a, dense_rows<T>(a.in.x, a.in.ld_x, a.in.K), stream);
 }
@@ -252,13 +257,13 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count) {
   return {cdiv(M, chunk), chunk};
 }
 
-cudaError_t bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {
+LaunchStatus bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {
   return dispatch_kernel(args.in.type, args.in.block_size, [&](auto type, auto block_size) {
     return sddmm<typename decltype(type)::type, decltype(block_size)::value>(args, stream);
   });
 }
 
-cudaError_t block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream) {
+LaunchStatus block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream) {
   return dispatch_kernel(args.in.type, args.in.block_size, [&](auto type, auto block_size) {
     return scores<typename decltype(type)::type, decltype(block_size)::value>(args, stream);
   });

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <sstream>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -71,7 +72,9 @@ inline void check_layout(const Tensor& row_ptr, const Tensor& col_idx, const Ten
   TORCH_CHECK(nnz <= INT32_MAX, "at most 2^31 - 1 stored blocks, got ", nnz);
 }
 
+// `on` is a CUDA tensor (checked): a CPU tensor's get_device() is -1, which no CUDA call may see.
 inline int device_attribute(cudaDeviceAttr attribute, const Tensor& on) {
+  TORCH_CHECK(on.is_cuda(), "device_attribute needs a CUDA tensor, got one on ", on.device());
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, on.get_device()));
   return value;
@@ -95,10 +98,40 @@ inline Tensor rows_contiguous(const Tensor& t) { return t.stride(1) == 1 ? t : t
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Every launch's error (cudaGetLastError right after it, in the launcher) reaches here.
-inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err != cudaErrorInvalidValue, op, ": arguments the CUDA kernels do not support (a bug in the checks)");
-  C10_CUDA_CHECK(err);
+inline const char* type_name(cuda::ElementType type) {
+  switch (type) {
+    case cuda::ElementType::kFloat32: return "float32";
+    case cuda::ElementType::kFloat64: return "float64";
+    case cuda::ElementType::kBFloat16: return "bfloat16";
+    case cuda::ElementType::kFloat16: return "float16";
+  }
+  return "an unknown type";
+}
+
+// The GEMM a launch computed (for a convolution, its implicit GEMM), named in launch errors. blocks: the stored
+// blocks, or (block scores) the blocks of the grid.
+struct GemmProblem {
+  cuda::ElementType type;
+  int64_t M, N, K, block_size, blocks;
+};
+
+// Every launcher's status (cudaGetLastError right after the launch) reaches here. The message gives the CUDA error
+// itself and the launch's configuration: cudaErrorInvalidValue, for one, comes from a grid dimension over its limit
+// or too much dynamic shared memory as well as from a bad argument. A refusal by the launcher before any launch
+// means arguments that the glue's checks should have stopped.
+inline void check_launch(const cuda::LaunchStatus& status, const char* op, const GemmProblem& problem) {
+  if (C10_LIKELY(status.error == cudaSuccess)) return;
+  std::ostringstream where;
+  if (status.launched) {
+    where << "launching grid (" << status.grid.x << ", " << status.grid.y << ", " << status.grid.z << ") x "
+          << status.block.x << " threads with " << status.smem_bytes << " bytes of dynamic shared memory (an error "
+          << "left by earlier asynchronous work surfaces here too; CUDA_LAUNCH_BLOCKING=1 pins it down)";
+  } else {
+    where << "before any launch: the launcher refused arguments that the checks let through";
+  }
+  TORCH_CHECK(false, op, ": CUDA error ", cudaGetErrorName(status.error), " (", cudaGetErrorString(status.error),
+              ") for M = ", problem.M, ", N = ", problem.N, ", K = ", problem.K, ", block size ", problem.block_size,
+              ", ", problem.blocks, " blocks, ", type_name(problem.type), ", ", where.str());
 }
 
 // The weight-gradient GEMMs' launches, shared by the linear and convolution ops: their operands (see
@@ -109,7 +142,7 @@ inline cuda::WeightGradOperands weight_grad_operands(const Tensor& dy, int64_t l
   return {gemm_type(dy, "dy"), static_cast<int>(block_size), dy.data_ptr(), ld_dy, x.data_ptr(), ld_x, M, N, K, conv};
 }
 
-// out [nnz, bs, bs] = (dYᵀ X) at the blocks (coo_row, col_idx); M > 0, nnz > 0.
+// out [nnz, bs, bs] = (dYᵀ X) at the blocks (coo_row, col_idx); M > 0, nnz > 0; `out` on the current device.
 inline void launch_sddmm(const cuda::WeightGradOperands& in, const Tensor& coo_row, const Tensor& col_idx,
                          Tensor& out, const char* op) {
   const int64_t nnz = out.size(0), bs = out.size(1);
@@ -126,13 +159,14 @@ inline void launch_sddmm(const cuda::WeightGradOperands& in, const Tensor& coo_r
   args.chunk = plan.chunk;
   args.partial = partial.defined() ? partial.data_ptr<float>() : nullptr;
   args.out = out.data_ptr();
-  check_launch(cuda::bsr_sddmm(args, current_stream()), op);
+  check_launch(cuda::bsr_sddmm(args, current_stream()), op, {in.type, in.M, in.N, in.K, bs, nnz});
 }
 
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = block norms of the dense dYᵀX; M > 0.
 inline void launch_block_scores(const cuda::WeightGradOperands& in, Tensor& scores, const char* op) {
   cuda::BlockScoresArgs args{in, scores.data_ptr<float>()};
-  check_launch(cuda::block_grad_scores(args, current_stream()), op);
+  check_launch(cuda::block_grad_scores(args, current_stream()), op,
+               {in.type, in.M, in.N, in.K, in.block_size, scores.numel()});
 }
 
 }  // namespace cuda_glue
