@@ -33,7 +33,7 @@ def cases(device: torch.device, block: int):
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     lin_in, lin_m = (4096, 8192) if on_gpu else (32, 8)
-    conv_c, conv_b, conv_hw = (256, 128, 14) if on_gpu else (32, 2, 4)
+    conv_c, conv_b, conv_hw = (256, 128, 14) if on_gpu else (16, 1, 4)
     bs = block if on_gpu else 16
     torch.manual_seed(0)
     # 90% of the tiny 32x32 matrix's 4 blocks would leave none: 50% keeps 2

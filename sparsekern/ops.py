@@ -185,6 +185,16 @@ def select_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] =
     return _static_backend(op, device.type, dtype)
 
 
+def device_type(t: Tensor) -> str:
+    """``t.device.type`` without building a device and its string (0.3 us): is_cuda and is_cpu are plain flags."""
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+
+
+def select_backend_for(op: str, operand: Tensor, dtype: Optional[torch.dtype] = None) -> str:
+    """``select_backend`` for the device of ``operand`` (and its dtype, unless ``dtype`` is given)."""
+    return _static_backend(op, device_type(operand), operand.dtype if dtype is None else dtype)
+
+
 def _mutates(op: str) -> bool:
     # torch's in-place naming, which every op here follows (tests check it against the schemas)
     return op.endswith("_")
@@ -201,9 +211,7 @@ def _function(backend: str, op: str) -> Callable:
 def _implementation(op: str, args: Sequence) -> Callable:
     """The function that runs ``op`` on ``args`` (``args[0]`` is the operand whose device and dtype decide)."""
     operand = args[0]
-    # is_cuda / is_cpu are plain flags; device.type builds a string (0.3 us)
-    device_type = "cuda" if operand.is_cuda else "cpu" if operand.is_cpu else operand.device.type
-    static, measure = _choice(op, device_type, operand.dtype)
+    static, measure = _choice(op, device_type(operand), operand.dtype)
     if measure and tuning.enabled():
         # the fast backends are timed against each other on this call
         calls = {name: functools.partial(_function(name, op), *args) for name in measure}

@@ -32,18 +32,21 @@ class BlockSparseWeight(nn.Module):
 
     def _gemm(self, x2d: Tensor) -> Tensor:
         """bsr_linear of the layer on a 2-D input, recording gradient scores when DST asks for them."""
-        # The module's own dicts, not nn.Module.__getattr__: three lookups through it cost more than the op's checks.
-        # (A parametrized values or bias is a property instead, found by getattr.)
-        params = self._parameters
-        values = params["values"] if "values" in params else self.values
-        bias = params["bias"] if "bias" in params else self.bias
-        y = ops.bsr_linear(x2d, self._modules["layout"], values, bias)
+        y = ops.bsr_linear(x2d, *self._weights())
         if self.capture_grad_scores and y.requires_grad:
             x_saved = x2d.detach()
             # Under autocast the gradient comes in the autocast dtype while x2d is the layer's input.
             y.register_hook(lambda grad: self._record_grad_scores(ops.block_grad_scores(grad, x_saved.to(grad.dtype),
                                                                                        self.block_size)))
         return y
+
+    def _weights(self):
+        """(layout, values, bias) from the module's own dicts, not nn.Module.__getattr__: three lookups through it
+        cost more than an op's checks. (A parametrized values or bias is a property instead, found by getattr.)"""
+        params = self._parameters
+        values = params["values"] if "values" in params else self.values
+        bias = params["bias"] if "bias" in params else self.bias
+        return self._modules["layout"], values, bias
 
     def _record_grad_scores(self, scores: Tensor) -> None:
         self.grad_scores = scores

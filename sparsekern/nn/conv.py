@@ -32,9 +32,9 @@ IntPair = Union[int, Tuple[int, int]]
 
 
 @torch.compiler.assume_constant_result
-def _conv_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _conv_backend(x: Tensor, dtype: torch.dtype) -> str:
     """The backend bsr_conv2d runs on; a constant under torch.compile, whose tracer cannot read the dispatcher."""
-    return ops.select_backend("bsr_conv2d", device, dtype)
+    return ops.select_backend_for("bsr_conv2d", x, dtype)
 
 
 class SparseConv2d(BlockSparseWeight):
@@ -110,8 +110,9 @@ class SparseConv2d(BlockSparseWeight):
             x = F.pad(x, self._pad_lrtb, mode=self.padding_mode)
             left = right = top = bottom = 0
         kh, kw = self.kernel_size
-        out_h = (x.shape[2] + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (x.shape[3] + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        height, width = x.shape[2:]
+        out_h = (height + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         if out_h <= 0 or out_w <= 0:
             raise ValueError(f"input of size {tuple(x.shape[2:])} (padding included) is smaller than the kernel")
         if self.groups != 1:
@@ -129,10 +130,11 @@ class SparseConv2d(BlockSparseWeight):
                 and tuple(output_size) == tuple(x.shape[2:]):
             y = self._gemm(x_nhwc.reshape(-1, self.in_channels))
         elif self._implicit_gemm_applies(x):
-            y = ops.bsr_conv2d(x_nhwc, self.layout, self.values, self.bias, self.kernel_size, self.stride, padding,
-                               self.dilation, output_size)
+            y = ops.bsr_conv2d(x_nhwc, *self._weights(), self.kernel_size, self.stride, padding, self.dilation,
+                               output_size)
             if self.capture_grad_scores and y.requires_grad:
                 self._capture_conv_grad_scores(y, x_nhwc.detach(), padding)
+            return y.permute(0, 3, 1, 2)  # [B, OH, OW, out] -> NCHW-shaped channels_last, no copy
         else:
             cols = reference.unfold_nhwc(x_nhwc, self.kernel_size, self.stride, padding, self.dilation, output_size)
             y = self._gemm(cols)
@@ -144,9 +146,10 @@ class SparseConv2d(BlockSparseWeight):
         and in_channels a multiple of the block. Otherwise im2col + bsr_linear, which may still have a native
         kernel (any width)."""
         dtype = ops.compute_dtype(x)
-        backend = _conv_backend(x.device, dtype)
+        backend = _conv_backend(x, dtype)
         if backend == "cpu":
-            return dtype in (torch.float32, torch.float64) and self.in_channels % self.block_size == 0
+            block_size = self._modules["layout"].block_size  # not the property: nn.Module's lookup costs 0.5 us
+            return dtype in (torch.float32, torch.float64) and self.in_channels % block_size == 0
         return backend != "reference"
 
     def _capture_conv_grad_scores(self, y: Tensor, x_nhwc: Tensor, padding) -> None:
