@@ -9,12 +9,14 @@ order, each given what is left of the deadline (minus a reserve for the summary)
 2. tests: `pytest -m cuda` under pytest-xdist (-n 8: a crash takes down one worker, not the run), with a
    per-test timeout when pytest-timeout is installed, results in junit XML;
 3. the GPU suites at the README's sizes (gpu-linear, gpu-conv, gpu-optim), CSVs only;
-4. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
+4. benchmarks/profile_layer.py: SparseLinear and SparseConv2d called eagerly beside the dense layers, with a
+   torch.profiler table (profile_layer_cuda.txt);
+5. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
 
 DIR receives at most 8 files: `<gpu>_gpu_check.txt` (the summary: each step's status and time, every failing
 or crashed test with a one-line reason, ending with `N passed, N failed, N crashed`), `gpu_check.log` (every
-step's output), `junit.xml` and the suites' CSVs. The summary is rewritten after every step, so a run killed
-from outside still leaves one. Exit status 0 only when every step passed.
+step's output), `junit.xml`, the suites' CSVs and `profile_layer_cuda.txt`. The summary is rewritten after every
+step, so a run killed from outside still leaves one. Exit status 0 only when every step passed.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_RESERVE_S = 15  # kept back from every step so the summary is always written inside the deadline
 # Each step's own limit (s); a step gets the smaller of this and what is left of the deadline.
-STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-optim": 60, "memcheck": 90}
+STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-optim": 60, "layers": 60,
+               "memcheck": 90}
 # The suites at the README's sizes, trimmed to the cases the issues' goals name so that all fit one lease.
 SUITE_ARGS = {
     "gpu-linear": ["--sparsities", "0.9", "--blocks", "32,64,128", "--reps", "10"],
@@ -236,7 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole check (default 540)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter with torch and triton")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out (build, tests, suites, "
-                                                   "memcheck)")
+                                                   "layers, memcheck)")
     parser.add_argument("-k", dest="keyword", default=None, help="only the tests pytest -k selects")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -277,6 +280,10 @@ def main(argv=None) -> int:
         for suite, extra in SUITE_ARGS.items():
             check.run(suite, [args.python, "-m", "sparsekern.bench", "--device", "cuda", "--suite", suite,
                               "--no-plots", "--out", args.out, *extra], env=env)
+
+    if "layers" not in skip:  # the public layers eagerly beside nn.Linear / nn.Conv2d, and a profiler table
+        check.run("layers", [args.python, os.path.join("benchmarks", "profile_layer.py"), "--device", "cuda",
+                             "--out", args.out], env=env)
 
     if "memcheck" not in skip and shutil.which("compute-sanitizer"):
         check.run("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", args.python,

@@ -67,9 +67,10 @@ def test_steps_run_under_the_deadline_and_a_late_step_is_skipped(tmp_path):
 
 
 def test_the_check_writes_at_most_eight_files(tmp_path):
-    """Everything the check can write: the summary, the log, junit.xml and one CSV per suite."""
-    assert 3 + len(gpu_check.SUITE_ARGS) <= 8
-    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,suites,memcheck", "--deadline", "60"]) == 0
+    """Everything the check can write: the summary, the log, junit.xml, one CSV per suite and the layer profile."""
+    assert 4 + len(gpu_check.SUITE_ARGS) <= 8
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,suites,layers,memcheck",
+                           "--deadline", "60"]) == 0
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0] == "gpu_check.log" and files[1].endswith("_gpu_check.txt")
     assert (tmp_path / files[1]).read_text().splitlines()[-1] == "0 passed, 0 failed, 0 crashed"
