@@ -68,6 +68,13 @@ def assert_same_parameters(a, b, step):
         torch.testing.assert_close(p, q, **TOL, msg=lambda m: f"step {step}, {name}: {m}")
 
 
+def model_and_twin(seed):
+    """A model and its eager twin, each with its own MaskedSGD."""
+    model = small_net(seed)
+    twin = copy.deepcopy(model)
+    return model, twin, *(sk.optim.MaskedSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, twin))
+
+
 def warm_up(model, optimizer, data, steps=3):
     """Eager steps on a side stream before capture: Triton compiles and autotunes, auto measures each shape, the
     optimizer creates its state (none of which may happen inside a capture)."""
@@ -84,10 +91,7 @@ def test_a_captured_training_step_replays_across_mask_updates(backend, backend_e
     backend_env(backend)
     if backend != "auto" and sk.ops.backend_unavailable_reason(backend, "cuda") is not None:
         pytest.skip(sk.ops.backend_unavailable_reason(backend, "cuda"))
-    model = small_net()
-    twin = copy.deepcopy(model)
-    opt = sk.optim.MaskedSGD(model.parameters(), lr=0.05, momentum=0.9)
-    twin_opt = sk.optim.MaskedSGD(twin.parameters(), lr=0.05, momentum=0.9)
+    model, twin, opt, twin_opt = model_and_twin(seed=0)
     data = batches(9, seed=1)
     warm_up(model, opt, data)
     for x, y in data[:3]:
@@ -115,40 +119,32 @@ def test_a_captured_training_step_replays_across_mask_updates(backend, backend_e
         assert torch.equal(layer.layout.to_block_mask(), twin_layer.layout.to_block_mask())
 
 
+def train_beside_twin(run, model, twin, opt, twin_opt, data, first_step, update_at):
+    """Train ``run`` (the model, graphed or compiled) and the eager twin on the same batches, moving the same
+    blocks of both at the steps ``update_at``; parameters compared after every step."""
+    for step, (x, y) in enumerate(data[first_step:], start=first_step):
+        if step in update_at:
+            masks = new_masks(model, seed=step)
+            update_masks(model, opt, masks)
+            update_masks(twin, twin_opt, masks)
+        eager_step(run, opt, x, y)
+        eager_step(twin, twin_opt, x, y)
+        assert_same_parameters(model, twin, step)
+
+
 def test_make_graphed_callables_trains_across_mask_updates():
-    model = small_net(seed=2)
-    twin = copy.deepcopy(model)
+    model, twin, opt, twin_opt = model_and_twin(seed=2)
     data = batches(8, seed=3)
-    opt = sk.optim.MaskedSGD(model.parameters(), lr=0.05, momentum=0.9)
-    twin_opt = sk.optim.MaskedSGD(twin.parameters(), lr=0.05, momentum=0.9)
     warm_up(model, opt, data, steps=2)
     for x, y in data[:2]:
         eager_step(twin, twin_opt, x, y)
     graphed = torch.cuda.make_graphed_callables(model, (data[0][0].clone(),))
-    for step, (x, y) in enumerate(data[2:], start=2):
-        if step == 5:
-            masks = new_masks(model, seed=step)
-            update_masks(model, opt, masks)
-            update_masks(twin, twin_opt, masks)
-        eager_step(graphed, opt, x, y)
-        eager_step(twin, twin_opt, x, y)
-        assert_same_parameters(model, twin, step)
+    train_beside_twin(graphed, model, twin, opt, twin_opt, data, first_step=2, update_at=(5,))
 
 
 def test_reduce_overhead_compile_trains_across_mask_updates():
     torch.compiler.reset()
-    model = small_net(seed=4)
-    twin = copy.deepcopy(model)
-    data = batches(8, seed=5)
-    opt = sk.optim.MaskedSGD(model.parameters(), lr=0.05, momentum=0.9)
-    twin_opt = sk.optim.MaskedSGD(twin.parameters(), lr=0.05, momentum=0.9)
+    model, twin, opt, twin_opt = model_and_twin(seed=4)
     compiled = torch.compile(model, mode="reduce-overhead")
-    for step, (x, y) in enumerate(data):
-        if step in (4, 6):
-            masks = new_masks(model, seed=step)
-            update_masks(model, opt, masks)
-            update_masks(twin, twin_opt, masks)
-        eager_step(compiled, opt, x, y)
-        eager_step(twin, twin_opt, x, y)
-        assert_same_parameters(model, twin, step)
+    train_beside_twin(compiled, model, twin, opt, twin_opt, batches(8, seed=5), first_step=0, update_at=(4, 6))
     torch.compiler.reset()

@@ -163,30 +163,6 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// d = a (16x16) b (16x8) alone (C = 0): the tile's products summed and rounded on their own.
-template <typename T>
-__device__ __forceinline__ void mma_16816_alone(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816_alone<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%10, %10, %10, %10};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816_alone<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                               uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%10, %10, %10, %10};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tile copies into shared memory [ROWS][LDS]: the CTA's threads split a tile into 16-byte chunks (consecutive
 // threads on consecutive chunks of a row: coalesced reads), or into elements on the element-by-element paths.
@@ -363,8 +339,8 @@ struct MmaWarpTile {
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         if (NEAREST) {
-          float d[4];
-          mma_16816_alone<T>(d, a[i], b[j][0], b[j][1]);
+          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the tile's products alone: 0 + x is exact
+          mma_16816<T>(d, a[i], b[j][0], b[j][1]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[i][j][e] += d[e];
         } else {
