@@ -8,7 +8,7 @@ order, each given what is left of the deadline (minus a reserve for the summary)
 1. build: `pip install --no-build-isolation --no-deps -e .` for the GPU's own architecture, with all cores;
 2. tests: `pytest -m cuda` under pytest-xdist (-n 8: a crash takes down one worker, not the run), with a
    per-test timeout when pytest-timeout is installed, results in junit XML;
-3. the GPU suites at the README's sizes (gpu-linear, gpu-conv, gpu-optim), CSVs only;
+3. the GPU suites at the README's sizes (gpu-linear, gpu-conv, gpu-e2e, gpu-optim), CSVs only;
 4. benchmarks/profile_layer.py: SparseLinear and SparseConv2d called eagerly beside the dense layers, with a
    torch.profiler table (profile_layer_cuda.txt);
 5. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
@@ -36,12 +36,13 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_RESERVE_S = 15  # kept back from every step so the summary is always written inside the deadline
 # Each step's own limit (s); a step gets the smaller of this and what is left of the deadline.
-STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-optim": 60, "layers": 60,
-               "memcheck": 90}
+STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-e2e": 150, "gpu-optim": 60,
+               "layers": 60, "memcheck": 90}
 # The suites at the README's sizes, trimmed to the cases the issues' goals name so that all fit one lease.
 SUITE_ARGS = {
     "gpu-linear": ["--sparsities", "0.9", "--blocks", "32,64,128", "--reps", "10"],
     "gpu-conv": ["--models", "resnet50", "--sparsities", "0.9", "--blocks", "32", "--reps", "5"],
+    "gpu-e2e": ["--sparsities", "0.9", "--reps", "3"],
     "gpu-optim": ["--reps", "10"],
 }
 MEMCHECK_TESTS = "tests/test_cuda_kernels.py"

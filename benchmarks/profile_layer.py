@@ -39,7 +39,8 @@ def cases(device: torch.device, block: int):
     # 90% of the tiny 32x32 matrix's 4 blocks would leave none: 50% keeps 2
     sparse_lin = sk.SparseLinear(lin_in, lin_in, bias=False, sparsity=0.9 if on_gpu else 0.5, block_size=bs)
     dense_lin = nn.Linear(lin_in, lin_in, bias=False)
-    sparse_conv = sk.SparseConv2d(conv_c, conv_c, 3, padding=1, bias=False, sparsity=0.9, block_size=32 if on_gpu else 16)
+    sparse_conv = sk.SparseConv2d(conv_c, conv_c, 3, padding=1, bias=False, sparsity=0.9,
+                                  block_size=32 if on_gpu else 16)
     dense_conv = nn.Conv2d(conv_c, conv_c, 3, padding=1, bias=False)
     x_lin = torch.randn(lin_m, lin_in, device=device, dtype=dtype)
     x_conv = torch.randn(conv_b, conv_c, conv_hw, conv_hw, device=device, dtype=dtype).contiguous(

@@ -13,7 +13,7 @@ from torch import nn
 
 import sparsekern as sk
 from sparsekern import bench
-from sparsekern.bench import common, gpu_conv, gpu_linear, gpu_optim
+from sparsekern.bench import common, e2e, gpu_conv, gpu_linear, gpu_optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,6 +272,30 @@ def test_backend_choices_of_a_pass_need_every_op():
     assert choices == {"auto": None, "reference": "no bsr_conv2d_dgrad kernel for float32"}
     cuda_choices = dict(common.backend_choices(pass_ops, torch.device("cuda"), torch.bfloat16))
     assert cuda_choices.get("auto", None) is None
+
+
+def test_gpu_e2e_suite_runs_on_cpu(tmp_path):
+    """The GPU training benchmark on its tiny CPU cases: every method of both models, the training state's size
+    (ours a fraction of dense's), the goal lines, the CSV."""
+    assert bench.main(["--device", "cpu", "--suite", "gpu-e2e", "--reps", "1", "--sparsities", "0.9",
+                       "--no-plots", "--out", str(tmp_path)]) == 0
+    _, rows = _read_csv(tmp_path / f"{bench.device_name(CPU)}_e2e.csv")
+    assert {(r["model"], r["method"]) for r in rows} == {(m, method) for m in ("resnet18", "mlp_stack")
+                                                        for method in ("dense", "simulated", "ours")}
+    assert all(r["mode"] == "eager" for r in rows)  # no CUDA graphs on a CPU
+    for r in rows:
+        state = float(r["state_vs_dense"])
+        assert (state == 1.0) if r["method"] == "dense" else (state < 0.2 if r["method"] == "ours" else state > 1.0)
+
+
+def test_e2e_state_counts_weights_grads_optimizer_state_and_masks():
+    model = nn.Linear(10, 4, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loop = e2e.MaskedDenseLoop(model, opt, torch.randn(3, 10), torch.randint(0, 4, (3,)),
+                               {"": torch.ones(4, 10)})
+    assert e2e.state_bytes(loop) == 40 * 4 * 2  # the weight and its mask
+    loop.step()
+    assert e2e.state_bytes(loop) == 40 * 4 * 4  # + its gradient and momentum
 
 
 TINY_LAYERS = [(64, 96), (70, 64), (32, 288)]  # 70 rows: the last block-row is partly padding

@@ -68,7 +68,7 @@ def test_steps_run_under_the_deadline_and_a_late_step_is_skipped(tmp_path):
 
 def test_the_check_writes_at_most_eight_files(tmp_path):
     """Everything the check can write: the summary, the log, junit.xml, one CSV per suite and the layer profile."""
-    assert 4 + len(gpu_check.SUITE_ARGS) <= 8
+    assert 4 + len(gpu_check.SUITE_ARGS) <= 8  # summary, log, junit.xml, the layer profile
     assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,suites,layers,memcheck",
                            "--deadline", "60"]) == 0
     files = sorted(os.listdir(tmp_path))

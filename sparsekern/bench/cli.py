@@ -16,7 +16,7 @@ from .common import available_backends, device_name, write_rows
 from .kernels import bench_linear, bench_resnet18_convs, format_table, write_csv
 from .plots import plot_e2e, plot_kernel_speedup
 
-SUITES = ("default", "gpu-linear", "gpu-optim", "gpu-conv", "gpu")
+SUITES = ("default", "gpu-linear", "gpu-optim", "gpu-conv", "gpu-e2e", "gpu")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STATIC_REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "benchmarks", "triton_static_report.py")
@@ -45,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(forward, dX, SDDMM and block_grad_scores at M,N,K = 8192,4096,4096 bf16: dense, torch BSR, "
                     "stk, every backend; correctness checked first), 'gpu-optim' (masked_sgd_ bandwidth vs copy, "
                     "layout_update_ of ResNet-50's layers), 'gpu-conv' (ResNet-50 and CIFAR ResNet-18 convolutions "
-                    "per layer, forward and forward+backward), 'gpu' (all three); they write "
-                    "<device-name>_gpu_linear.csv, _gpu_optim.csv, _gpu_conv.csv and exit 1 when one of our "
-                    "backends gives a wrong result. --static prints the Triton kernels' registers and spills.")
+                    "per layer, forward and forward+backward), 'gpu-e2e' (training steps per second of dense, "
+                    "simulated masking and sparsekern, ResNet-50 224 px batch 128 and ViT-B/16's MLP blocks on 8192 "
+                    "tokens, bf16 autocast, channels_last, eager and as CUDA graphs, with the size of the training "
+                    "state and each step's peak memory), 'gpu' (linear, optim, conv); they write "
+                    "<device-name>_gpu_linear.csv, _gpu_optim.csv, _gpu_conv.csv, _e2e.csv and exit 1 when one of "
+                    "our backends gives a wrong result. --static prints the Triton kernels' registers and spills.")
     parser.add_argument("--device", default="cpu", help="torch device to run on: cpu (default) or cuda[:i]")
     parser.add_argument("--suite", choices=SUITES, default=None,
                         help="what to run (default: 'default', or nothing but the report with --static)")
@@ -55,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the CSVs and plots (default: benchmarks/results)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed rounds per case (default suite: 5 quick, 10 full; gpu-linear and gpu-optim 20, "
-                             "gpu-conv 10; on a CPU the GPU suites default to 3)")
+                             "gpu-conv 10, gpu-e2e 5; on a CPU the GPU suites default to 3, gpu-e2e to 2)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--sparsities", type=_floats, default=None,
                         help="comma-separated sparsities (default suite: 0.5,0.75,0.9,0.95, quick 0.5,0.9; "
-                             "gpu-linear 0.5,0.75,0.9,0.95; gpu-conv 0.8,0.9,0.95)")
+                             "gpu-linear 0.5,0.75,0.9,0.95; gpu-conv and gpu-e2e 0.8,0.9,0.95)")
     parser.add_argument("--blocks", type=_ints, default=None,
                         help="comma-separated block sizes (default suite: 16,32,64, quick 32; gpu-linear 32,64,128; "
                              "gpu-conv 32,64)")
@@ -210,6 +213,12 @@ def run_gpu_suites(args, device: torch.device, suites: List[str]) -> int:
              "speedup": r["speedup"]}
             for r in rows if r["layer"] == "total" and r["impl"] != "dense" and r["speedup"] is not None])
         wrong += _wrong_in_ours(rows)
+    if "gpu-e2e" in suites:
+        rows = e2e.bench_e2e(e2e.gpu_e2e_cases(device), args.sparsities or e2e.E2E_SPARSITIES, device,
+                             args.reps or (5 if on_gpu else 2), report=_say,
+                             autocast=dtype if dtype != torch.float32 else None, channels_last=True, graphs=use_graphs)
+        print(e2e.goal_summary(rows))
+        print(f"\nwrote {e2e.write_e2e_csv(rows, args.out, device)}")
     if wrong:
         print(f"\n!!! {len(wrong)} case(s) where a sparsekern backend gave a wrong result or failed:")
         for r in wrong:
