@@ -42,7 +42,7 @@ def test_summary_lists_each_failure_and_crash_and_ends_with_the_counts(tmp_path)
     assert "  tests.test_cuda_kernels::test_dx[bf16]: AssertionError: dx rel err 1.0e+00 > limit" in lines
     assert any(line.startswith("  tests.test_cuda_conv::test_errors_name_the_tensor: worker 'gw3' crashed")
                for line in lines)
-    assert "  nvidia-h200_gpu_linear.csv linear_fwd [triton]: 3.50 s" in lines  # the slowest first call
+    assert "  nvidia-h200_gpu_linear.csv linear_fwd [triton]: slowest 3.50 s, fastest 0.25 s" in lines
     assert "1 skipped" in lines
     assert (tmp_path / "nvidia-h200_gpu_check.txt").exists()
 
