@@ -146,3 +146,14 @@ def matmul_flags():
     saved = matmul.allow_tf32, matmul.fp32_precision
     yield functools.partial(setattr, matmul)
     matmul.allow_tf32, matmul.fp32_precision = saved  # in this order: setting the old flag also sets the new one
+
+
+@pytest.fixture(autouse=True)
+def cuda_errors_stay_with_their_test(request):
+    """After each `cuda` test, wait for the GPU: an asynchronous kernel fault (an illegal address) is then reported
+    at the test that launched it, instead of poisoning every later test of the same process with a sticky error
+    (on the H200 a whole run of one xdist worker's tests failed in a row)."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None and torch.cuda.is_available() \
+            and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
