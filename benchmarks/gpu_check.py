@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         if _has_module(args.python, "xdist"):
             command += ["-n", "8"]
         if _has_module(args.python, "pytest_timeout"):
-            command += ["--timeout", "60"]
+            command += ["--timeout", "120"]  # a torch.compile test may compile for a minute
         if args.keyword:
             command += ["-k", args.keyword]
         check.run("tests", command, env=env)
