@@ -274,6 +274,19 @@ def test_backend_choices_of_a_pass_need_every_op():
     assert cuda_choices.get("auto", None) is None
 
 
+def test_density_fit_recovers_the_fixed_cost():
+    """time = a + b x density is fitted per (op, backend, block); a over dense's time is judged against the goal."""
+    rows = [{"op": "linear_fwd", "impl": "triton", "block": 64, "density": d, "ms": 0.02 + 0.3 * d, "dense_ms": 0.3}
+            for d in (0.05, 0.1, 0.25, 0.5)]
+    rows += [{"op": "linear_fwd", "impl": "cuda", "block": 64, "density": d, "ms": 0.06 + 0.3 * d, "dense_ms": 0.3}
+             for d in (0.1, 0.5)]
+    rows.append({"op": "linear_fwd", "impl": "dense", "block": 64, "density": None, "ms": 0.3, "dense_ms": 0.3})
+    lines = gpu_linear.density_fit(rows, ("triton", "cuda")).splitlines()
+    assert lines[1].startswith("  linear_fwd    cuda    block 64 : 0.060 ms + 0.300 ms x density; fixed cost 20.0%")
+    assert lines[1].endswith("(MISSED)")
+    assert "0.020 ms + 0.300 ms x density; fixed cost 6.7% of dense (met)" in lines[2]
+
+
 def test_gpu_e2e_suite_runs_on_cpu(tmp_path):
     """The GPU training benchmark on its tiny CPU cases: every method of both models, the training state's size
     (ours a fraction of dense's), the goal lines, the CSV."""

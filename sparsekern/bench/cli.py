@@ -192,6 +192,7 @@ def run_gpu_suites(args, device: torch.device, suites: List[str]) -> int:
             device, dtype, args.shape or gpu_linear.SHAPE, args.sparsities or gpu_linear.SPARSITIES,
             args.blocks or gpu_linear.BLOCKS, args.reps or (20 if on_gpu else 3), args.backends, use_graphs, _say)
         print(gpu_linear.goal_summary(rows, sk.ops.BACKENDS))
+        print(gpu_linear.density_fit(rows, sk.ops.BACKENDS))
         _write(rows, gpu_linear.FIELDS, args, device, "gpu-linear", lambda: [
             {"op": r["op"], "sparsity": r["sparsity"], "block": r["block"], "backend": r["impl"],
              "speedup": r["speedup"]}
