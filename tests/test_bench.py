@@ -174,7 +174,7 @@ def test_gpu_linear_suite_runs_on_cpu(tmp_path, capsys):
                                                                      rel=1e-3)
             if op != "block_grad_scores":
                 assert group["stk"]["status"] == "n/a" and group["stk"]["note"]  # block != 128 or not installed
-    assert "goals (issues #4/#5" in capsys.readouterr().out
+    assert "goals (Hopper-GEMM issue" in capsys.readouterr().out
 
 
 def test_gpu_linear_marks_a_backend_that_loses_a_block(tmp_path, monkeypatch, capsys):
