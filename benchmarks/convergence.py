@@ -1,319 +1,599 @@
-"""Convergence under one budget: dense vs SET / RigL / BiDST, each with MaskedSGD and SparseOpt, at 90% and
-95% block sparsity, plus a block-size study (RigL + SGD at 90% with blocks of 16, 32 and 64).
+"""The convergence study: does BiDST beat RigL and SET, and SparseOpt beat SGD, beyond the seed noise?
 
-    .venv/bin/python benchmarks/convergence.py [--epochs 2] [--max-steps-per-epoch 50] [--quick]
+    .venv/bin/python benchmarks/convergence.py --preset gpu|cpu|tiny [--estimate] [--seeds N] [--steps N] ...
 
-The defaults (ResNet-32 on Fashion-MNIST, 2 epochs of 50 steps at batch 64, a mask update every 10 steps,
-2000 test images) fit the 15-run grid in about 15 minutes on 2 CPU cores; give a GPU a bigger budget.
+Configurations: dense; SET, RigL and BiDST (sparsekern.dst), each with MaskedSGD ("sgd") and SparseOpt, at every
+sparsity and block size of the preset; and unstructured (per-weight) RigL at 90%, the simulated-masking reference
+(dense weights times a mask): rigl-torch's RigLScheduler when it is importable, otherwise ``PerWeightRigL`` below.
 
-Every run is ``sparsekern.train.main`` with the same model, data, batch, learning-rate schedule, step count
-and seed; the run folders (checkpoints, logs) go to a temporary folder (--runs-dir keeps them). Writes
-``<out>/convergence_<device>.md`` (the table and what the numbers say, derived from them) and
-``<out>/convergence_<device>.png`` (test accuracy vs epoch and vs training seconds).
+Every configuration of one seed shares the initial weights (torch.manual_seed(seed) before the model is built;
+sparsify keeps each layer's largest blocks of them), the data order (permutations drawn from seed + 1), the step
+count, batch, cosine learning-rate schedule and the evaluation steps and test images. So two configurations are
+compared seed by seed: the report gives the mean paired difference over seeds, its standard error and the 95%
+interval of Student's t with n - 1 degrees of freedom; a difference "exceeds the seed noise" when that interval
+excludes zero. Around every mask update the study compares each sparse layer's mask before and after it and
+reports per layer how many blocks the update moved, so that a frozen topology shows.
 
-Dense training runs once, with SGD: SparseOpt only rescales the gradients of sparse layers, so on a dense
-model it is the same optimizer.
+The model is sparsekern.models.resnet18 (CIFAR-style: 3x3 stem, no max-pool; channels w to 8w, w = 64 in the
+paper model) on Fashion-MNIST at 28 px or average-pooled to 14 px. The image stem stays dense, as in
+``python -m sparsekern.train``, whose learning rate, momentum, weight decay, ERK densities and drop fraction
+this uses.
+
+Writes <out>/convergence_<device>.md, .json and .png (accuracy against steps and against training seconds); the
+tiny preset and runs with overrides add a suffix. Each finished run is also saved in --runs-dir, and a rerun
+with the same settings reuses it: an interrupted study continues where it stopped (delete the folder to start
+over). The runs go to --workers processes at once, which share the one device and run the same per-run code on
+every device. No run starts after --deadline seconds; the report lists the runs not done.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import multiprocessing
 import os
+import statistics
 import sys
-import tempfile
+import textwrap
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run as a script from a checkout
 
+import sparsekern as sk  # noqa: E402
 from sparsekern import train  # noqa: E402
-from sparsekern.bench import device_name  # noqa: E402
+from sparsekern.bench import device_name, rigl_torch_scheduler  # noqa: E402
 from sparsekern.bench.plots import pyplot, save_figure  # noqa: E402
+from sparsekern.data import ImageData, load_dataset  # noqa: E402
+from sparsekern.models.resnet import resnet18  # noqa: E402
+from sparsekern.nn.sparsify import layer_densities  # noqa: E402
 
-SPARSE_METHODS = ("set", "rigl", "bidst")
+METHODS = ("set", "rigl", "bidst")
 OPTIMIZERS = ("sgd", "sparseopt")
-BLOCK_STUDY = (16, 32, 64)
-MAIN_BLOCK = 32
-# Accuracy differences below this many points are within what one seed and a short budget can tell apart.
-NOISE_POINTS = 1.0
+UNSTRUCTURED = "rigl-unstructured"
+UNSTRUCTURED_SPARSITY = 0.9
+LR, MOMENTUM, WEIGHT_DECAY, DROP_FRACTION = 0.1, 0.9, 5e-4, 0.3  # sparsekern.train's defaults
+# What the papers report, next to which the report puts each comparison.
+CLAIMS = {
+    "sparseopt vs sgd": "SparseOpt paper: +0.5 to +1.3 points (ImageNet ResNet-50, 90 epochs), +0.7 to +1.4 "
+                        "(CIFAR-100 ResNet-20, 100 epochs) under RigL and SET at 90-97%, most at high sparsity",
+    "bidst vs rigl": "BiDST paper: up to +2.6 points over RigL and SET",
+    "bidst vs set": "BiDST paper: up to +2.6 points over RigL and SET",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    width: int  # resnet18 channels: width .. 8 x width
+    image_size: int  # 28, or 14 (2x2 average pooling)
+    batch: int
+    steps: int
+    update_interval: int  # steps between mask updates (until 75% of the steps, as in sparsekern.dst)
+    evals: int  # evaluations, evenly spaced, the last after the last step
+    test_images: int  # the first N of the 10000
+    seeds: int
+    sparsities: tuple
+    blocks: tuple
+    workers: int  # runs at once (processes)
+    threads: int  # torch threads per worker: on a loaded CPU, OpenMP with more threads than free cores crawls
+    deadline: float  # seconds after the start; no run starts later
+    budget: str
+
+    def run_settings(self) -> dict:
+        """The fields that change what one run computes (a saved run is reused only if they match)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("seeds", "sparsities", "blocks", "workers", "threads", "deadline", "budget")}
+
+
+PRESETS = {
+    "gpu": Preset(width=64, image_size=28, batch=128, steps=300, update_interval=25, evals=4, test_images=5000,
+                  seeds=3, sparsities=(0.9, 0.95, 0.97), blocks=(16, 32), workers=8, threads=2, deadline=390.0,
+                  budget="the whole study on one H200 in at most 8 minutes; not yet run on one, so the step "
+                         "count is a guess and the deadline keeps the report within the budget"),
+    "cpu": Preset(width=64, image_size=14, batch=64, steps=500, update_interval=25, evals=4, test_images=2000,
+                  seeds=3, sparsities=(0.9, 0.95, 0.97), blocks=(16,), workers=2, threads=1, deadline=3300.0,
+                  budget="a reduced study (block 16 only, 14 px) in at most 60 minutes on 2 CPU cores: --estimate "
+                         "projected 34 minutes on a 2-core AMD EPYC shared with light load"),
+    "tiny": Preset(width=16, image_size=14, batch=32, steps=8, update_interval=2, evals=2, test_images=256,
+                   seeds=2, sparsities=(0.9,), blocks=(16,), workers=2, threads=1, deadline=600.0,
+                   budget="CI: every code path in well under a minute on 2 CPU cores; the numbers mean nothing"),
+}
+
+
+def describe(preset: Preset) -> str:
+    w = preset.width
+    return (f"resnet18 width {w} (channels {w}-{8 * w}), Fashion-MNIST at {preset.image_size} px, batch "
+            f"{preset.batch}, {preset.steps} steps, a mask update every {preset.update_interval} steps, "
+            f"{preset.evals} evaluations on {preset.test_images} test images, {preset.seeds} seeds, sparsities "
+            f"{', '.join(f'{s:.0%}' for s in preset.sparsities)}, blocks {', '.join(map(str, preset.blocks))}, "
+            f"{preset.workers} worker(s) of {preset.threads} thread(s), deadline {preset.deadline:.0f} s")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    method: str
+    method: str  # "dense", one of METHODS, or UNSTRUCTURED
     optimizer: str
     sparsity: float
-    block: Optional[int]  # None for dense
+    block: Optional[int]  # None: dense or unstructured
+    seed: int
+
+    @property
+    def config(self) -> str:
+        return config_label(self.method, self.optimizer, self.sparsity, self.block)
 
     @property
     def slug(self) -> str:
-        if self.method == "dense":
-            return f"dense-{self.optimizer}"
-        return f"{self.method}-{self.optimizer}-s{round(self.sparsity * 100)}-b{self.block}"
+        return f"{self.method}-{self.optimizer}-s{round(100 * self.sparsity)}-b{self.block}-seed{self.seed}"
 
 
-def run_grid(sparsities: Sequence[float] = (0.9, 0.95), block_study: bool = True) -> List[RunSpec]:
-    """Dense once, every sparse method x optimizer x sparsity at block 32, then the other block sizes."""
-    specs = [RunSpec("dense", "sgd", 0.0, None)]
-    for sparsity in sparsities:
-        for method in SPARSE_METHODS:
-            for optimizer in OPTIMIZERS:
-                specs.append(RunSpec(method, optimizer, sparsity, MAIN_BLOCK))
-    if block_study:
-        specs += [RunSpec("rigl", "sgd", 0.9, block) for block in BLOCK_STUDY if block != MAIN_BLOCK]
+def config_label(method: str, optimizer: str, sparsity: float, block: Optional[int]) -> str:
+    if method == "dense":
+        return "dense"
+    if block is None:
+        return f"{method} {sparsity:.0%}"
+    return f"{method}+{optimizer} {sparsity:.0%} b{block}"
+
+
+def run_grid(preset: Preset) -> List[RunSpec]:
+    """Seed-major (every configuration of seed 0 first), so that a study cut short still has whole seeds."""
+    specs = []
+    for seed in range(preset.seeds):
+        specs.append(RunSpec("dense", "sgd", 0.0, None, seed))
+        specs += [RunSpec(m, o, s, b, seed) for b in preset.blocks for s in preset.sparsities
+                  for m in METHODS for o in OPTIMIZERS]
+        specs.append(RunSpec(UNSTRUCTURED, "sgd", UNSTRUCTURED_SPARSITY, None, seed))
     return specs
 
 
-def fashion_mnist_with_test_subset(source_dir: str, dest_dir: str, n_test: int) -> str:
-    """A Fashion-MNIST folder with the full training set and the first ``n_test`` test images.
+# -- one run ------------------------------------------------------------------------------------------------
+def load_data(preset: Preset, data_dir: Optional[str], device: str) -> ImageData:
+    """Fashion-MNIST on the device (the training set whole, the first test_images test images)."""
+    data = load_dataset("fashion-mnist", data_dir)
+    train_x, test_x = data.train_x, data.test_x[:preset.test_images]
+    if preset.image_size != 28:
+        # Pooling keeps the normalisation; 14 px quarters the cost of every layer.
+        train_x, test_x = (F.avg_pool2d(x, 28 // preset.image_size) for x in (train_x, test_x))
+    # test_y stays on the host, where sparsekern.train.evaluate compares.
+    return ImageData(train_x.to(device), data.train_y.to(device), test_x.to(device),
+                     data.test_y[:preset.test_images], data.num_classes)
 
-    Evaluating the whole 10k test set every epoch costs more than the short training budget on a CPU
-    (sparse inference at batch 512 runs at a few ms per image there); the first n test images are close to
-    class-balanced.
+
+def data_order(n: int, steps: int, batch: int, seed: int) -> Tensor:
+    """[steps, batch] sample indices: epochs of permutations drawn from seed + 1 (as sparsekern.train draws them)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    epochs = [torch.randperm(n, generator=generator) for _ in range(math.ceil(steps * batch / n))]
+    return torch.cat(epochs)[:steps * batch].view(steps, batch)
+
+
+def is_update_step(step: int, interval: int, t_end: int) -> bool:
+    """sparsekern.dst's schedule (DSTScheduler.is_update_step)."""
+    return step > 0 and step % interval == 0 and step < t_end
+
+
+def weighted_layers(model: nn.Module) -> List[tuple]:
+    """(name, module) of the dense Conv2d/Linear layers, in module order (rigl-torch's order)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+class PerWeightRigL:
+    """Unstructured RigL on dense weights times a mask, with rigl-torch's interface: call it after the backward
+    and step the optimizer only if it returns True (it updates the mask instead on update steps); ``backward_masks``
+    holds each weighted layer's mask (None where the layer stays dense).
+
+    The reference when rigl-torch is not importable: sparsekern.dst.RigL at the granularity of one weight, so
+    that only the granularity differs. ERK densities over the same layers (the stem stays dense), each layer
+    starting from its largest weights; on the same update steps it drops the cosine-decayed fraction of its
+    smallest active weights and grows as many inactive ones with the largest dense gradient (they start at
+    zero, and the momentum of dropped weights is cleared). Gradients are masked on every step.
     """
-    import numpy as np
-    from sparsekern.data import read_idx
 
-    os.makedirs(dest_dir, exist_ok=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        for suffix in (".gz", ""):
-            if os.path.exists(os.path.join(source_dir, name + suffix)):
-                link = os.path.join(dest_dir, name + suffix)
-                if not os.path.exists(link):
-                    os.symlink(os.path.join(os.path.abspath(source_dir), name + suffix), link)
-                break
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        path = os.path.join(source_dir, name + ".gz")
-        array = read_idx(path if os.path.exists(path) else os.path.join(source_dir, name))[:n_test]
-        with open(os.path.join(dest_dir, name), "wb") as f:
-            f.write(bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes())
-            f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    return dest_dir
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsity: float, update_interval: int,
+                 t_end: int):
+        self.optimizer, self.update_interval, self.t_end, self.step = optimizer, update_interval, t_end, 0
+        layers = weighted_layers(model)
+        chosen = [m for n, m in layers if train._stem_filter(m, n)]
+        density = dict(zip(map(id, chosen), layer_densities(chosen, sparsity, "erk")))
+        self.weights = [m.weight for _, m in layers]
+        self.backward_masks: List[Optional[Tensor]] = []
+        self.active: List[int] = []  # fixed per layer, as in block DST
+        with torch.no_grad():
+            for _, module in layers:
+                weight, mask = module.weight, None
+                k = min(max(1, round(density.get(id(module), 1.0) * weight.numel())), weight.numel())
+                if k < weight.numel():
+                    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+                    mask[weight.abs().flatten().topk(k).indices] = True
+                    mask = mask.view_as(weight)
+                    weight.mul_(mask)
+                self.backward_masks.append(mask)
+                self.active.append(k)
 
+    def __call__(self) -> bool:
+        self.step += 1
+        update = is_update_step(self.step, self.update_interval, self.t_end)
+        fraction = DROP_FRACTION / 2 * (1 + math.cos(math.pi * self.step / self.t_end))
+        with torch.no_grad():
+            for weight, mask, k in zip(self.weights, self.backward_masks, self.active):
+                if mask is None:
+                    continue
+                if update:
+                    self._update(weight, mask, k, min(round(fraction * k), mask.numel() - k))
+                weight.grad.mul_(mask)
+        return not update
 
-def train_argv(spec: RunSpec, args: argparse.Namespace, out: str) -> List[str]:
-    argv = ["--model", args.model, "--data", args.data, "--method", spec.method, "--optimizer", spec.optimizer,
-            "--epochs", str(args.epochs), "--max-steps-per-epoch", str(args.max_steps_per_epoch),
-            "--batch-size", str(args.batch_size), "--update-interval", str(args.update_interval),
-            "--device", args.device, "--seed", str(args.seed), "--out", out, "--no-progress"]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if spec.method != "dense":
-        argv += ["--sparsity", str(spec.sparsity), "--block-size", str(spec.block)]
-    return argv
-
-
-def read_log(run_dir: str) -> List[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def result_from_run(spec: RunSpec, log: List[dict]) -> dict:
-    """One table row (and its curve) from a run's per-epoch log."""
-    seconds, curve = 0.0, []
-    for record in log:
-        seconds += record["epoch_seconds"]
-        curve.append({"epoch": record["epoch"], "seconds": seconds, "test_accuracy": record["test_accuracy"]})
-    last = log[-1]
-    return {"method": spec.method, "optimizer": spec.optimizer, "sparsity": spec.sparsity, "block": spec.block,
-            "test_accuracy": last["test_accuracy"],
-            "epoch_seconds": sum(r["epoch_seconds"] for r in log) / len(log),
-            "images_per_second": last["images_per_second"], "mask_update_overhead": last["mask_update_overhead"],
-            "curve": curve}
-
-
-def run_all(specs: Sequence[RunSpec], args: argparse.Namespace, runs_dir: str) -> List[dict]:
-    results = []
-    for i, spec in enumerate(specs, 1):
-        out = os.path.join(runs_dir, spec.slug)
-        print(f"[{i}/{len(specs)}] {spec.slug}", flush=True)
-        started = time.perf_counter()
-        train.main(train_argv(spec, args, out))
-        results.append(result_from_run(spec, read_log(out)))
-        print(f"    {results[-1]['test_accuracy']:.4f} test accuracy, {time.perf_counter() - started:.0f} s", flush=True)
-    return results
+    def _update(self, weight: Tensor, mask: Tensor, k: int, n_swap: int) -> None:
+        if n_swap == 0:
+            return
+        keep = weight.abs().masked_fill(~mask, -math.inf).flatten().topk(k - n_swap).indices
+        new = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        new[keep] = True
+        # The weights are dense, so their gradient is the dense gradient RigL grows by.
+        new[weight.grad.abs().flatten().masked_fill(new, -math.inf).topk(n_swap).indices] = True
+        mask.copy_(new.view_as(mask))
+        weight.mul_(mask)
+        state = self.optimizer.state.get(weight, {})
+        if "momentum_buffer" in state:
+            state["momentum_buffer"].mul_(mask)
 
 
-# -- the report --------------------------------------------------------------------------------------------
-def _label(r: dict) -> str:
-    if r["method"] == "dense":
-        return "dense"
-    return f"{r['method']}+{r['optimizer']} {r['sparsity']:.0%} b{r['block']}"
+def unstructured_rigl(model: nn.Module, optimizer: torch.optim.Optimizer, sparsity: float, interval: int,
+                      t_end: int) -> tuple:
+    """(scheduler, what it is): rigl-torch's RigLScheduler if importable (its own rules: uniform sparsity with
+    the first layer dense, a random initial mask), else PerWeightRigL."""
+    scheduler_cls = rigl_torch_scheduler()
+    if scheduler_cls is None:
+        return (PerWeightRigL(model, optimizer, sparsity, interval, t_end),
+                "PerWeightRigL (convergence.py; rigl-torch is not importable): sparsekern's RigL rules per weight")
+    scheduler = scheduler_cls(model, optimizer, dense_allocation=1.0 - sparsity, T_end=t_end, delta=interval,
+                              alpha=DROP_FRACTION, ignore_linear_layers=False)
+    return scheduler, ("rigl-torch RigLScheduler: uniform sparsity, first layer dense, random initial mask, "
+                       "same update steps and drop fraction")
 
 
-def _pts(a: float, b: float) -> str:
-    return f"{100 * (a - b):+.1f} pts"
+def _masks(dst, unstructured, names: List[str]) -> Dict[str, Tensor]:
+    if dst is not None:
+        return {name: layer.layout.to_block_mask() for name, layer in dst.layers.items()}
+    return {name: mask.clone() for name, mask in zip(names, unstructured.backward_masks) if mask is not None}
 
 
-def _find(results, method, optimizer, sparsity, block=MAIN_BLOCK) -> Optional[dict]:
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(spec: RunSpec, preset: Preset, data: ImageData, device: str) -> dict:
+    """Train one configuration for one seed; the same code on every device."""
+    started = time.perf_counter()
+    steps, t_end = preset.steps, int(0.75 * preset.steps)  # t_end: sparsekern.dst's default
+    torch.manual_seed(spec.seed)
+    model = resnet18(data.num_classes, data.in_channels, width=preset.width)
+    if spec.method in METHODS:
+        sk.sparsify(model, spec.sparsity, spec.block, "erk", filter_fn=train._stem_filter)
+    model.to(device)
+    if spec.method == UNSTRUCTURED:  # torch's SGD: rigl-torch clears its momentum_buffer
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    else:
+        optimizer_cls = sk.optim.SparseOpt if spec.optimizer == "sparseopt" else sk.optim.MaskedSGD
+        optimizer = optimizer_cls(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    dst = unstructured = implementation = None
+    if spec.method in METHODS:
+        dst = train.METHODS[spec.method](model, optimizer, update_interval=preset.update_interval,
+                                         drop_fraction=DROP_FRACTION, total_steps=steps, seed=spec.seed)
+    elif spec.method == UNSTRUCTURED:
+        unstructured, implementation = unstructured_rigl(model, optimizer, spec.sparsity, preset.update_interval,
+                                                         t_end)
+    names = [n for n, _ in weighted_layers(model)]
+    order = data_order(len(data.train_y), steps, preset.batch, spec.seed).to(device)
+    eval_steps = {round(steps * (i + 1) / preset.evals) for i in range(preset.evals)}
+    evaluate_args = SimpleNamespace(device=device, channels_last=False)
+    moved: Dict[str, List[Tensor]] = {}
+    curve, train_seconds, eval_seconds = [], 0.0, 0.0
+    setup_seconds = time.perf_counter() - started
+    tick = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = order[step - 1]
+        loss = F.cross_entropy(model(data.train_x[batch]), data.train_y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        update = (dst.is_update_step(dst.step_count + 1) if dst is not None else
+                  unstructured is not None and is_update_step(step, preset.update_interval, t_end))
+        before = _masks(dst, unstructured, names) if update else None
+        if unstructured is None or unstructured():
+            optimizer.step()
+        schedule.step()
+        if dst is not None:
+            dst.step()
+        if before is not None:
+            after = _masks(dst, unstructured, names)
+            for name, mask in before.items():  # counts stay on the device: no host sync per update
+                moved.setdefault(name, []).append((after[name] & ~mask).sum())
+        if step in eval_steps:
+            _sync(device)
+            train_seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            accuracy = train.evaluate(model, data.test_x, data.test_y, evaluate_args, contextlib.nullcontext)
+            curve.append({"step": step, "seconds": train_seconds, "test_accuracy": accuracy})
+            eval_seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+
+    if dst is not None:
+        layers = {name: {"active": layer.layout.nnz_blocks, "total": math.prod(layer.layout.block_grid)}
+                  for name, layer in dst.layers.items()}
+    elif unstructured is not None:
+        layers = {name: {"active": int(mask.sum()), "total": mask.numel()}
+                  for name, mask in zip(names, unstructured.backward_masks) if mask is not None}
+    else:
+        layers = {}
+    for name, layer in layers.items():
+        layer["moved"] = torch.stack(moved[name]).tolist() if name in moved else []
+    return {**asdict(spec), "config": spec.config, "test_accuracy": curve[-1]["test_accuracy"], "curve": curve,
+            "train_seconds": train_seconds, "eval_seconds": eval_seconds, "setup_seconds": setup_seconds,
+            "images_per_second": steps * preset.batch / train_seconds,
+            "update_seconds": dst.update_seconds if dst is not None else None,
+            "unit": "weights" if unstructured is not None else "blocks", "layers": layers,
+            "implementation": implementation}
+
+
+# -- running many -------------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(preset: Preset, data_dir: Optional[str], device: str, deadline: float) -> None:
+    torch.set_num_threads(preset.threads)
+    _WORKER.update(preset=preset, device=device, deadline=deadline, data=load_data(preset, data_dir, device))
+
+
+def _worker_run(spec: RunSpec) -> Optional[dict]:
+    if time.time() > _WORKER["deadline"]:
+        return None
+    return run_one(spec, _WORKER["preset"], _WORKER["data"], _WORKER["device"])
+
+
+def run_study(specs: Sequence[RunSpec], preset: Preset, device: str, data_dir: Optional[str],
+              runs_dir: Optional[str], workers: int, deadline: float) -> tuple:
+    """(results of the finished runs in spec order, {slug: why not} for the others, how many were reused). Runs
+    saved in runs_dir with the same settings are reused; ``deadline`` is a time.time() after which no run starts."""
+    settings = {**preset.run_settings(), "device": device_name(torch.device(device))}
+    results: Dict[RunSpec, dict] = {}
+    if runs_dir:
+        os.makedirs(runs_dir, exist_ok=True)
+        for spec in specs:
+            path = os.path.join(runs_dir, spec.slug + ".json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    saved = json.load(f)
+                if saved["settings"] == settings:
+                    results[spec] = saved["result"]
+        if results:
+            print(f"reusing {len(results)} finished runs from {runs_dir}", flush=True)
+    todo, reused = [s for s in specs if s not in results], len(results)
+    failed: Dict[str, str] = {}
+
+    def finished(spec: RunSpec, result: Optional[dict], error: Optional[BaseException] = None) -> None:
+        if error is not None or result is None:
+            failed[spec.slug] = f"failed: {error!r}" if error is not None else "not started before the deadline"
+            print(f"  {spec.slug}: {failed[spec.slug]}", flush=True)
+            return
+        results[spec] = result
+        if runs_dir:
+            with open(os.path.join(runs_dir, spec.slug + ".json"), "w") as f:
+                json.dump({"settings": settings, "result": result}, f)
+        print(f"  [{len(results)}/{len(specs)}] {spec.slug}: {result['test_accuracy']:.2%}, "
+              f"{result['train_seconds']:.1f} s training", flush=True)
+
+    print(f"{len(todo)} runs to do on {device} with {workers} worker(s)", flush=True)
+    if todo and workers == 1:
+        data, threads = load_data(preset, data_dir, device), torch.get_num_threads()
+        torch.set_num_threads(preset.threads)
+        try:
+            for spec in todo:
+                if time.time() > deadline:
+                    finished(spec, None)
+                    continue
+                try:
+                    finished(spec, run_one(spec, preset, data, device))
+                except Exception as error:  # one broken configuration must not lose the others
+                    finished(spec, None, error)
+        finally:
+            torch.set_num_threads(threads)
+    elif todo:
+        # spawn: CUDA cannot be initialised again in a forked child.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(preset, data_dir, device, deadline)) as pool:
+            futures = {pool.submit(_worker_run, spec): spec for spec in todo}
+            for future in as_completed(futures):
+                try:
+                    finished(futures[future], future.result())
+                except Exception as error:
+                    finished(futures[future], None, error)
+    return [results[s] for s in specs if s in results], failed, reused
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+# Two-sided 95% quantiles of Student's t for 1-10 degrees of freedom; beyond that the Cornish-Fisher expansion
+# around the normal quantile (Abramowitz & Stegun 26.7.5, three terms) is within 0.001 of the tables.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (no scipy here)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2) +
+            (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    """(mean, sample standard deviation or None for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """a - b paired by seed: the mean difference, its standard error, the half-width of its 95% t interval and
+    whether that interval excludes zero (None with one seed: no noise estimate)."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"n": len(d), "mean": mean, "se": None, "half_width": None, "exceeds_noise": None}
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    half = t_critical(len(d) - 1) * se
+    return {"n": len(d), "mean": mean, "se": se, "half_width": half, "exceeds_noise": abs(mean) > half}
+
+
+def by_config(results: List[dict]) -> Dict[str, List[dict]]:
+    groups: Dict[str, List[dict]] = {}
     for r in results:
-        if (r["method"], r["optimizer"], r["block"]) == (method, optimizer, block) and \
-                abs(r["sparsity"] - sparsity) < 1e-9:
-            return r
-    return None
+        groups.setdefault(r["config"], []).append(r)
+    return groups
 
 
-def frozen_layers(model: str, in_channels: int, sparsity: float, block: int, drop_fraction: float = 0.3) -> tuple:
-    """(layers whose first mask update swaps no block, sparse layers) after ``sparsekern.sparsify`` as train
-    does it: a layer of k blocks swaps round(f * k), which is 0 when k is small."""
-    import sparsekern as sk
-    from sparsekern.models import build_model
-    net = sk.sparsify(build_model(model, 10, in_channels), sparsity, block, filter_fn=train._stem_filter)
-    counts = [m.layout.nnz_blocks for m in net.modules() if isinstance(m, (sk.SparseConv2d, sk.SparseLinear))]
-    return sum(round(drop_fraction * k) == 0 for k in counts), len(counts)
-
-
-def _tally(claim: str, won: List[str], lost: List[str]) -> List[str]:
-    """["<claim> in W of N settings. It did not in ... It did in ..."], or [] where nothing was compared."""
-    if not (won or lost):
-        return []
-    line = f"{claim} in {len(won)} of {len(won) + len(lost)} settings."
-    if lost:
-        line += " It did not in " + "; ".join(lost) + "."
-    if won:
-        line += " It did in " + "; ".join(won) + "."
-    return [line]
-
-
-def findings(results: List[dict], frozen: Optional[Dict[tuple, tuple]] = None) -> List[str]:
-    """Sentences comparing the runs, each derived from the accuracies and timings in ``results`` (and, if
-    given, ``frozen``: {(sparsity, block): (layers that swap no block, sparse layers)})."""
+def comparisons(results: List[dict]) -> List[dict]:
+    """Every paired comparison the study answers, over the seeds both configurations finished."""
+    accuracy = {c: {r["seed"]: r["test_accuracy"] for r in runs} for c, runs in by_config(results).items()}
+    pairs = []
+    for s, b in sorted({(r["sparsity"], r["block"]) for r in results if r["method"] in METHODS}):
+        pairs += [("sparseopt vs sgd", config_label(m, "sparseopt", s, b), config_label(m, "sgd", s, b))
+                  for m in METHODS]
+        pairs += [(f"{m1} vs {m2}", config_label(m1, o, s, b), config_label(m2, o, s, b)) for o in OPTIMIZERS
+                  for m1, m2 in (("bidst", "rigl"), ("bidst", "set"), ("rigl", "set"))]
+        if abs(s - UNSTRUCTURED_SPARSITY) < 1e-9:
+            pairs.append(("block vs unstructured", config_label("rigl", "sgd", s, b),
+                          config_label(UNSTRUCTURED, "sgd", s, None)))
     out = []
-    dense = next((r for r in results if r["method"] == "dense"), None)
-    sparsities = sorted({r["sparsity"] for r in results if r["method"] != "dense"})
-
-    # BiDST against the better of SET and RigL, per sparsity and optimizer.
-    bidst_lost, bidst_won = [], []
-    for s in sparsities:
-        for opt in OPTIMIZERS:
-            bidst = _find(results, "bidst", opt, s)
-            baselines = [r for r in (_find(results, "set", opt, s), _find(results, "rigl", opt, s)) if r]
-            if bidst is None or not baselines:
-                continue
-            best = max(baselines, key=lambda r: r["test_accuracy"])
-            text = (f"{s:.0%}/{opt}: {bidst['test_accuracy']:.2%} vs {best['method']} {best['test_accuracy']:.2%} "
-                    f"({_pts(bidst['test_accuracy'], best['test_accuracy'])})")
-            (bidst_won if bidst["test_accuracy"] > best["test_accuracy"] else bidst_lost).append(text)
-    out += _tally("BiDST beat the better of SET and RigL", bidst_won, bidst_lost)
-
-    # SparseOpt against MaskedSGD, per method and sparsity.
-    so_lost, so_won = [], []
-    for s in sparsities:
-        for method in SPARSE_METHODS:
-            sgd, so = _find(results, method, "sgd", s), _find(results, method, "sparseopt", s)
-            if sgd is None or so is None:
-                continue
-            text = (f"{method} {s:.0%}: {so['test_accuracy']:.2%} vs {sgd['test_accuracy']:.2%} "
-                    f"({_pts(so['test_accuracy'], sgd['test_accuracy'])})")
-            (so_won if so["test_accuracy"] > sgd["test_accuracy"] else so_lost).append(text)
-    out += _tally("SparseOpt beat SGD", so_won, so_lost)
-
-    # Sparse against dense: accuracy and throughput.
-    if dense is not None:
-        for s in sparsities:
-            sparse = [r for r in results if r["method"] != "dense" and abs(r["sparsity"] - s) < 1e-9]
-            if not sparse:
-                continue
-            best = max(sparse, key=lambda r: r["test_accuracy"])
-            fastest = max(sparse, key=lambda r: r["images_per_second"])
-            out.append(f"At {s:.0%} the best sparse run ({_label(best)}, {best['test_accuracy']:.2%}) is "
-                       f"{_pts(best['test_accuracy'], dense['test_accuracy'])} from dense "
-                       f"({dense['test_accuracy']:.2%}); the fastest sparse run trains at "
-                       f"{fastest['images_per_second']:.0f} images/s, "
-                       f"{fastest['images_per_second'] / dense['images_per_second']:.2f}x dense "
-                       f"({dense['images_per_second']:.0f} images/s).")
-
-    # Mask-update cost.
-    costs = {m: [r["mask_update_overhead"] for r in results if r["method"] == m] for m in SPARSE_METHODS}
-    costs = {m: sum(v) / len(v) for m, v in costs.items() if v}
-    if costs:
-        out.append("Mask updates took " + ", ".join(f"{costs[m]:.1%} ({m})" for m in costs) +
-                   " of the training wall time on average.")
-
-    # Block-size study.
-    study = sorted((r for r in results if r["method"] == "rigl" and r["optimizer"] == "sgd"
-                    and abs(r["sparsity"] - 0.9) < 1e-9), key=lambda r: r["block"])
-    if len(study) > 1:
-        best = max(study, key=lambda r: r["test_accuracy"])
-        out.append("Block size (RigL+SGD, 90%): " + ", ".join(
-            f"b{r['block']} {r['test_accuracy']:.2%} at {r['images_per_second']:.0f} images/s" for r in study) +
-            f"; the most accurate was block {best['block']}.")
-
-    for (sparsity, block), (n_frozen, n_layers) in sorted((frozen or {}).items()):
-        if n_frozen:
-            out.append(f"At {sparsity:.0%} with block {block}, {n_frozen} of {n_layers} sparse layers hold so few "
-                       f"blocks that even the first update (30% of them) swaps none: SET and RigL can only move "
-                       f"blocks in the other layers.")
-    for s in sparsities:
-        for opt in OPTIMIZERS:
-            set_run, rigl_run = _find(results, "set", opt, s), _find(results, "rigl", opt, s)
-            if set_run and rigl_run and set_run["test_accuracy"] == rigl_run["test_accuracy"]:
-                out.append(f"SET and RigL ({opt}, {s:.0%}) ended with the same test accuracy "
-                           f"({set_run['test_accuracy']:.2%}): no mask update changed anything there.")
-
-    disturbed = []
-    for r in results:
-        per_epoch = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + r["curve"], r["curve"])]
-        if len(per_epoch) > 1 and max(per_epoch) > 2 * min(per_epoch):
-            disturbed.append(f"{_label(r)} ({', '.join(f'{t:.0f}' for t in per_epoch)} s per epoch)")
-    if disturbed:
-        out.append("Epochs of the same run differing by more than 2x in time mean other jobs shared the CPU: "
-                   "the timings of " + "; ".join(disturbed) + " are not comparable.")
-
-    spread = [abs(a - b) for a, b in _pairs(results)]
-    if spread:
-        close = sum(d < NOISE_POINTS / 100 for d in spread)
-        out.append(f"One seed per run and a short budget: {close} of {len(spread)} of the paired comparisons "
-                   f"above differ by less than {NOISE_POINTS:.0f} point; without repeats over seeds none of these "
-                   f"differences is established, only measured once.")
+    for kind, a, b in pairs:
+        seeds = sorted(accuracy.get(a, {}).keys() & accuracy.get(b, {}).keys())
+        if seeds:
+            out.append({"kind": kind, "a": a, "b": b, **paired_difference([accuracy[a][k] for k in seeds],
+                                                                            [accuracy[b][k] for k in seeds])})
     return out
 
 
-def _pairs(results: List[dict]):
-    """(accuracy, accuracy) of the comparisons made in findings (BiDST vs best baseline, SparseOpt vs SGD)."""
-    sparsities = sorted({r["sparsity"] for r in results if r["method"] != "dense"})
-    for s in sparsities:
-        for opt in OPTIMIZERS:
-            bidst = _find(results, "bidst", opt, s)
-            baselines = [r for r in (_find(results, "set", opt, s), _find(results, "rigl", opt, s)) if r]
-            if bidst and baselines:
-                yield bidst["test_accuracy"], max(r["test_accuracy"] for r in baselines)
-        for method in SPARSE_METHODS:
-            sgd, so = _find(results, method, "sgd", s), _find(results, method, "sparseopt", s)
-            if sgd and so:
-                yield so["test_accuracy"], sgd["test_accuracy"]
+# -- the report ---------------------------------------------------------------------------------------------
+def _pts(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:+.2f}"
 
 
-def format_table(results: List[dict]) -> str:
-    lines = ["| method | optimizer | sparsity | block | final test accuracy | epoch seconds | images/s | "
-             "mask-update overhead |",
+def accuracy_table(results: List[dict]) -> List[str]:
+    lines = ["| configuration | seeds | final test accuracy, mean | std | training s | images/s | "
+             "mask-update share |", "|---|---|---|---|---|---|---|"]
+    for config, runs in by_config(results).items():
+        mean, std = mean_std([r["test_accuracy"] for r in runs])
+        train_s = statistics.fmean(r["train_seconds"] for r in runs)
+        share = "-" if runs[0]["update_seconds"] is None else \
+            f"{statistics.fmean(r['update_seconds'] / r['train_seconds'] for r in runs):.2%}"
+        lines.append(f"| {config} | {len(runs)} | {mean:.2%} | {'-' if std is None else f'{100 * std:.2f} pts'} | "
+                     f"{train_s:.1f} | {statistics.fmean(r['images_per_second'] for r in runs):.0f} | {share} |")
+    return lines
+
+
+def comparison_table(rows: List[dict]) -> List[str]:
+    lines = ["| comparison | a | b | seeds | mean a - b (pts) | SE (pts) | 95% interval (pts) | beyond seed noise |",
              "|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        interval = "-" if c["half_width"] is None else \
+            f"{_pts(c['mean'] - c['half_width'])} to {_pts(c['mean'] + c['half_width'])}"
+        verdict = {None: "n/a (one seed)", True: "**yes**", False: "no"}[c["exceeds_noise"]]
+        se = "-" if c["se"] is None else f"{100 * c['se']:.2f}"
+        lines.append(f"| {c['kind']} | {c['a']} | {c['b']} | {c['n']} | {_pts(c['mean'])} | {se} | {interval} | "
+                     f"{verdict} |")
+    return lines
+
+
+def findings(rows: List[dict]) -> List[str]:
+    """One line per kind of comparison: how often the first beat the second beyond the noise, and what the
+    papers claim."""
+    out = []
+    for kind in dict.fromkeys(c["kind"] for c in rows):
+        same = [c for c in rows if c["kind"] == kind]
+        higher = sum(c["exceeds_noise"] is True and c["mean"] > 0 for c in same)
+        lower = sum(c["exceeds_noise"] is True and c["mean"] < 0 for c in same)
+        means = [100 * c["mean"] for c in same]
+        line = (f"{kind}: the first higher beyond the seed noise in {higher} of {len(same)} settings, lower beyond "
+                f"it in {lower}, within it (or one seed) in {len(same) - higher - lower}; mean differences "
+                f"{min(means):+.2f} to {max(means):+.2f} points.")
+        if kind in CLAIMS:
+            line += f" Claimed: {CLAIMS[kind]}."
+        out.append(line)
+    return out
+
+
+def never_moved(results: List[dict]) -> Dict[str, List[str]]:
+    """{configuration: layers that no update of any seed moved}, for the configurations with mask updates."""
+    out = {}
+    for config, runs in by_config(results).items():
+        layers = runs[0]["layers"]
+        frozen = [n for n in layers if all(sum(r["layers"][n]["moved"]) == 0 for r in runs)]
+        if layers and frozen:
+            out[config] = frozen
+    return out
+
+
+def moves_table(runs: List[dict]) -> List[str]:
+    """Per layer of one seed's runs of one (sparsity, block): what each mask update moved, per configuration."""
+    unit = runs[0]["unit"]
+    lines = [f"| layer | active / all {unit} | " + " | ".join(r["config"] for r in runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
+    for name, layer in runs[0]["layers"].items():
+        cells = [" ".join(map(str, r["layers"][name]["moved"])) or "(no update)" for r in runs]
+        lines.append(f"| {name} | {layer['active']} / {layer['total']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(results: List[dict], failed: Dict[str, str], settings: dict, path: str,
+                 plot_name: Optional[str] = None) -> str:
+    rows = comparisons(results)
+    seed0 = min((r["seed"] for r in results), default=0)
+    took = f"{settings['wall_minutes']} minutes of wall time"
+    if settings["reused_runs"]:
+        took += f" in its last invocation, which reused {settings['reused_runs']} runs saved by earlier ones"
+    text = [f"# Convergence study ({settings['device']}, preset {settings['preset']})", "",
+            f"Settings: {settings['description']}; device {settings['device']}; the study took {took}. Learning "
+            f"rate {LR} with a cosine decay to 0 over the steps, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}; "
+            f"ERK layer densities with the image stem dense; mask updates until 75% of the steps, replacing a "
+            f"cosine-decayed fraction (from {DROP_FRACTION}) of each layer's blocks. Every configuration of one seed "
+            f"starts from the same weights and sees the same batches in the same order.", "",
+            "`training s` and `images/s` exclude evaluation; with several workers, runs shared the device, so "
+            "seconds compare only within one report. `mask-update share`: host time in sparsekern.dst's updates "
+            "over training time (on a GPU that misses the asynchronous device work).", "",
+            f"Unstructured reference: {settings['unstructured']}.", "",
+            "## Final test accuracy over seeds", "", *accuracy_table(results), "",
+            "## Paired comparisons", "",
+            "Each row pairs the two configurations seed by seed: mean of (a - b) over the seeds, its standard error "
+            "and the 95% Student-t interval (n - 1 degrees of freedom); *beyond seed noise* when that interval "
+            "excludes zero.", "", *comparison_table(rows), "", "## What the numbers say", ""]
+    text += [f"- {line}" for line in findings(rows)]
+    if failed:
+        text.append(f"- Not done ({len(failed)} runs): " + "; ".join(f"{k} ({v})" for k, v in failed.items()) + ".")
+
+    text += ["", "## Topology: what each mask update moved", ""]
+    frozen = never_moved(results)
+    if frozen:
+        text += ["Layers whose topology never moved (no update of any seed changed their mask):", ""]
+        text += [f"- {config}: {len(names)} of {len(by_config(results)[config][0]['layers'])} layers: "
+                 f"{', '.join(names)}" for config, names in frozen.items()]
+    else:
+        text.append("Every sparse layer moved in every configuration.")
+    text += ["", f"Per layer, the number of blocks (weights for the unstructured run) each update made active, in "
+                 f"update order, seed {seed0}:", ""]
+    groups: Dict[tuple, List[dict]] = {}
     for r in results:
-        dense = r["method"] == "dense"
-        lines.append(f"| {r['method']} | {r['optimizer']} | {'0%' if dense else format(r['sparsity'], '.0%')} | "
-                     f"{'-' if dense else r['block']} | {r['test_accuracy']:.2%} | {r['epoch_seconds']:.1f} | "
-                     f"{r['images_per_second']:.0f} | {r['mask_update_overhead']:.2%} |")
-    return "\n".join(lines)
-
-
-def write_report(results: List[dict], path: str, settings: Dict[str, object], device: str,
-                 plot_name: Optional[str] = None, frozen: Optional[Dict[tuple, tuple]] = None) -> str:
-    """The markdown report: settings, the table, and what the numbers say."""
-    budget = ", ".join(f"{k} {v}" for k, v in settings.items())
-    text = [f"# Convergence under one budget ({device})", "",
-            f"Settings: {budget}. Every run: `python -m sparsekern.train` with the same seed, cosine "
-            f"learning rate and step count; sparse runs use ERK layer densities and keep the image stem dense. "
-            f"Dense runs once with SGD (SparseOpt rescales only sparse layers, so on a dense model it is SGD). "
-            f"`epoch seconds` and `images/s` are training time only (evaluation excluded); `mask-update "
-            f"overhead` is the share of training wall time spent in mask updates.", "",
-            format_table(results), "", "## What we measured", ""]
-    text += [f"- {line}" for line in findings(results, frozen)]
+        if r["layers"] and r["seed"] == seed0:
+            groups.setdefault((r["sparsity"], r["block"] or 0), []).append(r)
+    for (sparsity, block), runs in sorted(groups.items()):
+        text += [f"### {sparsity:.0%}, " + (f"block {block}" if block else "unstructured"), "", *moves_table(runs), ""]
     if plot_name:
-        text += ["", f"![test accuracy vs epoch and vs training seconds]({plot_name})"]
+        text += [f"![test accuracy against steps and against training seconds]({plot_name})"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(text) + "\n")
@@ -321,105 +601,123 @@ def write_report(results: List[dict], path: str, settings: Dict[str, object], de
 
 
 def plot_curves(results: List[dict], path: str, title: str = "") -> Optional[str]:
-    """Test accuracy vs epoch and vs cumulative training seconds, one row per sparsity (dense in every row)."""
+    """Mean test accuracy (band: one std over seeds) against steps and against training seconds, one row per
+    (sparsity, block), dense (and the unstructured reference at its sparsity) in every row."""
     plt = pyplot()
     if plt is None:
         return None
-    sparsities = sorted({r["sparsity"] for r in results if r["method"] != "dense"}) or [0.0]
-    colors = {"dense": "black", "set": "tab:blue", "rigl": "tab:orange", "bidst": "tab:green"}
-    block_styles = {16: (0, (1, 1)), 64: (0, (5, 1, 1, 1))}
-    fig, axes = plt.subplots(len(sparsities), 2, figsize=(11, 3.6 * len(sparsities)), squeeze=False)
-    for row, s in enumerate(sparsities):
-        shown = [r for r in results if r["method"] == "dense" or abs(r["sparsity"] - s) < 1e-9]
-        for r in shown:
-            style = "--" if r["optimizer"] == "sparseopt" else "-"
-            if r["block"] not in (None, MAIN_BLOCK):
-                style = block_styles.get(r["block"], ":")
-            label = "dense" if r["method"] == "dense" else f"{r['method']}+{r['optimizer']}" + (
-                f" b{r['block']}" if r["block"] != MAIN_BLOCK else "")
-            for col, key in enumerate(("epoch", "seconds")):
-                axes[row][col].plot([p[key] for p in r["curve"]], [100 * p["test_accuracy"] for p in r["curve"]],
-                                    linestyle=style, marker="o", markersize=3,
-                                    color=colors.get(r["method"], "grey"), label=label)
-        for col, xlabel in enumerate(("epoch", "training seconds")):
+    rows = sorted({(r["sparsity"], r["block"]) for r in results if r["method"] in METHODS}) or [(0.0, None)]
+    colors = {"dense": "black", "set": "tab:blue", "rigl": "tab:orange", "bidst": "tab:green", UNSTRUCTURED: "grey"}
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
+    for row, (s, b) in enumerate(rows):
+        for config, runs in by_config(results).items():
+            r0 = runs[0]
+            if not (r0["method"] == "dense" or (r0["sparsity"], r0["block"]) == (s, b) or
+                    (r0["method"] == UNSTRUCTURED and abs(r0["sparsity"] - s) < 1e-9)):
+                continue
+            acc = torch.tensor([[100 * p["test_accuracy"] for p in r["curve"]] for r in runs])
+            mean, std = acc.mean(0), (acc.std(0) if len(runs) > 1 else torch.zeros_like(acc[0]))
+            for col, key in enumerate(("step", "seconds")):
+                x = torch.tensor([[p[key] for p in r["curve"]] for r in runs], dtype=torch.float64).mean(0)
+                ax = axes[row][col]
+                ax.plot(x, mean, marker="o", markersize=3, color=colors.get(r0["method"], "grey"),
+                        linestyle="--" if r0["optimizer"] == "sparseopt" else "-", label=config)
+                ax.fill_between(x, mean - std, mean + std, color=colors.get(r0["method"], "grey"), alpha=0.12)
+        for col, xlabel in enumerate(("step", "training seconds")):
             ax = axes[row][col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"{s:.0%} sparse (block {MAIN_BLOCK} unless marked)", fontsize=10)
+            ax.set_title(f"{s:.0%} sparse, block {b}", fontsize=10)
             ax.grid(alpha=0.3)
-        axes[row][1].legend(fontsize=7, loc="lower right")
+        axes[row][1].legend(fontsize=6, loc="lower right")
     return save_figure(plt, fig, path, title, dpi=110)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="resnet32", help="a model of sparsekern.models")
-    p.add_argument("--data", default="fashion-mnist", help="dataset of sparsekern.train (--data)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: sparsekern.train's)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-steps-per-epoch", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--update-interval", type=int, default=10, help="steps between mask updates")
-    p.add_argument("--test-images", type=int, default=2000,
-                   help="fashion-mnist only: evaluate on the first N test images (0: all 10000)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 epoch of 10 steps, 90%% sparsity only, no block-size study")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the .md and .png")
-    p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
-    p.add_argument("--report-from", default=None, metavar="JSON",
-                   help="train nothing: rewrite the .md and .png from a results JSON this script wrote")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.epochs, args.max_steps_per_epoch, args.test_images = 1, 10, min(args.test_images or 512, 512)
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    specs = run_grid((0.9,) if args.quick else (0.9, 0.95), block_study=not args.quick)
-    device = device_name(torch.device(args.device))
-    stem = os.path.join(args.out, f"convergence_{device}{'_quick' if args.quick else ''}")
-    if args.report_from:
-        with open(args.report_from) as f:
-            saved = json.load(f)
-        return write_outputs(saved["results"], saved["settings"], saved["run"], device, stem)
-
-    settings = {"model": args.model, "data": args.data, "epochs": args.epochs,
-                "steps per epoch": args.max_steps_per_epoch, "batch": args.batch_size,
-                "update interval": args.update_interval, "device": f"{args.device} ({device})",
-                "threads": torch.get_num_threads(), "test images": args.test_images or "all"}
-    run = {k: getattr(args, k) for k in ("model", "data", "epochs", "max_steps_per_epoch", "batch_size")}
-    print(f"{len(specs)} runs: " + ", ".join(s.slug for s in specs), flush=True)
-    with tempfile.TemporaryDirectory(prefix="convergence-") as tmp:
-        runs_dir = args.runs_dir or tmp
-        if args.test_images:
-            if args.data != "fashion-mnist":
-                raise SystemExit("--test-images applies to --data fashion-mnist only")
-            from sparsekern.data import FASHION_MNIST_DIR
-            args.data_dir = fashion_mnist_with_test_subset(args.data_dir or FASHION_MNIST_DIR,
-                                                           os.path.join(tmp, "fashion-mnist"), args.test_images)
-        results = run_all(specs, args, runs_dir)
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"settings": settings, "run": run, "results": results}, f, indent=1)
-    return write_outputs(results, settings, run, device, stem)
-
-
-def write_outputs(results: List[dict], settings: dict, run: dict, device: str, stem: str) -> int:
-    """``stem``.png and ``stem``.md from the results."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    png = plot_curves(results, stem + ".png", f"{run['model']} on {run['data']}: {run['epochs']} x "
-                      f"{run['max_steps_per_epoch']} steps, batch {run['batch_size']}")
-    in_channels = 1 if run["data"] == "fashion-mnist" else 3
-    frozen = {(r["sparsity"], r["block"]): frozen_layers(run["model"], in_channels, r["sparsity"], r["block"])
-              for r in results if r["method"] != "dense"}
-    md = write_report(results, stem + ".md", settings, device, os.path.basename(png) if png else None, frozen)
+def write_outputs(saved: dict, stem: str) -> int:
+    """``stem``.md and .png from a study's saved JSON (``stem``.json)."""
+    settings = saved["settings"]
+    title = textwrap.fill(f"{settings['preset']} preset on {settings['device']}: {settings['description']}", 140)
+    png = plot_curves(saved["results"], stem + ".png", title)
+    md = write_report(saved["results"], saved["failed"], settings, stem + ".md",
+                      os.path.basename(png) if png else None)
     print(open(md).read())
     print(f"wrote {md}" + (f" and {png}" if png else ""))
     return 0
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def estimate(preset: Preset, args: argparse.Namespace) -> int:
+    """Time one short run of each configuration (seed 0) and project the preset's duration from it (no mask
+    update falls within 8 steps: they are left out, and the first steps' warm-up is counted in)."""
+    short = replace(preset, steps=min(preset.steps, 8), evals=1, seeds=1)
+    results, failed, _ = run_study(run_grid(short), short, args.device, args.data_dir, None, 1, math.inf)
+    total = 0.0
+    print(f"\nprojected for the {args.preset} preset ({describe(preset)}):")
+    for r in results:
+        per_run = (r["setup_seconds"] + preset.steps * r["train_seconds"] / short.steps +
+                   preset.evals * r["eval_seconds"])
+        total += preset.seeds * per_run
+        print(f"  {r['config']:<32} {r['train_seconds'] / short.steps:6.3f} s/step, "
+              f"{r['eval_seconds']:5.1f} s/evaluation, {per_run:6.0f} s per run")
+    print(f"total: {total / 60:.1f} minutes with one worker; about {total / 60 / preset.workers:.1f} with "
+          f"{preset.workers} if the device keeps up" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    epilog = "presets:\n" + "\n".join(f"  {name}: {p.budget}.\n    {describe(p)}" for name, p in PRESETS.items())
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = torch.cuda.is_available()
+    p.add_argument("--preset", choices=list(PRESETS), default="gpu" if on_gpu else "cpu",
+                   help="see below (default: gpu where CUDA is available, else cpu)")
+    p.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    p.add_argument("--workers", type=int, default=None, help="override the preset's parallel runs")
+    p.add_argument("--threads", type=int, default=None, help="override the preset's torch threads per worker")
+    p.add_argument("--deadline", type=float, default=None, help="override the preset's deadline (seconds)")
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu", help="default: cuda where available, else cpu")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: sparsekern.data's)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"),
+                   help="folder for the .md, .json and .png (default: benchmarks/results)")
+    p.add_argument("--runs-dir", default=None,
+                   help="finished runs are saved and reused here (default: runs/convergence-<preset>-<device> in the "
+                        "checkout)")
+    p.add_argument("--estimate", action="store_true",
+                   help="time an 8-step run of every configuration (seed 0) and print the preset's projected "
+                        "duration; writes nothing")
+    p.add_argument("--report-from", default=None, metavar="JSON",
+                   help="train nothing: rewrite the .md and .png from a .json this script wrote")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    args = parse_args(argv)
+    if args.report_from:
+        with open(args.report_from) as f:
+            saved = json.load(f)
+        return write_outputs(saved, os.path.splitext(args.report_from)[0])
+    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "workers", "threads", "deadline") if getattr(args, k)}
+    preset = replace(PRESETS[args.preset], **overrides)
+    if args.estimate:
+        return estimate(preset, args)
+    device = device_name(torch.device(args.device))
+    # Overrides that change the numbers (not only how fast they come) keep the preset's report from being replaced.
+    suffix = ("_tiny" if args.preset == "tiny" else "") + ("_custom" if overrides.keys() & {"seeds", "steps"} else "")
+    stem = os.path.join(args.out, f"convergence_{device}{suffix}")
+    runs_dir = args.runs_dir or os.path.join(os.path.dirname(HERE), "runs", f"convergence-{args.preset}-{device}")
+    results, failed, reused = run_study(run_grid(preset), preset, args.device, args.data_dir, runs_dir,
+                                        preset.workers, started + preset.deadline)
+    unstructured = next((r["implementation"] for r in results if r["method"] == UNSTRUCTURED), "not run")
+    settings = {"preset": args.preset, "description": describe(preset), "device": device, "unstructured": unstructured,
+                "wall_minutes": round((time.time() - started) / 60, 1), "reused_runs": reused}
+    os.makedirs(args.out, exist_ok=True)
+    saved = {"settings": settings, "failed": failed, "comparisons": comparisons(results), "results": results}
+    with open(stem + ".json", "w") as f:
+        json.dump(saved, f, indent=1)
+    write_outputs(saved, stem)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The benchmark tools on tiny shapes: the default suite's training loops, tables, CSV and plots, the GPU suites
 (gpu-linear, gpu-optim, gpu-conv) run end to end on the CPU, their correctness check catching wrong backends, --help
-and --static, and convergence.py's report writer on made-up run results."""
+and --static, and convergence.py: its statistics on made-up numbers and its tiny preset end to end."""
 import csv
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -457,71 +459,149 @@ def test_gpu_suites_run_on_cuda(tmp_path, monkeypatch):
 
 
 # -- convergence.py -----------------------------------------------------------------------------------------
-def _fake_log(accuracies, seconds=10.0, rate=100.0, overhead=0.01):
-    return [{"epoch": i + 1, "step": 50 * (i + 1), "test_accuracy": a, "epoch_seconds": seconds,
-             "images_per_second": rate, "mask_update_overhead": overhead} for i, a in enumerate(accuracies)]
+def _fake_run(conv, method, optimizer, sparsity, block, seed, accuracy):
+    spec = conv.RunSpec(method, optimizer, sparsity, block, seed)
+    return {"method": method, "optimizer": optimizer, "sparsity": sparsity, "block": block, "seed": seed,
+            "config": spec.config, "test_accuracy": accuracy}
 
 
-def _fake_results(conv):
-    acc = {("set", "sgd"): 0.80, ("set", "sparseopt"): 0.81, ("rigl", "sgd"): 0.82, ("rigl", "sparseopt"): 0.79,
-           ("bidst", "sgd"): 0.78, ("bidst", "sparseopt"): 0.83}
-    results = [conv.result_from_run(conv.RunSpec("dense", "sgd", 0.0, None), _fake_log([0.7, 0.85], rate=300.0,
-                                                                                        overhead=0.0))]
-    for spec in conv.run_grid((0.9,), block_study=True):
-        if spec.method == "dense":
-            continue
-        final = acc[(spec.method, spec.optimizer)] - (0.01 if spec.block == 64 else 0.0)
-        results.append(conv.result_from_run(spec, _fake_log([final - 0.1, final])))
-    return results
-
-
-def test_convergence_grid():
+def test_convergence_statistics_on_made_up_numbers():
     conv = _convergence()
-    specs = conv.run_grid()
-    assert len(specs) == 1 + 3 * 2 * 2 + 2
-    assert sum(s.method == "dense" for s in specs) == 1
-    assert {s.block for s in specs if s.method == "rigl" and s.optimizer == "sgd" and s.sparsity == 0.9} == \
-        {16, 32, 64}
-    argv = conv.train_argv(specs[1], conv.parse_args([]), "/tmp/x")
-    assert argv[argv.index("--sparsity") + 1] == "0.9" and argv[argv.index("--block-size") + 1] == "32"
-    assert "--sparsity" not in conv.train_argv(specs[0], conv.parse_args([]), "/tmp/x")
+    assert conv.t_critical(2) == 4.303 and conv.t_critical(11) == pytest.approx(2.201, abs=0.001)
+    assert conv.t_critical(30) == pytest.approx(2.042, abs=0.001)
+    mean, std = conv.mean_std([0.80, 0.82, 0.84])
+    assert (mean, std) == (pytest.approx(0.82), pytest.approx(0.02))
+    # Differences 1, 2, 3 points: mean 2, SE 1/sqrt(3) = 0.577, 95% half-width 4.303 x 0.577 = 2.48 > 2: noise.
+    noisy = conv.paired_difference([0.80, 0.82, 0.84], [0.79, 0.80, 0.81])
+    assert noisy["mean"] == pytest.approx(0.02) and noisy["se"] == pytest.approx(0.01 / 3 ** 0.5)
+    assert noisy["half_width"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5) and noisy["exceeds_noise"] is False
+    # The same mean with 0.1-point spread, and its mirror image: beyond the noise, both ways.
+    assert conv.paired_difference([0.819, 0.820, 0.821], [0.80] * 3)["exceeds_noise"] is True
+    lower = conv.paired_difference([0.80] * 3, [0.819, 0.820, 0.821])
+    assert lower["exceeds_noise"] is True and lower["mean"] < 0
+    assert conv.paired_difference([0.9], [0.8])["exceeds_noise"] is None  # one seed: no noise estimate
+
+    # SparseOpt gains 2.0 +- 0.1 points under RigL on every seed, nothing under SET; BiDST loses 5 points to RigL.
+    runs = []
+    for seed, jitter in enumerate((-0.001, 0.0, 0.001)):
+        base = 0.80 + 0.01 * seed
+        runs += [_fake_run(conv, "rigl", "sgd", 0.9, 16, seed, base),
+                 _fake_run(conv, "rigl", "sparseopt", 0.9, 16, seed, base + 0.02 + jitter),
+                 _fake_run(conv, "set", "sgd", 0.9, 16, seed, base),
+                 _fake_run(conv, "set", "sparseopt", 0.9, 16, seed, base + (0.01, -0.01, 0.0)[seed]),
+                 _fake_run(conv, "bidst", "sgd", 0.9, 16, seed, base - 0.05 + jitter),
+                 _fake_run(conv, conv.UNSTRUCTURED, "sgd", 0.9, None, seed, base + 0.01 + jitter)]
+    rows = {(c["kind"], c["a"]): c for c in conv.comparisons(runs)}
+    assert rows[("sparseopt vs sgd", "rigl+sparseopt 90% b16")]["exceeds_noise"] is True
+    assert rows[("sparseopt vs sgd", "rigl+sparseopt 90% b16")]["mean"] == pytest.approx(0.02)
+    assert rows[("sparseopt vs sgd", "set+sparseopt 90% b16")]["exceeds_noise"] is False
+    assert rows[("bidst vs rigl", "bidst+sgd 90% b16")]["mean"] == pytest.approx(-0.05)
+    block = rows[("block vs unstructured", "rigl+sgd 90% b16")]
+    assert block["b"] == "rigl-unstructured 90%" and block["exceeds_noise"] is True and block["n"] == 3
+    assert ("sparseopt vs sgd", "bidst+sparseopt 90% b16") not in rows  # not run: no comparison
+    text = "\n".join(conv.findings(conv.comparisons(runs)))
+    assert "sparseopt vs sgd: the first higher beyond the seed noise in 1 of 2 settings, lower beyond it in 0" in text
+    assert "bidst vs rigl: the first higher beyond the seed noise in 0 of 1 settings, lower beyond it in 1" in text
 
 
-def test_convergence_report_from_fake_runs(tmp_path):
+def test_convergence_grids_and_help(capsys):
     conv = _convergence()
-    results = _fake_results(conv)
-    assert results[0]["curve"][-1]["seconds"] == pytest.approx(20.0)
-    path = conv.write_report(results, str(tmp_path / "report.md"), {"epochs": 2}, "fake-cpu", "plot.png")
-    text = open(path).read()
-    assert "| dense | sgd | 0% | - | 85.00% |" in text
-    assert "| rigl | sgd | 90% | 16 | 82.00% |" in text
-    # derived from the numbers: BiDST lost with sgd (78% vs RigL 82%) and won with sparseopt (83% vs 81%)
-    assert "BiDST beat the better of SET and RigL in 1 of 2 settings" in text
-    assert "90%/sgd: 78.00% vs rigl 82.00% (-4.0 pts)" in text
-    # SparseOpt: +1 (set), -3 (rigl), +5 (bidst)
-    assert "SparseOpt beat SGD in 2 of 3 settings. It did not in rigl 90%: 79.00% vs 82.00% (-3.0 pts)" in text
-    assert "the most accurate was block 16" in text  # 16 and 32 tie at 82%; the first wins
-    assert "![" in text and "plot.png" in text
+    for name, per_seed in (("gpu", 1 + 3 * 2 * 3 * 2 + 1), ("cpu", 1 + 3 * 2 * 3 + 1), ("tiny", 1 + 3 * 2 + 1)):
+        preset = conv.PRESETS[name]
+        specs = conv.run_grid(preset)
+        assert len(specs) == preset.seeds * per_seed and len(set(specs)) == len(specs)
+        assert [s.seed for s in specs] == sorted(s.seed for s in specs)  # seed-major
+        assert {s.config for s in specs if s.seed == 0} == {s.config for s in specs if s.seed == preset.seeds - 1}
+    assert conv.PRESETS["gpu"].seeds >= 3 and conv.PRESETS["cpu"].seeds >= 3
+    assert conv.PRESETS["gpu"].sparsities == (0.9, 0.95, 0.97) and conv.PRESETS["gpu"].blocks == (16, 32)
+    with pytest.raises(SystemExit):
+        conv.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(conv.describe(p) in out for p in conv.PRESETS.values())  # the presets as they are
+    assert "--estimate" in out and "--report-from" in out
 
 
-def test_convergence_plot_and_test_subset(tmp_path):
+def test_convergence_per_weight_rigl():
+    """The unstructured reference keeps each layer's count, masks gradients, and moves weights on update steps."""
     conv = _convergence()
-    pytest.importorskip("matplotlib")
-    png = conv.plot_curves(_fake_results(conv), str(tmp_path / "curves.png"), "fake")
-    assert png and os.path.getsize(png) > 0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 4 * 4, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = conv.PerWeightRigL(model, optimizer, sparsity=0.9, update_interval=2, t_end=10)
+    stem, conv2, fc = rigl.backward_masks
+    assert stem is None  # the 1-channel stem stays dense
+    counts = [int(conv2.sum()), int(fc.sum())]
+    assert all(0 < c < m.numel() for c, m in zip(counts, (conv2, fc)))
+    assert torch.equal(model[2].weight != 0, conv2)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for step in (1, 2):
+        before = conv2.clone()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        stepped = rigl()
+        assert stepped == (step == 1)  # step 2 updates the mask instead of stepping
+        assert torch.all(model[2].weight.grad[~conv2] == 0)
+        if stepped:
+            optimizer.step()
+            assert torch.equal(conv2, before)
+    assert [int(conv2.sum()), int(fc.sum())] == counts
+    assert 0 < int((conv2 & ~before).sum()) <= round(0.3 / 2 * (1 + math.cos(math.pi * 2 / 10)) * counts[0])
+    assert torch.all(model[2].weight[~conv2] == 0)
+    assert torch.all(optimizer.state[model[2].weight]["momentum_buffer"][~conv2] == 0)
 
-    import gzip
-    import numpy as np
-    from sparsekern.data import fashion_mnist
-    source = tmp_path / "source"
-    source.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("t10k", 5)):
-        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n))):
-            header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-            with gzip.open(source / f"{split}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + array.astype(np.uint8).tobytes())
-    subset = conv.fashion_mnist_with_test_subset(str(source), str(tmp_path / "subset"), 3)
-    full, cut = fashion_mnist(str(source)), fashion_mnist(subset)
-    assert torch.equal(cut.train_x, full.train_x) and torch.equal(cut.test_y, full.test_y[:3])
-    assert torch.equal(cut.test_x, full.test_x[:3])
+
+def test_convergence_tiny_preset_end_to_end(tmp_path, capsys):
+    """The tiny preset as CI runs it (two worker processes), then one run redone in this process: same numbers."""
+    conv = _convergence()
+    runs_dir = tmp_path / "runs"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence.py"), "--preset", "tiny",
+                           "--device", "cpu", "--out", str(tmp_path), "--runs-dir", str(runs_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stem = tmp_path / f"convergence_{bench.device_name(CPU)}_tiny"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    preset = conv.PRESETS["tiny"]
+    assert saved["failed"] == {} and saved["settings"]["preset"] == "tiny"
+    results = saved["results"]
+    assert len(results) == len(conv.run_grid(preset))
+    groups = conv.by_config(results)
+    assert all(sorted(r["seed"] for r in runs) == list(range(preset.seeds)) for runs in groups.values())
+    updates = sum(conv.is_update_step(s, preset.update_interval, int(0.75 * preset.steps))
+                  for s in range(1, preset.steps + 1))
+    for r in results:
+        assert [p["step"] for p in r["curve"]][-1] == preset.steps and len(r["curve"]) == preset.evals
+        assert r["test_accuracy"] == r["curve"][-1]["test_accuracy"]
+        for layer in r["layers"].values():
+            assert len(layer["moved"]) == updates and all(0 <= m <= layer["active"] for m in layer["moved"])
+        if r["method"] in conv.METHODS:
+            assert r["unit"] == "blocks" and sum(sum(v["moved"]) for v in r["layers"].values()) > 0
+    kinds = [c["kind"] for c in saved["comparisons"]]
+    assert sorted(set(kinds)) == ["bidst vs rigl", "bidst vs set", "block vs unstructured", "rigl vs set",
+                                  "sparseopt vs sgd"]
+    assert kinds.count("sparseopt vs sgd") == 3 and kinds.count("bidst vs rigl") == 2
+    assert all(c["n"] == preset.seeds and c["se"] is not None for c in saved["comparisons"])
+
+    text = stem.with_suffix(".md").read_text()
+    for heading in ("## Final test accuracy over seeds", "## Paired comparisons", "## What the numbers say",
+                    "## Topology: what each mask update moved", "### 90%, block 16", "### 90%, unstructured"):
+        assert heading in text
+    mean, std = conv.mean_std([r["test_accuracy"] for r in groups["dense"]])
+    assert f"| dense | {preset.seeds} | {mean:.2%} | {100 * std:.2f} pts |" in text
+    assert "| sparseopt vs sgd | rigl+sparseopt 90% b16 | rigl+sgd 90% b16 | 2 |" in text
+    assert "| layers.7.conv2 |" in text and "Unstructured reference: PerWeightRigL" in text
+    if conv.pyplot() is not None:
+        assert stem.with_suffix(".png").stat().st_size > 0
+
+    # Redo one run in this process (one worker): the others are reused, and it reproduces the pool's numbers.
+    redo = runs_dir / "rigl-sparseopt-s90-b16-seed1.json"
+    before = json.loads(redo.read_text())["result"]
+    redo.unlink()
+    assert conv.main(["--preset", "tiny", "--workers", "1", "--device", "cpu", "--out", str(tmp_path),
+                      "--runs-dir", str(runs_dir)]) == 0
+    assert f"reusing {len(results) - 1} finished runs" in capsys.readouterr().out
+    after = json.loads(redo.read_text())["result"]
+    assert after["curve"][-1]["test_accuracy"] == before["curve"][-1]["test_accuracy"]
+    assert after["layers"] == before["layers"]
+    assert conv.main(["--report-from", str(stem.with_suffix(".json"))]) == 0
+    assert stem.with_suffix(".md").read_text().startswith("# Convergence study")
