@@ -23,9 +23,10 @@ choice, so a model built on the CPU under a forced GPU backend still builds. A f
 that cannot run on its own device raises; one that lacks an op (or the operands' dtype, e.g. Triton and float64)
 uses the reference for that op (``python -m sparsekern.info`` lists which ops each backend has).
 
-The public functions below check their arguments, then call the custom op where autograd, torch.compile, a tensor
-subclass or a mode must see it, and its implementation directly otherwise (``_run``): inference calls skip the
-custom op's Python wrappers.
+The public functions below check their arguments, then call the custom op where torch.compile, torch.func, a
+tensor subclass or a mode must see it; in plain eager mode a call that needs grad runs a ``torch.autograd.Function``
+with the custom op's own setup and backward, and any other call runs its implementation directly (``_run``): eager
+calls skip the custom op's Python wrappers.
 """
 from __future__ import annotations
 
@@ -235,10 +236,11 @@ def _requires_grad(op: str, args: Sequence) -> bool:
 
 def _run(op: str, *args):
     """Run the non-mutating op ``op`` for a public entry point or a backward formula. Through its custom op
-    (``torch.ops.sparsekern.<op>``) where something must see the op: autograd (an input requires grad, or a
-    torch.func transform), torch.compile and export, tensor subclasses, torch function and dispatch modes. Otherwise
-    straight to its implementation, as the custom op would: on the 2-core CI machine its Python wrappers cost
-    about 50 us a call, and 0.1-0.3 ms right after a large op has evicted them from the caches."""
+    (``torch.ops.sparsekern.<op>``) where something must see the op: a torch.func transform, torch.compile and
+    export, tensor subclasses, torch function and dispatch modes. In plain eager mode, when an operand requires grad,
+    through the op's eager ``torch.autograd.Function`` (the custom op's formulas; ops without autograd keep the custom
+    op). Otherwise straight to its implementation, as the custom op would: on the 2-core CI machine its Python
+    wrappers cost about 50 us a call, and 0.1-0.3 ms right after a large op has evicted them from the caches."""
     if (torch._C._functorch.peek_interpreter_stack() is not None  # inside a torch.func transform
             or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch.overrides.has_torch_function(args)):  # non-tensors have no __torch_function__
