@@ -153,6 +153,17 @@ class Timed:
     note: str = ""
 
 
+def warm_up_on_side_stream(fn: Callable[[], object], device: torch.device, calls: int) -> None:
+    """``calls`` calls of ``fn`` on a side stream, then the current stream waits for them: CUDA graph capture wants
+    its warm-up (allocations, Triton's compiling and autotuning, auto's measuring, optimizer state) done so."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 def prepare_timing(fn: Callable[[], object], device: torch.device, use_graphs: bool = True,
                    target_ms: float = 1.0, max_calls: int = 20) -> Timed:
     """Warm ``fn`` up (allocations, autotuning) and wrap it for timing. On a GPU enough calls are grouped to
@@ -161,12 +172,7 @@ def prepare_timing(fn: Callable[[], object], device: torch.device, use_graphs: b
     if device.type != "cuda":
         fn()
         return Timed(fn, 1, "host")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # graph capture wants the warm-up on a side stream
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
+    warm_up_on_side_stream(fn, device, calls=2)
     one = time_once(fn, device)
     calls = max(1, min(max_calls, math.ceil(target_ms / max(one, 1e-3))))
 

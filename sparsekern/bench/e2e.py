@@ -13,7 +13,7 @@ from torch import nn
 
 import sparsekern as sk
 
-from .common import device_name, time_interleaved, write_rows
+from .common import device_name, time_interleaved, warm_up_on_side_stream, write_rows
 
 E2E_UPDATE_INTERVAL = 100
 E2E_BLOCK = 32
@@ -176,13 +176,7 @@ class GraphedLoop(TrainLoop):
         self.loop = loop
         self.method, self.implementation = loop.method, f"{loop.implementation}, CUDA graph"
         self.autocast = loop.autocast
-        # Warm-up on a side stream: Triton compiles, auto measures, the optimizer makes its state (not in a capture).
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                loop.train_step()
-        torch.cuda.current_stream().wait_stream(stream)
+        warm_up_on_side_stream(loop.train_step, loop.x.device, calls=3)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             loop.train_step()
@@ -261,7 +255,7 @@ def build_e2e_loops(case: E2ECase, sparsity: float, block: int, device: torch.de
     memory_format = torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format
     x = x.contiguous(memory_format=memory_format)
     torch.manual_seed(0)
-    base = case.build().to(memory_format=memory_format)
+    base = case.build().to(memory_format=memory_format)  # copies keep it; layers made anew below are converted
     sgd = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def sgd_for(model):
@@ -269,16 +263,15 @@ def build_e2e_loops(case: E2ECase, sparsity: float, block: int, device: torch.de
 
     loops: Dict[str, TrainLoop] = {}
     if dense_loop is None:
-        dense = copy.deepcopy(base).to(device, memory_format=memory_format)
+        dense = copy.deepcopy(base).to(device)
         dense_loop = TrainLoop(dense, sgd_for(dense), x, y)
     loops["dense"] = dense_loop
 
-    ours = sk.sparsify(copy.deepcopy(base), sparsity, block, filter_fn=_stem_filter).to(device,
-                                                                                         memory_format=memory_format)
+    ours = sk.sparsify(copy.deepcopy(base), sparsity, block, filter_fn=_stem_filter).to(device)
 
     scheduler_cls = rigl_torch_scheduler() if use_rigl_torch else None
     if scheduler_cls is not None:
-        simulated = copy.deepcopy(base).to(device, memory_format=memory_format)
+        simulated = copy.deepcopy(base).to(device)
         loops["simulated"] = RigLTorchLoop(simulated, sgd_for(simulated), x, y, sparsity, scheduler_cls)
     else:
         # The same block masks as ours, on dense layers.
