@@ -54,6 +54,7 @@ from sparsekern import train  # noqa: E402
 from sparsekern.bench import device_name, rigl_torch_scheduler  # noqa: E402
 from sparsekern.bench.plots import pyplot, save_figure  # noqa: E402
 from sparsekern.data import ImageData, load_dataset  # noqa: E402
+from sparsekern.dst.scheduler import drop_fraction_at, is_update_step  # noqa: E402
 from sparsekern.models.resnet import resnet18  # noqa: E402
 from sparsekern.nn.sparsify import layer_densities  # noqa: E402
 
@@ -174,11 +175,6 @@ def data_order(n: int, steps: int, batch: int, seed: int) -> Tensor:
     return torch.cat(epochs)[:steps * batch].view(steps, batch)
 
 
-def is_update_step(step: int, interval: int, t_end: int) -> bool:
-    """sparsekern.dst's schedule (DSTScheduler.is_update_step)."""
-    return step > 0 and step % interval == 0 and step < t_end
-
-
 def weighted_layers(model: nn.Module) -> List[tuple]:
     """(name, module) of the dense Conv2d/Linear layers, in module order (rigl-torch's order)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -220,7 +216,7 @@ class PerWeightRigL:
     def __call__(self) -> bool:
         self.step += 1
         update = is_update_step(self.step, self.update_interval, self.t_end)
-        fraction = DROP_FRACTION / 2 * (1 + math.cos(math.pi * self.step / self.t_end))
+        fraction = drop_fraction_at(self.step, DROP_FRACTION, self.t_end)
         with torch.no_grad():
             for weight, mask, k in zip(self.weights, self.backward_masks, self.active):
                 if mask is None:

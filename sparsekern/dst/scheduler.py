@@ -20,6 +20,17 @@ from ..nn._sparse_weight import BlockSparseWeight
 from ..optim import block_state
 
 
+def drop_fraction_at(step: int, drop_fraction: float, t_end: int) -> float:
+    """f(t): the cosine-decayed fraction of each layer's blocks replaced at ``step`` (0 from ``t_end`` on)."""
+    if step >= t_end:
+        return 0.0
+    return drop_fraction / 2 * (1 + math.cos(math.pi * step / t_end))
+
+
+def is_update_step(step: int, update_interval: int, t_end: int) -> bool:
+    return step > 0 and step % update_interval == 0 and step < t_end
+
+
 class DSTScheduler:
     """Base class: call :meth:`step` after every ``optimizer.step()``.
 
@@ -55,12 +66,10 @@ class DSTScheduler:
     # -- schedule -------------------------------------------------------------------------------
     def drop_fraction_at(self, step: int) -> float:
         """Cosine-decayed fraction of each layer's blocks replaced at ``step``."""
-        if step >= self.t_end:
-            return 0.0
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
+        return drop_fraction_at(step, self.drop_fraction, self.t_end)
 
     def is_update_step(self, step: int) -> bool:
-        return step > 0 and step % self.update_interval == 0 and step < self.t_end
+        return is_update_step(step, self.update_interval, self.t_end)
 
     def _arm_capture(self) -> None:
         # The layers record gradient scores only during the forward/backward of an update step.
