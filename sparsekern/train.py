@@ -144,6 +144,9 @@ def main(argv=None) -> dict:
     shuffle = torch.Generator().manual_seed(args.seed + 1)
     start_epoch, step, log = 0, 0, []
     os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rank == 0 and not args.resume and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run into a used folder must not append to the old run's log
     if args.resume:
         checkpoint = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
         model.load_state_dict(checkpoint["model"])
@@ -202,7 +205,7 @@ def main(argv=None) -> dict:
         log.append(record)
         if rank == 0:
             print(json.dumps(record))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),

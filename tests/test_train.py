@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekern import data, train
+from sparsekern import data, demo, train
 
 FAST = ["--data", "synthetic", "--model", "resnet32", "--batch-size", "32", "--max-steps-per-epoch", "3",
         "--block-size", "16", "--update-interval", "2", "--no-progress"]
@@ -97,3 +97,18 @@ def test_torchrun_ddp_two_gloo_processes_keep_identical_masks(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["masks_agree_across_ranks"] is True
+
+
+def test_demo_trains_dense_and_sparse_alike_and_reports_the_ratio(tmp_path, capsys):
+    argv = ["--data", "synthetic", "--model", "resnet32", "--steps", "3", "--batch-size", "32", "--block-size", "16",
+            "--update-interval", "2", "--no-progress", "--out", str(tmp_path)]
+    result = demo.main(argv)
+    dense, sparse = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("dense", "rigl"))
+    shared = {k: v for k, v in dense["args"].items() if k not in ("method", "out")}
+    assert shared == {k: v for k, v in sparse["args"].items() if k not in ("method", "out")}
+    assert dense["layer_densities"] == {} and sparse["layer_densities"]
+    assert result["sparse_speedup"] == pytest.approx(sparse["images_per_second"] / dense["images_per_second"])
+    assert json.loads((tmp_path / "comparison.json").read_text()) == result
+    assert "rigl 90% block 16" in capsys.readouterr().out
+    demo.main(argv)  # a second run into the same folder starts its logs afresh
+    assert len((tmp_path / "dense" / "log.jsonl").read_text().splitlines()) == 1
