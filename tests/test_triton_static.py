@@ -25,7 +25,8 @@ if importlib.util.find_spec("triton.backends.nvidia") is None:
 from sparsekern.triton_kernels import _common, _static  # noqa: E402
 
 ARCHS = (90, 80)
-KERNELS = [spec.name for spec in _static.SPECS]
+# (kernel, arch) for every architecture a kernel is built for (the TMA kernels: sm_90 only).
+KERNEL_ARCHS = [(spec.name, arch) for spec in _static.SPECS for arch in ARCHS if arch in spec.archs]
 
 
 def _static_compile(*args):
@@ -68,21 +69,19 @@ def test_selection_covers_every_bf16_config():
     for spec in _static.SPECS:
         if not spec.every_bf16_config:
             continue
-        for arch in ARCHS:
+        for arch in spec.archs:
             for bs in _common.BLOCK_SIZES:
                 for config in _static.shipped_configs(spec, bs, _static.DTYPE_NAMES["bf16"], arch):
                     assert (spec.name, arch, bs, _static.config_label(config)) in selected
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel, arch", KERNEL_ARCHS)
 def test_compiles(records, kernel, arch):
     failures = [f"{_name(r)}: {r['error']}" for r in _select(records, kernel, arch) if "error" in r]
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel, arch", KERNEL_ARCHS)
 def test_tensor_cores(records, kernel, arch):
     wrong = []
     for r in _select(records, kernel, arch):
@@ -101,13 +100,23 @@ def test_tensor_cores(records, kernel, arch):
     assert not wrong, "tensor-core instructions missing:\n" + "\n".join(wrong)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel, arch", KERNEL_ARCHS)
 def test_shared_memory_budget(records, kernel, arch):
     budget = _common.SMEM_BUDGET[arch]  # 227 KB on sm_90, 163 KB on sm_80 (per-block opt-in maximum)
     over = [f"{_name(r)}: {r['shared']} B > {budget} B" for r in _select(records, kernel, arch)
             if "error" not in r and r["shared"] > budget]
     assert not over, "\n".join(over)
+
+
+def test_tma_kernels_load_through_tma(records):
+    """The Hopper kernels move their tiles with the tensor-memory accelerator (cp.async.bulk.tensor into shared
+    memory), not per-thread loads: a tensor descriptor Triton cannot lower would fall back silently."""
+    tma_specs = [spec.name for spec in _static.SPECS if spec.tma]
+    assert tma_specs
+    missing = [_name(r) for r in records if r["kernel"] in tma_specs and "error" not in r and not r["tma_loads"]]
+    assert not missing, "no TMA loads in:\n" + "\n".join(missing)
+    pointer = [_name(r) for r in records if r["kernel"] not in tma_specs and "error" not in r and r["tma_loads"]]
+    assert not pointer, "TMA loads where none are written:\n" + "\n".join(pointer)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

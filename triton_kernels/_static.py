@@ -26,6 +26,7 @@ from .conv_wgrad import _bsr_conv2d_wgrad_kernel, _conv_grad_scores_kernel
 from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
 from .linear_dx import _bsr_linear_dx_kernel
+from .linear_tma import _bsr_linear_dx_tma_kernel, _bsr_linear_tma_kernel, tma_gemm_configs
 from .masked_sgd import LAUNCH_OPTIONS, _masked_sgd_kernel
 from .sddmm import _bsr_sddmm_kernel
 
@@ -36,7 +37,8 @@ TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 class KernelSpec:
     name: str
     kernel: object  # the triton.jit function
-    # arg name -> type string ("*{dtype}" is filled in with the data dtype), constexprs excluded
+    # arg name -> type string, constexprs excluded: "{dtype}" is filled in with the data dtype, and a tensor
+    # descriptor's box with "{block_m}" (the config's BLOCK_M) and "{bs}"
     arg_types: dict
     # (block_size, input_precision) -> constexprs besides the config's meta-parameters
     constexprs: Callable
@@ -52,6 +54,9 @@ class KernelSpec:
     # False for the convolutions' per-column decode: its gathers of 16-bit values cannot use cp.async (4 bytes
     # at least), so Triton pipelines the other operand at most.
     pipelined: bool = True
+    # The architectures it is built for (the TMA kernels: Hopper only), and whether it must load through TMA.
+    archs: tuple = (90, 80)
+    tma: bool = False
 
 
 SPECS = (
@@ -88,6 +93,26 @@ SPECS = (
         lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
         _common.grad_scores_configs,
         ("DY", "X", "OUT", "N", "K", "stride_dym", "stride_xm"),
+    ),
+    KernelSpec(
+        "bsr_linear_tma", _bsr_linear_tma_kernel,
+        {"X_DESC": "tensordesc<{dtype}[{block_m}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
+         "ROW_PTR": "*i32", "COL_IDX": "*i32", "BIAS": "*{dtype}", "Y_DESC": "tensordesc<{dtype}[{block_m}, {bs}]>",
+         "M": "i32", "N": "i32", "K": "i32", "n_block_rows": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": precision},
+        tma_gemm_configs,
+        ("ROW_PTR", "COL_IDX", "BIAS", "N", "K"),
+        archs=(90,), tma=True,
+    ),
+    KernelSpec(
+        "bsr_linear_dx_tma", _bsr_linear_dx_tma_kernel,
+        {"DY_DESC": "tensordesc<{dtype}[{block_m}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
+         "COL_PTR": "*i32", "ROW_IDX": "*i32", "PERM": "*i32", "DX_DESC": "tensordesc<{dtype}[{block_m}, {bs}]>",
+         "M": "i32", "N": "i32", "n_block_cols": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        tma_gemm_configs,
+        ("COL_PTR", "ROW_IDX", "PERM", "N"),
+        archs=(90,), tma=True,
     ),
 )
 
@@ -174,7 +199,8 @@ def compile_kernel(spec: KernelSpec, block_size: int, dtype: torch.dtype, config
     constexprs.update(config.kwargs)
     signature = {}
     for name in spec.kernel.arg_names:
-        signature[name] = "constexpr" if name in constexprs else spec.arg_types[name].format(dtype=data)
+        signature[name] = ("constexpr" if name in constexprs else
+                           spec.arg_types[name].format(dtype=data, block_m=config.kwargs.get("BLOCK_M"), bs=block_size))
     # Divisibility hints in the format Triton's JIT produces (triton >= 3.2, incl. 3.6 and 3.8):
     # {(arg index,): [["tt.divisibility", 16]]}.
     attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
@@ -189,8 +215,10 @@ def shared_bytes(compiled) -> int:
 
 
 def tensor_core_counts(ptx: str) -> dict:
-    """Counts of tensor-core instructions in PTX: wgmma (Hopper warpgroup MMA) and mma.sync (Ampere-style)."""
-    return {"wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync")}
+    """Counts in PTX of the tensor-core instructions, wgmma (Hopper warpgroup MMA) and mma.sync (Ampere-style),
+    and of the TMA's tile loads into shared memory (cp.async.bulk.tensor, global to shared)."""
+    return {"wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync"),
+            "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx))}
 
 
 def config_label(config) -> str:
@@ -223,7 +251,7 @@ def selection(subset: str = "ci", archs=ARCHS):
     convolutions' per-column decode, the stem's path) get the first and the largest in bf16 too."""
     items = []
     for spec in SPECS:
-        for arch in archs:
+        for arch in (arch for arch in archs if arch in spec.archs):
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 for bs in _common.BLOCK_SIZES:
                     configs = shipped_configs(spec, bs, dtype, arch)

@@ -1,0 +1,95 @@
+"""The Hopper TMA kernels (triton_kernels/linear_tma.py) against sparsekern.reference, with the same tolerance
+rule as test_triton_kernels.py. Without a GPU they run in the interpreter, whose tensor descriptors zero-fill and
+clip at the edges as TMA does; on a GPU the `cuda` cases run them at realistic sizes (compute capability 9.0+).
+"""
+import functools
+
+import pytest
+import torch
+
+# Before sparsekern.triton_kernels (which needs triton): skips this module where the kernels cannot run.
+from triton_setup import DEVICE, HAS_CUDA, INTERPRET, on_gpu, small
+
+from sparsekern.triton_kernels import linear_tma
+
+import gemm_cases
+
+if linear_tma.TensorDescriptor is None:
+    pytest.skip("this triton has no host tensor descriptors", allow_module_level=True)
+
+linear_args = functools.partial(gemm_cases.linear_args, device=DEVICE)
+dx_args = functools.partial(gemm_cases.dx_args, device=DEVICE)
+KERNELS = {"bsr_linear": linear_tma.bsr_linear_tma, "bsr_linear_dx": linear_tma.bsr_linear_dx_tma}
+
+# (M, N, K): rows of 16 bytes (TMA's alignment) but no dimension a multiple of the block, so the boxes reach past
+# every edge; M = 300 makes more output tiles than the interpreter's 4 persistent programs.
+SHAPES = [(37, 72, 56), (300, 104, 40)]
+
+
+def _check(op, args):
+    return gemm_cases.assert_close_to_reference(op, args, KERNELS[op](*args))
+
+
+@small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+def test_linear_and_dx_match_the_reference(shape, bs, density, dtype):
+    _, args = linear_args(shape, bs, density, dtype, seed=1, bias=True)
+    _check("bsr_linear", args)
+    _, args = linear_args(shape, bs, density, dtype, seed=4, bias=False)
+    _check("bsr_linear", args)
+    _, args = dx_args(shape, bs, density, dtype, seed=2)
+    _check("bsr_linear_dx", args)
+
+
+@small
+def test_empty_rows_and_columns_of_blocks():
+    _, args = linear_args((70, 96, 96), 32, 0.7, torch.float32, seed=5, empty_rows=(1,), empty_cols=(0, 2))
+    _check("bsr_linear", args)
+    _, args = dx_args((70, 96, 96), 32, 0.7, torch.float32, seed=6, empty_rows=(1,), empty_cols=(0, 2))
+    _check("bsr_linear_dx", args)
+
+
+@small
+def test_operands_tma_cannot_take_are_refused_with_the_reason():
+    _, args = linear_args((40, 64, 66), 16, 0.5, torch.float32, seed=7)  # rows of 66 fp32: 264 bytes
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        linear_tma.bsr_linear_tma(*args)
+    _, args = dx_args((40, 64, 64), 16, 0.5, torch.float16, seed=8)
+    dy = torch.zeros(40, 72, dtype=torch.float16, device=DEVICE)[:, 1:65]  # a base address 2 bytes off
+    dy.copy_(args[0])
+    with pytest.raises(ValueError, match="aligned"):
+        linear_tma.bsr_linear_dx_tma(dy, *args[1:])
+
+
+@small
+def test_bad_arguments_get_the_pointer_kernels_checks():
+    _, args = linear_args((40, 64, 64), 16, 0.5, torch.float32, seed=9)
+    with pytest.raises(ValueError, match="row_ptr has"):
+        linear_tma.bsr_linear_tma(*args[:-2], 80, args[-1])
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a GPU of compute capability 9.0+")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [(1024, 512, 512, 32, 0.1), (1024, 1024, 512, 64, 0.5),
+                                  (1000, 1000, 1024, 128, 0.25), (4096, 768, 768, 16, 0.2)], ids=str)
+def test_gpu_realistic(case, dtype):
+    m, n, k, bs, density = case
+    _, args = linear_args((m, n, k), bs, density, dtype, seed=20)
+    _check("bsr_linear", args)
+    _, args = dx_args((m, n, k), bs, density, dtype, seed=21)
+    _check("bsr_linear_dx", args)
+
+
+@on_gpu
+@pytest.mark.cuda
+def test_gpu_refuses_devices_without_tma():
+    if torch.cuda.get_device_capability()[0] >= 9:
+        pytest.skip("this GPU has TMA")
+    _, args = linear_args((64, 64, 64), 16, 0.5, torch.float16, seed=10)
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        linear_tma.bsr_linear_tma(*args)

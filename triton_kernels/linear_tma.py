@@ -1,0 +1,188 @@
+"""bsr_linear and bsr_linear_dx for Hopper: tensor-memory-accelerator (TMA) loads, persistent programs.
+
+The same two GEMMs as ``linear.py`` and ``linear_dx.py`` (same block-CSR walk, same fp32 accumulation), with the
+tiles moved by TMA instead of per-thread loads: a block-sparse gather along K is one TMA box at a block-aligned
+coordinate of the dense operand ([BLOCK_M, bs] at (m0, c*bs)), and a stored block is one [bs, bs] box of the
+values seen as a [nnz*bs, bs] matrix. TMA fills what lies past M, N or K with zeros and clips the stores, so
+the kernels need no masks. Programs are persistent (one per multiprocessor), walking the output tiles in the
+pointer kernels' order (block-row fastest, so that neighbouring programs share the dense operand's panel in L2).
+
+**Not yet run on a GPU**: ``auto`` and the ``triton`` backend do not use these kernels. They are tested in the
+interpreter, compiled ahead of time for sm_90 (tests/test_triton_static.py checks their SASS for TMA loads and
+wgmma), and measured next to the pointer kernels by the gpu-linear suite (``triton-tma`` rows).
+
+TMA needs 16-byte aligned base addresses and row strides (a multiple of 8 features in 16-bit types, 4 in fp32);
+``tma_unsupported`` says why a call does not qualify.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, TunedKernels, check, dot_precision, gemm_configs, m_bucket, sm_count
+from .linear import check_linear_args
+from .linear_dx import check_linear_dx_args
+
+try:  # host-side tensor descriptors: triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+TMA_ALIGN = 16  # bytes: base addresses and every stride but the last
+
+
+@triton.jit
+def _bsr_linear_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
+                           M, N, K, n_block_rows, M_BUCKET,
+                           HAS_BIAS: tl.constexpr, BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    # K is read only by the autotune key (the blocks per row, hence the loop length, grow with it).
+    n_tiles = n_block_rows * tl.cdiv(M, BLOCK_M)
+    offs_b = tl.arange(0, BS)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        r = tile % n_block_rows
+        m0 = (tile // n_block_rows) * BLOCK_M
+        start = tl.load(ROW_PTR + r)
+        end = tl.load(ROW_PTR + r + 1)
+        acc = tl.zeros((BLOCK_M, BS), dtype=tl.float32)
+        # The next block's column is fetched one iteration ahead, as in linear.py, so that the TMA loads depend
+        # on a loop-carried value and the pipeliner keeps num_stages of them in flight.
+        c_next = tl.load(COL_IDX + start, mask=start < end, other=0)
+        for j in range(start, end):
+            c = c_next
+            c_next = tl.load(COL_IDX + j + 1, mask=j + 1 < end, other=0)
+            x = X_DESC.load([m0, c * BS])
+            w = W_DESC.load([j * BS, 0])  # values[j] as [n, k]: its transpose is the MMA's K-major B operand
+            acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            n = r * BS + offs_b
+            acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        Y_DESC.store([m0, r * BS], acc.to(Y_DESC.dtype))
+
+
+@triton.jit
+def _bsr_linear_dx_tma_kernel(DY_DESC, W_DESC, COL_PTR, ROW_IDX, PERM, DX_DESC,
+                              M, N, n_block_cols, M_BUCKET,
+                              BS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    # N is read only by the autotune key (the blocks per column grow with it).
+    n_tiles = n_block_cols * tl.cdiv(M, BLOCK_M)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        c = tile % n_block_cols
+        m0 = (tile // n_block_cols) * BLOCK_M
+        start = tl.load(COL_PTR + c)
+        end = tl.load(COL_PTR + c + 1)
+        acc = tl.zeros((BLOCK_M, BS), dtype=tl.float32)
+        r_next = tl.load(ROW_IDX + start, mask=start < end, other=0)
+        j_next = tl.load(PERM + start, mask=start < end, other=0)
+        for q in range(start, end):
+            r = r_next
+            j = j_next
+            r_next = tl.load(ROW_IDX + q + 1, mask=q + 1 < end, other=0)
+            j_next = tl.load(PERM + q + 1, mask=q + 1 < end, other=0)
+            dy = DY_DESC.load([m0, r * BS])
+            w = W_DESC.load([j * BS, 0])  # values[j] as [n, k]: already this MMA's [K, N] operand
+            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        DX_DESC.store([m0, c * BS], acc.to(DX_DESC.dtype))
+
+
+def _set_tile_rows(nargs) -> None:
+    """Autotune pre-hook: the activation descriptors' boxes take the config's BLOCK_M rows (the descriptors are
+    made before a config is chosen)."""
+    for name in ("X_DESC", "Y_DESC", "DY_DESC", "DX_DESC"):
+        if name in nargs:
+            nargs[name].block_shape = [nargs["BLOCK_M"], nargs[name].block_shape[1]]
+
+
+def tma_gemm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """The pointer GEMMs' configs (same tiles, same shared-memory fit), each setting its descriptors' boxes."""
+    configs = gemm_configs(block_size, elem_bytes, budget, interpret)
+    for config in configs:
+        config.pre_hook = _set_tile_rows
+    return configs
+
+
+_tuned_linear = TunedKernels(_bsr_linear_tma_kernel, tma_gemm_configs, key=["M_BUCKET", "N", "K"])
+_tuned_dx = TunedKernels(_bsr_linear_dx_tma_kernel, tma_gemm_configs, key=["M_BUCKET", "N", "n_block_cols"])
+
+
+def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
+    """Why these 2-D tensors cannot be TMA operands, or None: a Hopper GPU (or the interpreter), unit stride along
+    features, and 16-byte aligned base addresses and row strides."""
+    if TensorDescriptor is None:
+        return f"triton {triton.__version__} has no host tensor descriptors (triton >= 3.4)"
+    device = tensors[0].device
+    if not INTERPRET:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+            return "TMA needs a GPU of compute capability 9.0 or newer"
+    for t in tensors:
+        if t.shape[0] >= 2 ** 31:
+            return f"an operand has {t.shape[0]} rows: TMA coordinates are 32-bit"
+        elem = t.element_size()
+        if t.stride(-1) != 1 or (t.stride(0) * elem) % TMA_ALIGN or t.data_ptr() % TMA_ALIGN:
+            return (f"a [{t.shape[0]}, {t.shape[1]}] {t.dtype} operand has row stride {t.stride(0)}: TMA needs unit "
+                    f"stride along features and {TMA_ALIGN}-byte aligned rows ({TMA_ALIGN // elem} features)")
+    return None
+
+
+def _descriptor(t: torch.Tensor, rows: int, cols: int):
+    return TensorDescriptor.from_tensor(t, [rows, cols])
+
+
+def _persistent_grid(m: int, tiles_per_row_panel: int, device: torch.device):
+    """One program per multiprocessor, or per output tile where there are fewer tiles."""
+    programs = sm_count(device)
+    return lambda meta: (min(programs, tiles_per_row_panel * triton.cdiv(m, meta["BLOCK_M"])),)
+
+
+def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                   coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                   out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``bsr_linear`` (Y = X Wᵀ + b) through TMA and persistent programs; raises ValueError where TMA cannot
+    take the operands (``tma_unsupported``)."""
+    bs = check_linear_args(x, values, row_ptr, col_idx, col_ptr, out_features, bias)
+    m, k_features = x.shape
+    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    if m == 0 or out_features == 0:
+        return y
+    if values.shape[0] == 0:
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    values = values.contiguous()
+    why = tma_unsupported(x, y, values.view(-1, bs))
+    check(why is None, f"bsr_linear_tma: {why}")
+    n_block_rows = row_ptr.numel() - 1
+    kernel = _tuned_linear(bs, x.dtype, x.device)
+    # 64 rows is a placeholder: the chosen config's pre-hook sets the activation boxes' rows.
+    x_desc, w_desc, y_desc = _descriptor(x, 64, bs), _descriptor(values.view(-1, bs), bs, bs), _descriptor(y, 64, bs)
+    kernel[_persistent_grid(m, n_block_rows, x.device)](
+        x_desc, w_desc, row_ptr, col_idx, bias.contiguous() if bias is not None else y, y_desc,
+        m, out_features, k_features, n_block_rows, m_bucket(m),
+        HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
+    return y
+
+
+def bsr_linear_dx_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                      coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                      in_features: int) -> torch.Tensor:
+    """``bsr_linear_dx`` (dX = dY W) through TMA and persistent programs; raises ValueError where TMA cannot
+    take the operands (``tma_unsupported``)."""
+    bs = check_linear_dx_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_features)
+    m = dy.shape[0]
+    dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
+    if m == 0 or in_features == 0:
+        return dx
+    if values.shape[0] == 0:
+        return dx.zero_()
+    values = values.contiguous()
+    why = tma_unsupported(dy, dx, values.view(-1, bs))
+    check(why is None, f"bsr_linear_dx_tma: {why}")
+    n_block_cols = col_ptr.numel() - 1
+    kernel = _tuned_dx(bs, dy.dtype, dy.device)
+    dy_desc, w_desc, dx_desc = (_descriptor(dy, 64, bs), _descriptor(values.view(-1, bs), bs, bs),
+                                _descriptor(dx, 64, bs))
+    kernel[_persistent_grid(m, n_block_cols, dy.device)](
+        dy_desc, w_desc, col_ptr, row_idx, perm, dx_desc, m, dy.shape[1], n_block_cols, m_bucket(m),
+        BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    return dx
