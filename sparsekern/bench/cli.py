@@ -165,7 +165,8 @@ def run_default(args, device: torch.device) -> int:
 
 def _wrong_in_ours(rows: List[dict]) -> List[dict]:
     """Rows where one of our backends gave a wrong result or failed (baselines that fail are only reported)."""
-    return [r for r in rows if r["impl"] in sk.ops.BACKENDS and r["status"] in ("MISMATCH", "error")]
+    ours = (*sk.ops.BACKENDS, *gpu_linear.CANDIDATE_NAMES)
+    return [r for r in rows if r["impl"] in ours and r["status"] in ("MISMATCH", "error")]
 
 
 def _write(rows: List[dict], fields, args, device, suite: str, plot_rows: Optional[Callable[[], List[dict]]] = None):
@@ -191,8 +192,9 @@ def run_gpu_suites(args, device: torch.device, suites: List[str]) -> int:
         rows = gpu_linear.bench_gpu_linear(
             device, dtype, args.shape or gpu_linear.SHAPE, args.sparsities or gpu_linear.SPARSITIES,
             args.blocks or gpu_linear.BLOCKS, args.reps or (20 if on_gpu else 3), args.backends, use_graphs, _say)
-        print(gpu_linear.goal_summary(rows, sk.ops.BACKENDS))
-        print(gpu_linear.density_fit(rows, sk.ops.BACKENDS))
+        ours = (*sk.ops.BACKENDS, *gpu_linear.CANDIDATE_NAMES)
+        print(gpu_linear.goal_summary(rows, ours))
+        print(gpu_linear.density_fit(rows, ours))
         _write(rows, gpu_linear.FIELDS, args, device, "gpu-linear", lambda: [
             {"op": r["op"], "sparsity": r["sparsity"], "block": r["block"], "backend": r["impl"],
              "speedup": r["speedup"]}

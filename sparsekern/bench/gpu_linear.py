@@ -51,6 +51,10 @@ GOALS = {("linear_fwd", 0.9, 32): 3.5, ("linear_fwd", 0.9, 64): 5.0, ("linear_fw
          ("linear_sddmm", 0.9, 32): 2.5, ("linear_sddmm", 0.9, 64): 5.0, ("linear_sddmm", 0.9, 128): 5.5}
 FIXED_COST_GOAL = 0.10  # the time a GEMM takes at density 0 (fit below), at most this fraction of dense's
 GRAD_SCORES_GOAL = 1.0  # block_grad_scores no slower than one dense dW GEMM
+# Kernels measured beside the backends that no backend uses yet (not run on a GPU before): (row name, op) -> the
+# function in sparsekern.triton_kernels.linear_tma. They count as ours in the goals, the fit and the exit status.
+CANDIDATES = {("triton-tma", "linear_fwd"): "bsr_linear_tma", ("triton-tma", "linear_dx"): "bsr_linear_dx_tma"}
+CANDIDATE_NAMES = tuple(sorted({name for name, _ in CANDIDATES}))
 
 
 def dense_library(device: torch.device) -> str:
@@ -184,6 +188,28 @@ def _ours(op: str, case: Case, dtype: torch.dtype, requested, check) -> List[Imp
             for name, why in backend_choices(kernel, x.device, dtype, requested)]
 
 
+def _candidates(op: str, case: Case, requested, check) -> List[Impl]:
+    """The CANDIDATES for ``op``, called directly where the triton backend runs (with --backends, only where triton is
+    requested); n/a with the reason where they cannot (no triton, no TMA on this GPU, operands TMA cannot take)."""
+    impls = []
+    for (name, candidate_op), function in CANDIDATES.items():
+        if candidate_op != op or (requested and "triton" not in requested and name not in requested):
+            continue
+        call = f"triton_kernels.linear_tma.{function}"
+        unavailable = sk.ops.backend_unavailable_reason("triton", case.x.device.type)
+        if unavailable:
+            impls.append(Impl(name, call, why=unavailable))
+            continue
+        from sparsekern.triton_kernels import linear_tma
+        activations = case.x if op == "linear_fwd" else case.dy
+        args = (activations, case.values, *case.layout.index_tensors())
+        args += (case.shape[0], None) if op == "linear_fwd" else (case.shape[1],)
+        why = linear_tma.tma_unsupported(activations)
+        fn = getattr(linear_tma, function)
+        impls.append(Impl(name, call, why=why) if why else Impl(name, call, lambda fn=fn, args=args: fn(*args), check))
+    return impls
+
+
 def group_impls(op: str, case: Case, dtype: torch.dtype, requested, stk, stk_why) -> tuple:
     """(dense Impl, [other Impls]) for one op of one case, each checked against the float64 reference."""
     x, dy, bs = case.x, case.dy, case.block_size
@@ -212,7 +238,7 @@ def group_impls(op: str, case: Case, dtype: torch.dtype, requested, stk, stk_why
     others = [torch_impl]
     if op != "block_grad_scores":
         others.append(_stk(op, case, stk, stk_why, check))
-    return dense, others + _ours(op, case, dtype, requested, check)
+    return dense, others + _ours(op, case, dtype, requested, check) + _candidates(op, case, requested, check)
 
 
 def _work(op: str, case: Case, elem: int) -> tuple:
