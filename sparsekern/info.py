@@ -19,6 +19,13 @@ GPU_VERIFIED = (
     "passed, 141 failed, 2 crashed. The fixes since then have not run on a GPU: run `make gpu-check OUT=DIR` there.",
 )
 
+# Kernels written and checked without a GPU (interpreter, ahead-of-time sm_90 compile) that no backend uses until
+# they have passed on one; the gpu-linear suite measures them beside the backends.
+AWAITING_GPU = (
+    "triton_kernels.linear_tma: bsr_linear_tma, bsr_linear_dx_tma (TMA tile loads, persistent programs; compute "
+    "capability 9.0+), rows `triton-tma` of `python -m sparsekern.bench --suite gpu-linear`",
+)
+
 
 def _triton_version() -> str:
     try:
@@ -47,6 +54,7 @@ def report() -> str:
     else:
         lines += [f"sparsekern._C     NOT LOADED: {_native.LOAD_ERROR}"]
     lines += ["", "verified on GPUs:"] + [f"  {line}" for line in GPU_VERIFIED]
+    lines += ["", "kernels awaiting a GPU run (used by no backend yet):"] + [f"  {line}" for line in AWAITING_GPU]
     lines += ["", "backend availability (per device):"]
     for backend in ops.BACKENDS:
         for device_type in ("cpu", "cuda"):

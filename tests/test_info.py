@@ -60,3 +60,12 @@ def test_backend_override_is_reported():
     assert "SPARSEKERN_BACKEND=reference" in output
     for op in sk.ops.OPS:
         assert re.search(rf"^\s+{re.escape(op)}\s+auto -> cpu: reference\b", output, re.M), op
+
+
+def test_kernels_awaiting_a_gpu_are_listed_and_exist(info_output):
+    from sparsekern.bench import gpu_linear
+    pytest.importorskip("triton")
+    from sparsekern.triton_kernels import linear_tma
+    section = info_output.split("kernels awaiting a GPU run")[1].split("\n\n")[0]
+    for function in gpu_linear.CANDIDATES.values():
+        assert function in section and callable(getattr(linear_tma, function))
