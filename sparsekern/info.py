@@ -23,7 +23,10 @@ GPU_VERIFIED = (
 # they have passed on one; the gpu-linear suite measures them beside the backends.
 AWAITING_GPU = (
     "triton_kernels.linear_tma: bsr_linear_tma, bsr_linear_dx_tma (TMA tile loads, persistent programs; compute "
-    "capability 9.0+), rows `triton-tma` of `python -m sparsekern.bench --suite gpu-linear`",
+    "capability 9.0+)",
+    "triton_kernels.wgrad_tma: bsr_sddmm_tma, block_grad_scores_tma (TMA tile loads; the scores with persistent, "
+    "grouped programs)",
+    "measured as the rows `triton-tma` of `python -m sparsekern.bench --suite gpu-linear`",
 )
 
 

@@ -1,4 +1,4 @@
-"""The Hopper TMA kernels (triton_kernels/linear_tma.py) against sparsekern.reference, with the same tolerance
+"""The Hopper TMA kernels (triton_kernels/linear_tma.py, wgrad_tma.py) against sparsekern.reference, with the same tolerance
 rule as test_triton_kernels.py. Without a GPU they run in the interpreter, whose tensor descriptors zero-fill and
 clip at the edges as TMA does; on a GPU the `cuda` cases run them at realistic sizes (compute capability 9.0+).
 """
@@ -10,7 +10,8 @@ import torch
 # Before sparsekern.triton_kernels (which needs triton): skips this module where the kernels cannot run.
 from triton_setup import DEVICE, HAS_CUDA, INTERPRET, on_gpu, small
 
-from sparsekern.triton_kernels import linear_tma
+from sparsekern.triton_kernels import linear_tma, wgrad_tma
+from sparsekern.triton_kernels.sddmm import sddmm_splits
 
 import gemm_cases
 
@@ -19,7 +20,9 @@ if linear_tma.TensorDescriptor is None:
 
 linear_args = functools.partial(gemm_cases.linear_args, device=DEVICE)
 dx_args = functools.partial(gemm_cases.dx_args, device=DEVICE)
-KERNELS = {"bsr_linear": linear_tma.bsr_linear_tma, "bsr_linear_dx": linear_tma.bsr_linear_dx_tma}
+sddmm_args = functools.partial(gemm_cases.sddmm_args, device=DEVICE)
+KERNELS = {"bsr_linear": linear_tma.bsr_linear_tma, "bsr_linear_dx": linear_tma.bsr_linear_dx_tma,
+           "bsr_sddmm": wgrad_tma.bsr_sddmm_tma, "block_grad_scores": wgrad_tma.block_grad_scores_tma}
 
 # (M, N, K): rows of 16 bytes (TMA's alignment) but no dimension a multiple of the block, so the boxes reach past
 # every edge; M = 300 makes more output tiles than the interpreter's 4 persistent programs.
@@ -35,13 +38,34 @@ def _check(op, args):
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
-def test_linear_and_dx_match_the_reference(shape, bs, density, dtype):
+def test_sparse_gemms_match_the_reference(shape, bs, density, dtype):
     _, args = linear_args(shape, bs, density, dtype, seed=1, bias=True)
     _check("bsr_linear", args)
     _, args = linear_args(shape, bs, density, dtype, seed=4, bias=False)
     _check("bsr_linear", args)
     _, args = dx_args(shape, bs, density, dtype, seed=2)
     _check("bsr_linear_dx", args)
+    _, args = sddmm_args(shape, bs, density, dtype, seed=3)
+    _check("bsr_sddmm", args)
+
+
+@small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bs", [16, 32, 128])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_block_grad_scores_match_the_reference(shape, bs, dtype):
+    m, n, k = shape
+    dy = gemm_cases.randn(m, n, seed=11, dtype=dtype, device=DEVICE)
+    x = gemm_cases.randn(m, k, seed=12, dtype=dtype, device=DEVICE)
+    _check("block_grad_scores", (dy, x, bs))
+
+
+@small
+def test_sddmm_split_over_m_sums_its_partials():
+    shape, bs = (300, 64, 64), 16
+    layout, args = sddmm_args(shape, bs, 0.25, torch.float32, seed=13)
+    assert sddmm_splits(shape[0], layout.nnz_blocks, torch.device(DEVICE))[0] > 1  # the fp32-partials path
+    _check("bsr_sddmm", args)
 
 
 @small
@@ -83,6 +107,9 @@ def test_gpu_realistic(case, dtype):
     _check("bsr_linear", args)
     _, args = dx_args((m, n, k), bs, density, dtype, seed=21)
     _check("bsr_linear_dx", args)
+    _, args = sddmm_args((m, n, k), bs, density, dtype, seed=22)
+    _check("bsr_sddmm", args)
+    _check("block_grad_scores", (args[0], args[1], bs))
 
 
 @on_gpu

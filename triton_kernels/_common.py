@@ -134,14 +134,16 @@ def m_bucket(m: int) -> int:
 # is cheap); 8 warps (two warpgroups) when the fp32 accumulator is large (128 x 128), 4 otherwise.
 # Every config is fitted to the device's shared memory: stages are lowered (to 1) until it fits.
 
-def _fit(candidates, stage_bytes, budget):
-    """[(meta, warps, stages)] -> triton.Configs whose estimated shared memory fits ``budget``."""
+def _fit(candidates, stage_bytes, budget, epilogue_bytes=None):
+    """[(meta, warps, stages)] -> triton.Configs whose estimated shared memory fits ``budget``: num_stages pipeline
+    stages plus, where given, ``epilogue_bytes(meta)`` of staging for the output (the TMA kernels' stores)."""
     configs, seen = [], set()
     for meta, warps, stages in candidates:
         per_stage = stage_bytes(meta)
-        while stages > 1 and stages * per_stage > budget:
+        room = budget - (epilogue_bytes(meta) if epilogue_bytes else 0)
+        while stages > 1 and stages * per_stage > room:
             stages -= 1
-        if per_stage * stages > budget:
+        if per_stage * stages > room:
             continue
         key = (tuple(sorted(meta.items())), warps, stages)
         if key not in seen:
@@ -152,11 +154,11 @@ def _fit(candidates, stage_bytes, budget):
     return pipelined or configs
 
 
-def gemm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+def gemm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET, epilogue_bytes=None):
     """bsr_linear and bsr_linear_dx: BLOCK_M activation rows x one bs-wide block column per program."""
     if interpret:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
-    return _fit(_gemm_candidates(block_size), _gemm_stage_bytes(block_size, elem_bytes), budget)
+    return _fit(_gemm_candidates(block_size), _gemm_stage_bytes(block_size, elem_bytes), budget, epilogue_bytes)
 
 
 def _gemm_stage_bytes(bs: int, elem_bytes: int):
@@ -177,11 +179,11 @@ def _gemm_candidates(bs: int):
     return candidates
 
 
-def sddmm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+def sddmm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET, epilogue_bytes=None):
     """bsr_sddmm: one bs x bs output block per program, reducing over BLOCK_M rows of M per step."""
     if interpret:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
-    return _fit(_sddmm_candidates(block_size), _sddmm_stage_bytes(block_size, elem_bytes), budget)
+    return _fit(_sddmm_candidates(block_size), _sddmm_stage_bytes(block_size, elem_bytes), budget, epilogue_bytes)
 
 
 def _sddmm_stage_bytes(bs: int, elem_bytes: int):

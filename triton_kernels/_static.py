@@ -27,6 +27,8 @@ from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
 from .linear_dx import _bsr_linear_dx_kernel
 from .linear_tma import _bsr_linear_dx_tma_kernel, _bsr_linear_tma_kernel, tma_gemm_configs
+from .wgrad_tma import (GROUP_N, _block_grad_scores_tma_kernel, _bsr_sddmm_tma_kernel, tma_grad_scores_configs,
+                        tma_sddmm_configs)
 from .masked_sgd import LAUNCH_OPTIONS, _masked_sgd_kernel
 from .sddmm import _bsr_sddmm_kernel
 
@@ -38,7 +40,7 @@ class KernelSpec:
     name: str
     kernel: object  # the triton.jit function
     # arg name -> type string, constexprs excluded: "{dtype}" is filled in with the data dtype, and a tensor
-    # descriptor's box with "{block_m}" (the config's BLOCK_M) and "{bs}"
+    # descriptor's box with "{bs}" and the config's meta-parameters in lower case ("{block_m}", "{tile_n}")
     arg_types: dict
     # (block_size, input_precision) -> constexprs besides the config's meta-parameters
     constexprs: Callable
@@ -112,6 +114,25 @@ SPECS = (
         lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
         tma_gemm_configs,
         ("COL_PTR", "ROW_IDX", "PERM", "N"),
+        archs=(90,), tma=True,
+    ),
+    KernelSpec(
+        "bsr_sddmm_tma", _bsr_sddmm_tma_kernel,
+        {"DY_DESC": "tensordesc<{dtype}[{block_m}, {bs}]>", "X_DESC": "tensordesc<{dtype}[{block_m}, {bs}]>",
+         "COO_ROW": "*i32", "COL_IDX": "*i32", "OUT_DESC": "tensordesc<fp32[{bs}, {bs}]>", "M": "i32", "N": "i32",
+         "K": "i32", "nnz": "i32", "CHUNK": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        tma_sddmm_configs,
+        ("COO_ROW", "COL_IDX", "N", "K", "CHUNK"),
+        archs=(90,), tma=True,
+    ),
+    KernelSpec(
+        "block_grad_scores_tma", _block_grad_scores_tma_kernel,
+        {"DY_DESC": "tensordesc<{dtype}[{block_m}, {tile_n}]>", "X_DESC": "tensordesc<{dtype}[{block_m}, {tile_k}]>",
+         "OUT": "*fp32", "M": "i32", "N": "i32", "K": "i32", "n_block_cols": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision, "GROUP_N": GROUP_N},
+        tma_grad_scores_configs,
+        ("OUT", "N", "K"),
         archs=(90,), tma=True,
     ),
 )
@@ -200,7 +221,8 @@ def compile_kernel(spec: KernelSpec, block_size: int, dtype: torch.dtype, config
     signature = {}
     for name in spec.kernel.arg_names:
         signature[name] = ("constexpr" if name in constexprs else
-                           spec.arg_types[name].format(dtype=data, block_m=config.kwargs.get("BLOCK_M"), bs=block_size))
+                           spec.arg_types[name].format(dtype=data, bs=block_size,
+                                                       **{k.lower(): v for k, v in config.kwargs.items()}))
     # Divisibility hints in the format Triton's JIT produces (triton >= 3.2, incl. 3.6 and 3.8):
     # {(arg index,): [["tt.divisibility", 16]]}.
     attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
@@ -235,9 +257,9 @@ DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 def _estimated_smem(config, spec, block_size, elem_bytes):
     m = config.kwargs
-    if spec.config_fn in (_common.sddmm_configs, _common.conv_wgrad_gather_configs):
+    if spec.config_fn in (_common.sddmm_configs, _common.conv_wgrad_gather_configs, tma_sddmm_configs):
         per_stage = 2 * m["BLOCK_M"] * block_size
-    elif spec.config_fn is _common.grad_scores_configs:
+    elif spec.config_fn in (_common.grad_scores_configs, tma_grad_scores_configs):
         per_stage = (m["TILE_N"] + m["TILE_K"]) * m["BLOCK_M"]
     else:
         per_stage = (m["BLOCK_M"] + block_size) * block_size

@@ -61,14 +61,19 @@ def _block_grad_scores_kernel(DY, X, OUT,
 _tuned = TunedKernels(_block_grad_scores_kernel, grad_scores_configs, key=["M_BUCKET", "N", "K"])
 
 
-def block_grad_scores(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """S[r, c] = ‖(dYᵀ X)[r*bs : +bs, c*bs : +bs]‖_F for every block of the dense gradient:
-    [ceil(N/bs), ceil(K/bs)] in fp32 (fp32 accumulation). float64 inputs are refused with a TypeError (use the
-    reference or CPU backend), not computed in reduced precision."""
+def check_grad_scores_args(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> None:
+    """block_grad_scores' argument checks (shared with the TMA kernel)."""
     check(block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
     check_matrix("dy", dy)
     check_matrix("x", x, like=dy)
     check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
+
+
+def block_grad_scores(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """S[r, c] = ‖(dYᵀ X)[r*bs : +bs, c*bs : +bs]‖_F for every block of the dense gradient:
+    [ceil(N/bs), ceil(K/bs)] in fp32 (fp32 accumulation). float64 inputs are refused with a TypeError (use the
+    reference or CPU backend), not computed in reduced precision."""
+    check_grad_scores_args(dy, x, block_size)
     m, n_features = dy.shape
     k_features = x.shape[1]
     bs = block_size

@@ -22,16 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TunedKernels, check, dot_precision, gemm_configs, m_bucket, sm_count
+from ._common import INTERPRET, TunedKernels, check, dot_precision, gemm_configs, m_bucket
+from ._tma import TensorDescriptor, box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
 from .linear import check_linear_args
 from .linear_dx import check_linear_dx_args
 
-try:  # host-side tensor descriptors: triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton
-    TensorDescriptor = None
-
-TMA_ALIGN = 16  # bytes: base addresses and every stride but the last
+__all__ = ["TensorDescriptor", "bsr_linear_dx_tma", "bsr_linear_tma", "tma_unsupported"]
 
 
 @triton.jit
@@ -88,53 +84,17 @@ def _bsr_linear_dx_tma_kernel(DY_DESC, W_DESC, COL_PTR, ROW_IDX, PERM, DX_DESC,
         DX_DESC.store([m0, c * BS], acc.to(DX_DESC.dtype))
 
 
-def _set_tile_rows(nargs) -> None:
-    """Autotune pre-hook: the activation descriptors' boxes take the config's BLOCK_M rows (the descriptors are
-    made before a config is chosen)."""
-    for name in ("X_DESC", "Y_DESC", "DY_DESC", "DX_DESC"):
-        if name in nargs:
-            nargs[name].block_shape = [nargs["BLOCK_M"], nargs[name].block_shape[1]]
-
-
 def tma_gemm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
-    """The pointer GEMMs' configs (same tiles, same shared-memory fit), each setting its descriptors' boxes."""
-    configs = gemm_configs(block_size, elem_bytes, budget, interpret)
-    for config in configs:
-        config.pre_hook = _set_tile_rows
-    return configs
+    """The pointer GEMMs' configs (same tiles; stages fitted beside the output tile that the TMA store stages in
+    shared memory), each setting the activation boxes' rows."""
+    rows = ("BLOCK_M", None)
+    epilogue = lambda meta: meta["BLOCK_M"] * block_size * elem_bytes
+    return with_hook(gemm_configs(block_size, elem_bytes, budget, interpret, epilogue),
+                     box_hook({"X_DESC": rows, "Y_DESC": rows, "DY_DESC": rows, "DX_DESC": rows}))
 
 
 _tuned_linear = TunedKernels(_bsr_linear_tma_kernel, tma_gemm_configs, key=["M_BUCKET", "N", "K"])
 _tuned_dx = TunedKernels(_bsr_linear_dx_tma_kernel, tma_gemm_configs, key=["M_BUCKET", "N", "n_block_cols"])
-
-
-def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
-    """Why these 2-D tensors cannot be TMA operands, or None: a Hopper GPU (or the interpreter), unit stride along
-    features, and 16-byte aligned base addresses and row strides."""
-    if TensorDescriptor is None:
-        return f"triton {triton.__version__} has no host tensor descriptors (triton >= 3.4)"
-    device = tensors[0].device
-    if not INTERPRET:
-        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-            return "TMA needs a GPU of compute capability 9.0 or newer"
-    for t in tensors:
-        if t.shape[0] >= 2 ** 31:
-            return f"an operand has {t.shape[0]} rows: TMA coordinates are 32-bit"
-        elem = t.element_size()
-        if t.stride(-1) != 1 or (t.stride(0) * elem) % TMA_ALIGN or t.data_ptr() % TMA_ALIGN:
-            return (f"a [{t.shape[0]}, {t.shape[1]}] {t.dtype} operand has row stride {t.stride(0)}: TMA needs unit "
-                    f"stride along features and {TMA_ALIGN}-byte aligned rows ({TMA_ALIGN // elem} features)")
-    return None
-
-
-def _descriptor(t: torch.Tensor, rows: int, cols: int):
-    return TensorDescriptor.from_tensor(t, [rows, cols])
-
-
-def _persistent_grid(m: int, tiles_per_row_panel: int, device: torch.device):
-    """One program per multiprocessor, or per output tile where there are fewer tiles."""
-    programs = sm_count(device)
-    return lambda meta: (min(programs, tiles_per_row_panel * triton.cdiv(m, meta["BLOCK_M"])),)
 
 
 def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -155,8 +115,8 @@ def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     n_block_rows = row_ptr.numel() - 1
     kernel = _tuned_linear(bs, x.dtype, x.device)
     # 64 rows is a placeholder: the chosen config's pre-hook sets the activation boxes' rows.
-    x_desc, w_desc, y_desc = _descriptor(x, 64, bs), _descriptor(values.view(-1, bs), bs, bs), _descriptor(y, 64, bs)
-    kernel[_persistent_grid(m, n_block_rows, x.device)](
+    x_desc, w_desc, y_desc = descriptor(x, 64, bs), descriptor(values.view(-1, bs), bs, bs), descriptor(y, 64, bs)
+    kernel[persistent_grid(lambda meta: n_block_rows * triton.cdiv(m, meta["BLOCK_M"]), x.device)](
         x_desc, w_desc, row_ptr, col_idx, bias.contiguous() if bias is not None else y, y_desc,
         m, out_features, k_features, n_block_rows, m_bucket(m),
         HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
@@ -180,9 +140,9 @@ def bsr_linear_dx_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Ten
     check(why is None, f"bsr_linear_dx_tma: {why}")
     n_block_cols = col_ptr.numel() - 1
     kernel = _tuned_dx(bs, dy.dtype, dy.device)
-    dy_desc, w_desc, dx_desc = (_descriptor(dy, 64, bs), _descriptor(values.view(-1, bs), bs, bs),
-                                _descriptor(dx, 64, bs))
-    kernel[_persistent_grid(m, n_block_cols, dy.device)](
+    dy_desc, w_desc, dx_desc = (descriptor(dy, 64, bs), descriptor(values.view(-1, bs), bs, bs),
+                                descriptor(dx, 64, bs))
+    kernel[persistent_grid(lambda meta: n_block_cols * triton.cdiv(m, meta["BLOCK_M"]), dy.device)](
         dy_desc, w_desc, col_ptr, row_idx, perm, dx_desc, m, dy.shape[1], n_block_cols, m_bucket(m),
         BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     return dx

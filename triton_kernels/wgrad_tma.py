@@ -1,0 +1,137 @@
+"""bsr_sddmm and block_grad_scores for Hopper: the two backward-weight kernels with TMA tile loads.
+
+The same products of dYᵀX as ``sddmm.py`` and ``grad_scores.py`` (fp32 accumulation, the same M split, the same
+norms epilogue), with the [BLOCK_M, width] panels of dY and X moved by the tensor-memory accelerator, which fills
+rows past M and columns past N or K with zeros (so the padded blocks come out as in the reference, with no masks).
+dY's panel is read as stored ([m, n]) and transposed in shared memory for the MMA, as the pointer kernels do.
+``block_grad_scores_tma`` runs persistent programs over the dense gradient's tiles in groups of GROUP_N tile-rows,
+so that the programs running together share X's panels in L2.
+
+**Not yet run on a GPU**: no backend uses these kernels (see linear_tma.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, TunedKernels, _fit, cdiv, check, dot_precision, grad_scores_configs, m_bucket,
+                      sddmm_configs)
+from ._tma import box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
+from .grad_scores import check_grad_scores_args, store_block_norms
+from .sddmm import check_sddmm_args, sddmm_splits
+
+GROUP_N = 8  # tile-rows of the dense gradient per group in block_grad_scores_tma's order
+
+
+@triton.jit
+def _bsr_sddmm_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC, M, N, K, nnz, CHUNK,
+                          BS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    # N and K are read only by the autotune key.
+    i = tl.program_id(0)
+    split = tl.program_id(1)
+    r = tl.load(COO_ROW + i)
+    c = tl.load(COL_IDX + i)
+    m_begin = split * CHUNK
+    # Chunks are multiples of every BLOCK_M (sddmm.CHUNK_GRANULE), so a panel never crosses into the next chunk;
+    # the last one's rows past M come in as zeros.
+    m_end = tl.minimum(m_begin + CHUNK, M)
+    acc = tl.zeros((BS, BS), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        dy = DY_DESC.load([m0, r * BS])
+        x = X_DESC.load([m0, c * BS])
+        acc = tl.dot(dy.T, x, acc, input_precision=INPUT_PRECISION)
+    OUT_DESC.store([(split * nnz + i) * BS, 0], acc.to(OUT_DESC.dtype))
+
+
+@triton.jit
+def _block_grad_scores_tma_kernel(DY_DESC, X_DESC, OUT, M, N, K, n_block_cols, M_BUCKET,
+                                  BS: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
+                                  TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    tiles_n = tl.cdiv(N, TILE_N)
+    tiles_k = tl.cdiv(K, TILE_K)
+    per_group = GROUP_N * tiles_k
+    for tile in range(tl.program_id(0), tiles_n * tiles_k, tl.num_programs(0)):
+        first_n = (tile // per_group) * GROUP_N
+        rows_in_group = tl.minimum(tiles_n - first_n, GROUP_N)
+        pid_n = first_n + (tile % per_group) % rows_in_group
+        pid_k = (tile % per_group) // rows_in_group
+        acc = tl.zeros((TILE_N, TILE_K), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            dy = DY_DESC.load([m0, pid_n * TILE_N])
+            x = X_DESC.load([m0, pid_k * TILE_K])
+            acc = tl.dot(dy.T, x, acc, input_precision=INPUT_PRECISION)
+        store_block_norms(acc, OUT, pid_n, pid_k, N, n_block_cols, BS, TILE_N, TILE_K)
+
+
+def tma_sddmm_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """The pointer SDDMM's configs (stages fitted beside the [bs, bs] fp32 output block that the TMA store stages in
+    shared memory), each setting the dY and X boxes' rows."""
+    rows = ("BLOCK_M", None)
+    epilogue = lambda meta: block_size * block_size * 4
+    return with_hook(sddmm_configs(block_size, elem_bytes, budget, interpret, epilogue),
+                     box_hook({"DY_DESC": rows, "X_DESC": rows}))
+
+
+def tma_grad_scores_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """The pointer kernel's configs plus a 128 x 256 tile (the shape of cuBLAS's fastest Hopper GEMMs: it halves
+    the reads of dY per FLOP), each setting the boxes to [BLOCK_M, TILE_N] and [BLOCK_M, TILE_K]."""
+    configs = grad_scores_configs(block_size, elem_bytes, budget, interpret)
+    if not interpret:
+        wide = {"TILE_N": max(128, block_size), "TILE_K": 256, "BLOCK_M": 64}
+        configs += _fit([(wide, 8, 4)], lambda meta: (meta["TILE_N"] + meta["TILE_K"]) * meta["BLOCK_M"] * elem_bytes,
+                        budget)
+    return with_hook(configs, box_hook({"DY_DESC": ("BLOCK_M", "TILE_N"), "X_DESC": ("BLOCK_M", "TILE_K")}))
+
+
+_tuned_sddmm = TunedKernels(_bsr_sddmm_tma_kernel, tma_sddmm_configs, key=["CHUNK", "nnz", "N", "K"])
+_tuned_scores = TunedKernels(_block_grad_scores_tma_kernel, tma_grad_scores_configs, key=["M_BUCKET", "N", "K"])
+
+
+def bsr_sddmm_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                  block_size: int) -> torch.Tensor:
+    """``bsr_sddmm`` (dW = dYᵀX at the layout's blocks) through TMA; raises ValueError where TMA cannot take the
+    operands (``tma_unsupported``)."""
+    check_sddmm_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size)
+    nnz, m, bs = col_idx.numel(), dy.shape[0], block_size
+    out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
+    if nnz == 0:
+        return out
+    if m == 0:
+        return out.zero_()
+    splits, chunk = sddmm_splits(m, nnz, dy.device)
+    target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
+    flat_target = target.view(-1, bs)
+    why = tma_unsupported(dy, x, flat_target)
+    check(why is None, f"bsr_sddmm_tma: {why}")
+    kernel = _tuned_sddmm(bs, dy.dtype, dy.device)
+    kernel[(nnz, splits)](descriptor(dy, 64, bs), descriptor(x, 64, bs), coo_row, col_idx,
+                          descriptor(flat_target, bs, bs), m, dy.shape[1], x.shape[1], nnz, chunk,
+                          BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    if splits > 1:
+        out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
+    return out
+
+
+def block_grad_scores_tma(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``block_grad_scores`` (the block norms of the dense dYᵀX) through TMA and persistent programs; raises
+    ValueError where TMA cannot take the operands (``tma_unsupported``)."""
+    check_grad_scores_args(dy, x, block_size)
+    m, n_features = dy.shape
+    k_features, bs = x.shape[1], block_size
+    n_block_cols = cdiv(k_features, bs)
+    out = torch.empty(cdiv(n_features, bs), n_block_cols, dtype=torch.float32, device=dy.device)
+    if out.numel() == 0:
+        return out
+    if m == 0:
+        return out.zero_()
+    why = tma_unsupported(dy, x)
+    check(why is None, f"block_grad_scores_tma: {why}")
+    kernel = _tuned_scores(bs, dy.dtype, dy.device)
+    tiles = lambda meta: triton.cdiv(n_features, meta["TILE_N"]) * triton.cdiv(k_features, meta["TILE_K"])
+    # 64-wide boxes are placeholders: the chosen config's pre-hook sets them.
+    kernel[persistent_grid(tiles, dy.device)](descriptor(dy, 64, 64), descriptor(x, 64, 64), out, m, n_features,
+                                              k_features, n_block_cols, m_bucket(m),
+                                              BS=bs, INPUT_PRECISION=dot_precision(dy.dtype), GROUP_N=GROUP_N)
+    return out
