@@ -26,7 +26,8 @@ AWAITING_GPU = (
     "capability 9.0+)",
     "triton_kernels.wgrad_tma: bsr_sddmm_tma, block_grad_scores_tma (TMA tile loads; the scores with persistent, "
     "grouped programs)",
-    "measured as the rows `triton-tma` of `python -m sparsekern.bench --suite gpu-linear`",
+    "the triton backend uses them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands; the GPU suites "
+    "measure them as the rows `triton-tma`",
 )
 
 
@@ -47,6 +48,7 @@ def report() -> str:
         f"GPU               {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}",
         f"SPARSEKERN_BACKEND={os.environ.get('SPARSEKERN_BACKEND', 'auto')}",
         f"SPARSEKERN_AUTOTUNE={os.environ.get('SPARSEKERN_AUTOTUNE', '1')}",
+        f"SPARSEKERN_TRITON_TMA={os.environ.get('SPARSEKERN_TRITON_TMA', '0')}",
         "",
     ]
     if _native.LOADED:

@@ -163,12 +163,12 @@ def test_gpu_linear_suite_runs_on_cpu(tmp_path, capsys):
     for op in ("linear_fwd", "linear_dx", "linear_sddmm", "block_grad_scores"):
         for block in ("32", "64"):
             group = {r["impl"]: r for r in rows if r["op"] == op and r["block"] == block}
-            candidates = [name for (name, candidate_op) in gpu_linear.CANDIDATES
-                          if candidate_op == op and "triton" in CPU_BACKENDS]
-            expected = {"dense", "torch", *CPU_BACKENDS, *candidates} | ({"stk"} if op != "block_grad_scores" else set())
+            variants = [name for name, variant in common.VARIANTS.items()
+                        if variant.backend in CPU_BACKENDS and gpu_linear.OP_KERNELS[op] in variant.ops]
+            expected = {"dense", "torch", *CPU_BACKENDS, *variants} | ({"stk"} if op != "block_grad_scores" else set())
             assert set(group) == expected, (op, block)
             assert float(group["dense"]["speedup"]) == 1.0
-            for name in CPU_BACKENDS + candidates:
+            for name in CPU_BACKENDS + variants:
                 row = group[name]
                 assert row["status"] == "ok", row
                 assert float(row["ms"]) > 0 and float(row["rel_err"]) <= float(row["err_limit"])

@@ -120,3 +120,26 @@ def test_gpu_refuses_devices_without_tma():
     _, args = linear_args((64, 64, 64), 16, 0.5, torch.float16, seed=10)
     with pytest.raises(ValueError, match="compute capability 9.0"):
         linear_tma.bsr_linear_tma(*args)
+
+
+@small
+@pytest.mark.parametrize("enabled", [True, False], ids=["tma-on", "tma-off"])
+def test_the_triton_backend_uses_tma_only_when_enabled_and_possible(monkeypatch, enabled):
+    from sparsekern import triton_kernels as tk
+    made = []
+    for module in (linear_tma, wgrad_tma):
+        original = module.descriptor
+        monkeypatch.setattr(module, "descriptor", lambda t, *box, original=original: made.append(t) or original(t, *box))
+    if enabled:
+        monkeypatch.setenv(tk.TMA_ENV, "1")
+    else:
+        monkeypatch.delenv(tk.TMA_ENV, raising=False)
+    _, args = linear_args((40, 64, 48), 16, 0.5, torch.float32, seed=14)
+    gemm_cases.assert_close_to_reference("bsr_linear", args, tk.bsr_linear(*args))
+    _, args = sddmm_args((40, 64, 48), 16, 0.5, torch.float32, seed=15)
+    gemm_cases.assert_close_to_reference("bsr_sddmm", args, tk.bsr_sddmm(*args))
+    assert bool(made) == enabled
+    made.clear()
+    _, args = linear_args((40, 64, 66), 16, 0.5, torch.float32, seed=16)  # rows of 264 bytes: the pointer kernel
+    gemm_cases.assert_close_to_reference("bsr_linear", args, tk.bsr_linear(*args))
+    assert not made

@@ -1,8 +1,10 @@
-"""What the TMA kernels (linear_tma.py, wgrad_tma.py) share: host tensor descriptors, the operands the tensor-memory
-accelerator can take, autotune pre-hooks that size the descriptors' boxes, and the persistent grid."""
+"""What the TMA kernels (linear_tma.py, wgrad_tma.py) share: the opt-in switch, host tensor descriptors, the
+operands the tensor-memory accelerator can take, autotune pre-hooks that size the descriptors' boxes, and the
+persistent grid."""
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -15,6 +17,14 @@ except ImportError:  # pragma: no cover - older triton
     TensorDescriptor = None
 
 TMA_ALIGN = 16  # bytes: base addresses and every stride but the last
+
+# The TMA kernels have not run on a GPU yet: the triton backend uses them only when this is "1" (and falls back to
+# the pointer kernels where TMA cannot take the operands). Read on each call, so benchmarks can switch it.
+TMA_ENV = "SPARSEKERN_TRITON_TMA"
+
+
+def tma_enabled() -> bool:
+    return os.environ.get(TMA_ENV) == "1"
 
 
 def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
@@ -34,6 +44,13 @@ def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
             return (f"a [{t.shape[0]}, {t.shape[1]}] {t.dtype} operand has row stride {t.stride(0)}: TMA needs unit "
                     f"stride along features and {TMA_ALIGN}-byte aligned rows ({TMA_ALIGN // elem} features)")
     return None
+
+
+def instead(name: str, why: str, fallback: Optional[Callable]) -> Callable:
+    """The kernel to run where TMA cannot take the operands: ``fallback``, or without one a ValueError naming why."""
+    if fallback is None:
+        raise ValueError(f"{name}: {why}")
+    return fallback
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int):

@@ -16,14 +16,14 @@ TMA needs 16-byte aligned base addresses and row strides (a multiple of 8 featur
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TunedKernels, check, dot_precision, gemm_configs, m_bucket
-from ._tma import TensorDescriptor, box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
+from ._common import INTERPRET, TunedKernels, dot_precision, gemm_configs, m_bucket
+from ._tma import TensorDescriptor, box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
 from .linear import check_linear_args
 from .linear_dx import check_linear_dx_args
 
@@ -99,9 +99,9 @@ _tuned_dx = TunedKernels(_bsr_linear_dx_tma_kernel, tma_gemm_configs, key=["M_BU
 
 def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                    coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                   out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``bsr_linear`` (Y = X Wᵀ + b) through TMA and persistent programs; raises ValueError where TMA cannot
-    take the operands (``tma_unsupported``)."""
+                   out_features: int, bias: Optional[torch.Tensor], fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``bsr_linear`` (Y = X Wᵀ + b) through TMA and persistent programs; where TMA cannot take the operands
+    (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
     bs = check_linear_args(x, values, row_ptr, col_idx, col_ptr, out_features, bias)
     m, k_features = x.shape
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
@@ -111,7 +111,9 @@ def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     values = values.contiguous()
     why = tma_unsupported(x, y, values.view(-1, bs))
-    check(why is None, f"bsr_linear_tma: {why}")
+    if why:
+        return instead("bsr_linear_tma", why, fallback)(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                                                        out_features, bias)
     n_block_rows = row_ptr.numel() - 1
     kernel = _tuned_linear(bs, x.dtype, x.device)
     # 64 rows is a placeholder: the chosen config's pre-hook sets the activation boxes' rows.
@@ -125,9 +127,9 @@ def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
 
 def bsr_linear_dx_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                       coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                      in_features: int) -> torch.Tensor:
-    """``bsr_linear_dx`` (dX = dY W) through TMA and persistent programs; raises ValueError where TMA cannot
-    take the operands (``tma_unsupported``)."""
+                      in_features: int, fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``bsr_linear_dx`` (dX = dY W) through TMA and persistent programs; where TMA cannot take the operands
+    (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
     bs = check_linear_dx_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_features)
     m = dy.shape[0]
     dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
@@ -137,7 +139,9 @@ def bsr_linear_dx_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Ten
         return dx.zero_()
     values = values.contiguous()
     why = tma_unsupported(dy, dx, values.view(-1, bs))
-    check(why is None, f"bsr_linear_dx_tma: {why}")
+    if why:
+        return instead("bsr_linear_dx_tma", why, fallback)(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx,
+                                                           perm, in_features)
     n_block_cols = col_ptr.numel() - 1
     kernel = _tuned_dx(bs, dy.dtype, dy.device)
     dy_desc, w_desc, dx_desc = (descriptor(dy, 64, bs), descriptor(values.view(-1, bs), bs, bs),

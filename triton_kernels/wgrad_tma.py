@@ -11,13 +11,15 @@ so that the programs running together share X's panels in L2.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TunedKernels, _fit, cdiv, check, dot_precision, grad_scores_configs, m_bucket,
+from ._common import (INTERPRET, TunedKernels, _fit, cdiv, dot_precision, grad_scores_configs, m_bucket,
                       sddmm_configs)
-from ._tma import box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
+from ._tma import box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
 from .grad_scores import check_grad_scores_args, store_block_norms
 from .sddmm import check_sddmm_args, sddmm_splits
 
@@ -90,9 +92,9 @@ _tuned_scores = TunedKernels(_block_grad_scores_tma_kernel, tma_grad_scores_conf
 
 def bsr_sddmm_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                   coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                  block_size: int) -> torch.Tensor:
-    """``bsr_sddmm`` (dW = dYᵀX at the layout's blocks) through TMA; raises ValueError where TMA cannot take the
-    operands (``tma_unsupported``)."""
+                  block_size: int, fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``bsr_sddmm`` (dW = dYᵀX at the layout's blocks) through TMA; where TMA cannot take the operands
+    (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
     check_sddmm_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size)
     nnz, m, bs = col_idx.numel(), dy.shape[0], block_size
     out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
@@ -104,7 +106,9 @@ def bsr_sddmm_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_
     target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
     flat_target = target.view(-1, bs)
     why = tma_unsupported(dy, x, flat_target)
-    check(why is None, f"bsr_sddmm_tma: {why}")
+    if why:
+        return instead("bsr_sddmm_tma", why, fallback)(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
+                                                       block_size)
     kernel = _tuned_sddmm(bs, dy.dtype, dy.device)
     kernel[(nnz, splits)](descriptor(dy, 64, bs), descriptor(x, 64, bs), coo_row, col_idx,
                           descriptor(flat_target, bs, bs), m, dy.shape[1], x.shape[1], nnz, chunk,
@@ -114,9 +118,11 @@ def bsr_sddmm_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_
     return out
 
 
-def block_grad_scores_tma(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``block_grad_scores`` (the block norms of the dense dYᵀX) through TMA and persistent programs; raises
-    ValueError where TMA cannot take the operands (``tma_unsupported``)."""
+def block_grad_scores_tma(dy: torch.Tensor, x: torch.Tensor, block_size: int,
+                          fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``block_grad_scores`` (the block norms of the dense dYᵀX) through TMA and persistent programs; where TMA cannot take
+    the operands (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says
+    why."""
     check_grad_scores_args(dy, x, block_size)
     m, n_features = dy.shape
     k_features, bs = x.shape[1], block_size
@@ -127,7 +133,8 @@ def block_grad_scores_tma(dy: torch.Tensor, x: torch.Tensor, block_size: int) ->
     if m == 0:
         return out.zero_()
     why = tma_unsupported(dy, x)
-    check(why is None, f"block_grad_scores_tma: {why}")
+    if why:
+        return instead("block_grad_scores_tma", why, fallback)(dy, x, block_size)
     kernel = _tuned_scores(bs, dy.dtype, dy.device)
     tiles = lambda meta: triton.cdiv(n_features, meta["TILE_N"]) * triton.cdiv(k_features, meta["TILE_K"])
     # 64-wide boxes are placeholders: the chosen config's pre-hook sets them.

@@ -12,7 +12,7 @@ import torch
 import sparsekern as sk
 
 from . import e2e, gpu_conv, gpu_linear, gpu_optim
-from .common import available_backends, device_name, write_rows
+from .common import OURS, VARIANTS, available_backends, device_name, write_rows
 from .kernels import bench_linear, bench_resnet18_convs, format_table, write_csv
 from .plots import plot_e2e, plot_kernel_speedup
 
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", type=_names, default=None,
                         help="comma-separated sparsekern backends for the GPU suites, 'auto' included (default: every "
                              "one that runs on the device, the reference excluded, then auto where it measures to "
-                             "choose between them); one that lacks an op gets an n/a row")
+                             "choose between them); one that lacks an op gets an n/a row. Also the kernel variants "
+                             f"no backend uses by default ({', '.join(VARIANTS)}: the Triton kernels with TMA tile "
+                             "loads, not yet run on a GPU), which by default follow their backend")
 
     gpu = parser.add_argument_group("GPU suites")
     gpu.add_argument("--dtype", choices=tuple(DTYPES), default=None,
@@ -165,8 +167,7 @@ def run_default(args, device: torch.device) -> int:
 
 def _wrong_in_ours(rows: List[dict]) -> List[dict]:
     """Rows where one of our backends gave a wrong result or failed (baselines that fail are only reported)."""
-    ours = (*sk.ops.BACKENDS, *gpu_linear.CANDIDATE_NAMES)
-    return [r for r in rows if r["impl"] in ours and r["status"] in ("MISMATCH", "error")]
+    return [r for r in rows if r["impl"] in OURS and r["status"] in ("MISMATCH", "error")]
 
 
 def _write(rows: List[dict], fields, args, device, suite: str, plot_rows: Optional[Callable[[], List[dict]]] = None):
@@ -192,9 +193,8 @@ def run_gpu_suites(args, device: torch.device, suites: List[str]) -> int:
         rows = gpu_linear.bench_gpu_linear(
             device, dtype, args.shape or gpu_linear.SHAPE, args.sparsities or gpu_linear.SPARSITIES,
             args.blocks or gpu_linear.BLOCKS, args.reps or (20 if on_gpu else 3), args.backends, use_graphs, _say)
-        ours = (*sk.ops.BACKENDS, *gpu_linear.CANDIDATE_NAMES)
-        print(gpu_linear.goal_summary(rows, ours))
-        print(gpu_linear.density_fit(rows, ours))
+        print(gpu_linear.goal_summary(rows, OURS))
+        print(gpu_linear.density_fit(rows, OURS))
         _write(rows, gpu_linear.FIELDS, args, device, "gpu-linear", lambda: [
             {"op": r["op"], "sparsity": r["sparsity"], "block": r["block"], "backend": r["impl"],
              "speedup": r["speedup"]}

@@ -71,18 +71,44 @@ def time_interleaved(candidates: Dict[str, Callable[[], object]], device: torch.
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Kernels of a backend that it uses only when ``switches`` (environment variables) are set, for ``ops``."""
+    backend: str
+    switches: Dict[str, str]
+    ops: Tuple[str, ...]
+
+
+# Kernel variants measured in rows of their own beside the backends, which no backend uses by default because they
+# have not run on a GPU yet.
+VARIANTS = {"triton-tma": Variant("triton", {"SPARSEKERN_TRITON_TMA": "1"},
+                                  ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores"))}
+OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
+
+
+def variant_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why a VARIANTS entry cannot run on ``device`` beyond what its backend needs (TMA: compute capability 9.0+;
+    on a CPU the Triton interpreter emulates it)."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 9:
+        return "TMA needs a GPU of compute capability 9.0 or newer"
+    return None
+
+
 @contextlib.contextmanager
 def backend(name: str):
-    """Run sparsekern ops on backend ``name`` (SPARSEKERN_BACKEND) inside the block."""
-    previous = os.environ.get("SPARSEKERN_BACKEND")
-    os.environ["SPARSEKERN_BACKEND"] = name
+    """Run sparsekern ops on backend ``name`` (SPARSEKERN_BACKEND), or on a VARIANTS entry, inside the block."""
+    variant = VARIANTS.get(name)
+    settings = {"SPARSEKERN_BACKEND": variant.backend, **variant.switches} if variant else {"SPARSEKERN_BACKEND": name}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("SPARSEKERN_BACKEND", None)
-        else:
-            os.environ["SPARSEKERN_BACKEND"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -116,7 +142,7 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
     backends, or by default every one that runs on the device except the reference (the reference alone where no
     other does), then ``auto`` where it chooses between several by measuring (CUDA tensors), so that its pick shows
     beside the backends it picked from. A backend that lacks one of the ops would silently run the reference for it
-    (ops.py), so it is reported instead of timed; ``auto`` has every op."""
+    (ops.py), so it is reported instead of timed; ``auto`` has every op. The VARIANTS of a listed backend follow it."""
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
 
     def lacks(name: str) -> Optional[str]:
@@ -132,12 +158,19 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
                  if b != "reference" and sk.ops.backend_unavailable_reason(b, device.type) is None] or ["reference"]
         if device.type == "cuda" and len([b for b in names if lacks(b) is None]) > 1:
             names.append("auto")
+        for name, variant in VARIANTS.items():  # right after the backend they belong to, where they change an op
+            if variant.backend in names and set(ops) & set(variant.ops):
+                names.insert(names.index(variant.backend) + 1, name)
     choices = []
     for name in names:
         if name == "auto":
             choices.append((name, None))
             continue
-        choices.append((name, sk.ops.backend_unavailable_reason(name, device.type) or lacks(name)))
+        base = VARIANTS[name].backend if name in VARIANTS else name
+        why = sk.ops.backend_unavailable_reason(base, device.type) or lacks(base)
+        if name in VARIANTS and why is None:
+            why = variant_unavailable_reason(name, device)
+        choices.append((name, why))
     return choices
 
 

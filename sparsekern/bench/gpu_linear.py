@@ -22,7 +22,6 @@ bandwidth) / time, where bytes count each operand read once and the result writt
 """
 from __future__ import annotations
 
-import importlib
 import math
 import statistics
 import warnings
@@ -52,13 +51,6 @@ GOALS = {("linear_fwd", 0.9, 32): 3.5, ("linear_fwd", 0.9, 64): 5.0, ("linear_fw
          ("linear_sddmm", 0.9, 32): 2.5, ("linear_sddmm", 0.9, 64): 5.0, ("linear_sddmm", 0.9, 128): 5.5}
 FIXED_COST_GOAL = 0.10  # the time a GEMM takes at density 0 (fit below), at most this fraction of dense's
 GRAD_SCORES_GOAL = 1.0  # block_grad_scores no slower than one dense dW GEMM
-# Kernels measured beside the backends that no backend uses yet (not run on a GPU before): (row name, op) ->
-# (module of sparsekern.triton_kernels, function). They count as ours in the goals, the fit and the exit status.
-CANDIDATES = {("triton-tma", "linear_fwd"): ("linear_tma", "bsr_linear_tma"),
-              ("triton-tma", "linear_dx"): ("linear_tma", "bsr_linear_dx_tma"),
-              ("triton-tma", "linear_sddmm"): ("wgrad_tma", "bsr_sddmm_tma"),
-              ("triton-tma", "block_grad_scores"): ("wgrad_tma", "block_grad_scores_tma")}
-CANDIDATE_NAMES = tuple(sorted({name for name, _ in CANDIDATES}))
 
 
 def dense_library(device: torch.device) -> str:
@@ -192,37 +184,6 @@ def _ours(op: str, case: Case, dtype: torch.dtype, requested, check) -> List[Imp
             for name, why in backend_choices(kernel, x.device, dtype, requested)]
 
 
-def _candidates(op: str, case: Case, requested, check) -> List[Impl]:
-    """The CANDIDATES for ``op``, called directly where the triton backend runs (with --backends, only where triton is
-    requested); n/a with the reason where they cannot (no triton, no TMA on this GPU, operands TMA cannot take)."""
-    impls = []
-    for (name, candidate_op), (module_name, function_name) in CANDIDATES.items():
-        if candidate_op != op or (requested and "triton" not in requested and name not in requested):
-            continue
-        call = f"triton_kernels.{module_name}.{function_name}"
-        unavailable = sk.ops.backend_unavailable_reason("triton", case.x.device.type)
-        if unavailable:
-            impls.append(Impl(name, call, why=unavailable))
-            continue
-        module = importlib.import_module(f"sparsekern.triton_kernels.{module_name}")
-        why = module.tma_unsupported(case.x, case.dy)
-        fn = _candidate_call(op, getattr(module, function_name), case)
-        impls.append(Impl(name, call, why=why) if why else Impl(name, call, fn, check))
-    return impls
-
-
-def _candidate_call(op: str, function: Callable, case: Case) -> Callable[[], object]:
-    """A candidate kernel called with the arguments of the op it stands in for."""
-    index = case.layout.index_tensors() if case.layout is not None else None
-    if op == "linear_fwd":
-        return lambda: function(case.x, case.values, *index, case.shape[0], None)
-    if op == "linear_dx":
-        return lambda: function(case.dy, case.values, *index, case.shape[1])
-    if op == "linear_sddmm":
-        return lambda: function(case.dy, case.x, *index, case.block_size)
-    return lambda: function(case.dy, case.x, case.block_size)
-
-
 def group_impls(op: str, case: Case, dtype: torch.dtype, requested, stk, stk_why) -> tuple:
     """(dense Impl, [other Impls]) for one op of one case, each checked against the float64 reference."""
     x, dy, bs = case.x, case.dy, case.block_size
@@ -251,7 +212,7 @@ def group_impls(op: str, case: Case, dtype: torch.dtype, requested, stk, stk_why
     others = [torch_impl]
     if op != "block_grad_scores":
         others.append(_stk(op, case, stk, stk_why, check))
-    return dense, others + _ours(op, case, dtype, requested, check) + _candidates(op, case, requested, check)
+    return dense, others + _ours(op, case, dtype, requested, check)
 
 
 def _work(op: str, case: Case, elem: int) -> tuple:
