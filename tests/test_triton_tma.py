@@ -1,4 +1,4 @@
-"""The Hopper TMA kernels (triton_kernels/linear_tma.py, wgrad_tma.py) against sparsekern.reference, with the same tolerance
+"""The Hopper TMA kernels (triton_kernels/linear_tma.py, wgrad_tma.py, conv_tma.py) against sparsekern.reference, with the same tolerance
 rule as test_triton_kernels.py. Without a GPU they run in the interpreter, whose tensor descriptors zero-fill and
 clip at the edges as TMA does; on a GPU the `cuda` cases run them at realistic sizes (compute capability 9.0+).
 """
@@ -10,9 +10,10 @@ import torch
 # Before sparsekern.triton_kernels (which needs triton): skips this module where the kernels cannot run.
 from triton_setup import DEVICE, HAS_CUDA, INTERPRET, on_gpu, small
 
-from sparsekern.triton_kernels import linear_tma, wgrad_tma
+from sparsekern.triton_kernels import conv_tma, linear_tma, wgrad_tma
 from sparsekern.triton_kernels.sddmm import sddmm_splits
 
+import conv_cases
 import gemm_cases
 
 if linear_tma.TensorDescriptor is None:
@@ -143,3 +144,48 @@ def test_the_triton_backend_uses_tma_only_when_enabled_and_possible(monkeypatch,
     _, args = linear_args((40, 64, 66), 16, 0.5, torch.float32, seed=16)  # rows of 264 bytes: the pointer kernel
     gemm_cases.assert_close_to_reference("bsr_linear", args, tk.bsr_linear(*args))
     assert not made
+
+
+# Stride-1 convolutions TMA takes (in_channels a multiple of the block, aligned channel rows), odd image sizes so
+# that the 8 x 8 patches reach past every edge; then the forward's oracle as in test_triton_conv.py.
+CONV_CASES = {
+    "3x3_p1": dict(batch=2, size=(9, 11), cin=32, cout=40, kernel=3, padding=1),
+    "3x3_d2_p2": dict(batch=1, size=(7, 13), cin=32, cout=48, kernel=3, padding=2, dilation=2),
+    "3x4_p(1,2)": dict(batch=2, size=(10, 9), cin=16, cout=24, kernel=(3, 4), padding=(1, 2)),
+    "3x3_p0": dict(batch=1, size=(12, 10), cin=32, cout=32, kernel=3, bs=32),
+    "1x1": dict(batch=1, size=(5, 6), cin=32, cout=32, kernel=1, bs=32, density=1.0),
+    "empty_rows": dict(batch=1, size=(9, 9), cin=32, cout=48, kernel=3, padding=1, empty_rows=(1,), density=0.6),
+}
+
+
+@small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_forward_matches_the_oracle(case, dtype):
+    problem = conv_cases.Conv(**CONV_CASES[case], dtype=dtype, seed=30, device=DEVICE)
+    exact = problem.oracle()["bsr_conv2d"]
+    out = conv_tma.bsr_conv2d_tma(*problem.args("bsr_conv2d"))
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", exact, None, out=out)
+
+
+@small
+@pytest.mark.parametrize("case", ["3x3_s2_p1_cin20", "3x3_d2_p2_cin35", "1x1_s2_downsample"])
+def test_convs_tma_cannot_take_fall_back_or_are_refused(case):
+    from sparsekern.triton_kernels import conv
+    problem = conv_cases.Conv(**conv_cases.CASES[case], seed=31, device=DEVICE)
+    args = problem.args("bsr_conv2d")
+    with pytest.raises(ValueError, match="stride|multiple of the block"):
+        conv_tma.bsr_conv2d_tma(*args)
+    out = conv_tma.bsr_conv2d_tma(*args, fallback=conv.bsr_conv2d)
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a GPU of compute capability 9.0+")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", ["resnet_3x3_64", "resnet_3x3_256"])
+def test_gpu_conv_forward_realistic(case, dtype):
+    problem = conv_cases.Conv(**conv_cases.GPU_CASES[case], dtype=dtype, seed=32, device="cuda")
+    out = conv_tma.bsr_conv2d_tma(*problem.args("bsr_conv2d"))
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)

@@ -22,6 +22,7 @@ import triton
 from . import _common
 from .conv import _bsr_conv2d_kernel
 from .conv_dgrad import _bsr_conv2d_dgrad_kernel
+from .conv_tma import _bsr_conv2d_tma_kernel, conv_tma_configs
 from .conv_wgrad import _bsr_conv2d_wgrad_kernel, _conv_grad_scores_kernel
 from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
@@ -189,6 +190,20 @@ SPECS += _conv_specs(aligned=True) + _conv_specs(aligned=False) + (
         ("DY", "X", "OUT", "N", "K", "C"),
     ),
 )
+SPECS += (
+    KernelSpec(
+        "bsr_conv2d_tma", _bsr_conv2d_tma_kernel,
+        {"X_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
+         "ROW_PTR": "*i32", "COL_IDX": "*i32", "BIAS": "*{dtype}",
+         "Y_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "M": "i32", "N": "i32", "K": "i32", "C": "i32",
+         "OH": "i32", "OW": "i32", "KW": "i32", "pad_top": "i32", "pad_left": "i32", "dil_h": "i32", "dil_w": "i32",
+         "n_block_rows": "i32", "M_BUCKET": "i32"},
+        lambda bs, precision: {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": precision},
+        conv_tma_configs,
+        ("ROW_PTR", "COL_IDX", "BIAS", "N", "K", "C"),
+        archs=(90,), tma=True,
+    ),
+)
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
 
@@ -261,6 +276,8 @@ def _estimated_smem(config, spec, block_size, elem_bytes):
         per_stage = 2 * m["BLOCK_M"] * block_size
     elif spec.config_fn in (_common.grad_scores_configs, tma_grad_scores_configs):
         per_stage = (m["TILE_N"] + m["TILE_K"]) * m["BLOCK_M"]
+    elif spec.config_fn is conv_tma_configs:
+        per_stage = (m["TILE_H"] * m["TILE_W"] + block_size) * block_size
     else:
         per_stage = (m["BLOCK_M"] + block_size) * block_size
     return per_stage * elem_bytes * config.num_stages

@@ -53,9 +53,9 @@ def instead(name: str, why: str, fallback: Optional[Callable]) -> Callable:
     return fallback
 
 
-def descriptor(t: torch.Tensor, rows: int, cols: int):
-    """A host descriptor of the 2-D tensor ``t`` with a [rows, cols] box (a placeholder where a pre-hook resets it)."""
-    return TensorDescriptor.from_tensor(t, [rows, cols])
+def descriptor(t: torch.Tensor, box):
+    """A host descriptor of ``t`` with the given box (a placeholder where a config's pre-hook resets it)."""
+    return TensorDescriptor.from_tensor(t, list(box))
 
 
 def box_hook(boxes: dict):

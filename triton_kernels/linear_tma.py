@@ -117,7 +117,8 @@ def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     n_block_rows = row_ptr.numel() - 1
     kernel = _tuned_linear(bs, x.dtype, x.device)
     # 64 rows is a placeholder: the chosen config's pre-hook sets the activation boxes' rows.
-    x_desc, w_desc, y_desc = descriptor(x, 64, bs), descriptor(values.view(-1, bs), bs, bs), descriptor(y, 64, bs)
+    x_desc, w_desc, y_desc = (descriptor(x, [64, bs]), descriptor(values.view(-1, bs), [bs, bs]),
+                              descriptor(y, [64, bs]))
     kernel[persistent_grid(lambda meta: n_block_rows * triton.cdiv(m, meta["BLOCK_M"]), x.device)](
         x_desc, w_desc, row_ptr, col_idx, bias.contiguous() if bias is not None else y, y_desc,
         m, out_features, k_features, n_block_rows, m_bucket(m),
@@ -144,8 +145,8 @@ def bsr_linear_dx_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Ten
                                                            perm, in_features)
     n_block_cols = col_ptr.numel() - 1
     kernel = _tuned_dx(bs, dy.dtype, dy.device)
-    dy_desc, w_desc, dx_desc = (descriptor(dy, 64, bs), descriptor(values.view(-1, bs), bs, bs),
-                                descriptor(dx, 64, bs))
+    dy_desc, w_desc, dx_desc = (descriptor(dy, [64, bs]), descriptor(values.view(-1, bs), [bs, bs]),
+                                descriptor(dx, [64, bs]))
     kernel[persistent_grid(lambda meta: n_block_cols * triton.cdiv(m, meta["BLOCK_M"]), dy.device)](
         dy_desc, w_desc, col_ptr, row_idx, perm, dx_desc, m, dy.shape[1], n_block_cols, m_bucket(m),
         BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))

@@ -110,8 +110,8 @@ def bsr_sddmm_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_
         return instead("bsr_sddmm_tma", why, fallback)(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
                                                        block_size)
     kernel = _tuned_sddmm(bs, dy.dtype, dy.device)
-    kernel[(nnz, splits)](descriptor(dy, 64, bs), descriptor(x, 64, bs), coo_row, col_idx,
-                          descriptor(flat_target, bs, bs), m, dy.shape[1], x.shape[1], nnz, chunk,
+    kernel[(nnz, splits)](descriptor(dy, [64, bs]), descriptor(x, [64, bs]), coo_row, col_idx,
+                          descriptor(flat_target, [bs, bs]), m, dy.shape[1], x.shape[1], nnz, chunk,
                           BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     if splits > 1:
         out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
@@ -138,7 +138,7 @@ def block_grad_scores_tma(dy: torch.Tensor, x: torch.Tensor, block_size: int,
     kernel = _tuned_scores(bs, dy.dtype, dy.device)
     tiles = lambda meta: triton.cdiv(n_features, meta["TILE_N"]) * triton.cdiv(k_features, meta["TILE_K"])
     # 64-wide boxes are placeholders: the chosen config's pre-hook sets them.
-    kernel[persistent_grid(tiles, dy.device)](descriptor(dy, 64, 64), descriptor(x, 64, 64), out, m, n_features,
+    kernel[persistent_grid(tiles, dy.device)](descriptor(dy, [64, 64]), descriptor(x, [64, 64]), out, m, n_features,
                                               k_features, n_block_cols, m_bucket(m),
                                               BS=bs, INPUT_PRECISION=dot_precision(dy.dtype), GROUP_N=GROUP_N)
     return out

@@ -1,0 +1,130 @@
+"""bsr_conv2d for Hopper: the implicit-GEMM forward with the image's tiles moved by TMA (stride 1).
+
+For a stride-1 convolution, the im2col tile of a TILE_H x TILE_W patch of output pixels at one filter tap is the
+image's patch shifted by that tap: one 4-D TMA box [1, TILE_H, TILE_W, bs] of the NHWC image at
+(b, oh0 - pad_top + kh*dh, ow0 - pad_left + kw*dw, channel block), which the tensor-memory accelerator fills with
+zeros wherever it lies outside the image (the padding), and whose rows are the MMA's M side. So the kernel does no
+per-pixel address arithmetic and needs no masks, which in the pointer kernel (conv.py) cost the registers that
+capped its tiles. One persistent program per multiprocessor walks (output patch, block-row r of W) pairs, block-row
+fastest, and for each the stored blocks of row r, as bsr_linear does; the output patch is stored by TMA, clipped at
+the image's edges.
+
+Applies to stride 1 (any dilation and padding) with in_channels a multiple of the block and 16-byte aligned
+channel rows (in_channels and out_channels multiples of 8 in 16-bit types, 4 in fp32); elsewhere the pointer kernel
+runs. **Not yet run on a GPU**: used only with SPARSEKERN_TRITON_TMA=1.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, TunedKernels, _fit, dot_precision, m_bucket
+from ._tma import box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
+from .conv import check_conv_args, conv_geometry, geometry_jit
+
+
+@geometry_jit
+def _bsr_conv2d_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
+                           M, N, K, C, OH, OW, KW, pad_top, pad_left, dil_h, dil_w, n_block_rows, M_BUCKET,
+                           HAS_BIAS: tl.constexpr, BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    # M (= B*OH*OW, through M_BUCKET) and K are read only by the autotune key.
+    tiles_w = tl.cdiv(OW, TILE_W)
+    patches = (M // (OH * OW)) * tl.cdiv(OH, TILE_H) * tiles_w
+    blocks_per_tap = C // BS
+    offs_b = tl.arange(0, BS)
+    for tile in range(tl.program_id(0), patches * n_block_rows, tl.num_programs(0)):
+        r = tile % n_block_rows
+        patch = tile // n_block_rows
+        ow0 = (patch % tiles_w) * TILE_W
+        rest = patch // tiles_w
+        oh0 = (rest % tl.cdiv(OH, TILE_H)) * TILE_H
+        b = rest // tl.cdiv(OH, TILE_H)
+        start = tl.load(ROW_PTR + r)
+        end = tl.load(ROW_PTR + r + 1)
+        acc = tl.zeros((TILE_H * TILE_W, BS), dtype=tl.float32)
+        # The next block's column one iteration ahead, as in linear.py, so the TMA loads stay pipelinable.
+        c_next = tl.load(COL_IDX + start, mask=start < end, other=0)
+        for j in range(start, end):
+            c = c_next
+            c_next = tl.load(COL_IDX + j + 1, mask=j + 1 < end, other=0)
+            tap = c // blocks_per_tap
+            ih = oh0 - pad_top + (tap // KW) * dil_h
+            iw = ow0 - pad_left + (tap % KW) * dil_w
+            x = X_DESC.load([b, ih, iw, (c % blocks_per_tap) * BS]).reshape(TILE_H * TILE_W, BS)
+            w = W_DESC.load([j * BS, 0])  # values[j] as [n, k]: its transpose is the MMA's K-major B operand
+            acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            n = r * BS + offs_b
+            acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        Y_DESC.store([b, oh0, ow0, r * BS], acc.reshape(1, TILE_H, TILE_W, BS).to(Y_DESC.dtype))
+
+
+def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """Output patches of 64-256 pixels (the MMA's M side), 8 or 16 wide so that a patch row fills the TMA box's
+    swizzle; stages fitted beside the output patch that the TMA store stages in shared memory."""
+    if interpret:
+        configs = [triton.Config({"TILE_H": 8, "TILE_W": 8}, num_warps=4, num_stages=1)]
+    else:
+        bs = block_size
+        if bs <= 32:
+            candidates = [({"TILE_H": 16, "TILE_W": 8}, 4, 4), ({"TILE_H": 8, "TILE_W": 16}, 4, 4),
+                          ({"TILE_H": 8, "TILE_W": 8}, 4, 6), ({"TILE_H": 16, "TILE_W": 16}, 8, 4)]
+        elif bs == 64:
+            candidates = [({"TILE_H": 16, "TILE_W": 8}, 4, 4), ({"TILE_H": 8, "TILE_W": 8}, 4, 4),
+                          ({"TILE_H": 16, "TILE_W": 16}, 8, 3)]
+        else:
+            candidates = [({"TILE_H": 16, "TILE_W": 8}, 8, 3), ({"TILE_H": 8, "TILE_W": 8}, 4, 4)]
+        pixels = lambda meta: meta["TILE_H"] * meta["TILE_W"]
+        configs = _fit(candidates, lambda meta: (pixels(meta) + bs) * bs * elem_bytes, budget,
+                       lambda meta: pixels(meta) * bs * elem_bytes)
+    patch = (None, "TILE_H", "TILE_W", None)
+    return with_hook(configs, box_hook({"X_DESC": patch, "Y_DESC": patch}))
+
+
+_tuned = TunedKernels(_bsr_conv2d_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "K", "OW"])
+
+
+def bsr_conv2d_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                   coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                   out_channels: int, bias: Optional[torch.Tensor], kernel_size: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int], output_size: List[int],
+                   fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``bsr_conv2d`` (NHWC, stride 1) through TMA and persistent programs; where TMA cannot take the call
+    (a stride, in_channels not a multiple of the block, unaligned channel rows), ``fallback`` (the pointer kernel)
+    runs instead, or without one ValueError says why."""
+    args = (x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias, kernel_size, stride,
+            padding, dilation, output_size)
+    bs = check_conv_args(*args)
+    kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
+    batch, height, width, channels = x.shape
+    out_h, out_w = (int(v) for v in output_size)
+    y = torch.empty(batch, out_h, out_w, out_channels, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if values.shape[0] == 0 or x.numel() == 0:  # density 0 (or no input channels): the bias alone
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    x, values = x.contiguous(), values.contiguous()
+    why = None
+    if (sh, sw) != (1, 1):
+        why = f"stride {[sh, sw]}: the TMA forward takes stride 1"
+    elif channels % bs:
+        why = f"{channels} input channels are not a multiple of the block ({bs})"
+    else:
+        why = tma_unsupported(x.view(-1, channels), y.view(-1, out_channels), values.view(-1, bs))
+    if why:
+        return instead("bsr_conv2d_tma", why, fallback)(*args)
+    n_block_rows = row_ptr.numel() - 1
+    m = batch * out_h * out_w
+    kernel = _tuned(bs, x.dtype, x.device)
+    patches = lambda meta: batch * triton.cdiv(out_h, meta["TILE_H"]) * triton.cdiv(out_w, meta["TILE_W"])
+    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
+    kernel[persistent_grid(lambda meta: patches(meta) * n_block_rows, x.device)](
+        descriptor(x, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), row_ptr, col_idx,
+        bias.contiguous() if bias is not None else y, descriptor(y, [1, 8, 8, bs]),
+        m, out_channels, kh * kw * channels, channels, out_h, out_w, kw, pt, pl, dh, dw, n_block_rows, m_bucket(m),
+        HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
+    return y
