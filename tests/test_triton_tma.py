@@ -155,6 +155,7 @@ CONV_CASES = {
     "3x3_p0": dict(batch=1, size=(12, 10), cin=32, cout=32, kernel=3, bs=32),
     "1x1": dict(batch=1, size=(5, 6), cin=32, cout=32, kernel=1, bs=32, density=1.0),
     "empty_rows": dict(batch=1, size=(9, 9), cin=32, cout=48, kernel=3, padding=1, empty_rows=(1,), density=0.6),
+    "split_over_patches": dict(batch=4, size=(12, 12), cin=16, cout=16, kernel=3, padding=1),
 }
 
 
@@ -169,15 +170,30 @@ def test_conv_forward_matches_the_oracle(case, dtype):
 
 
 @small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_filter_gradient_matches_the_oracle(case, dtype):
+    problem = conv_cases.Conv(**CONV_CASES[case], dtype=dtype, seed=33, device=DEVICE)
+    if case == "split_over_patches":  # the fp32 partials' path
+        m = problem.dy.shape[0] * problem.dy.shape[1] * problem.dy.shape[2]
+        assert sddmm_splits(m, problem.layout.nnz_blocks, torch.device(DEVICE))[0] > 1
+    exact = problem.oracle()["bsr_conv2d_wgrad"]
+    out = conv_tma.bsr_conv2d_wgrad_tma(*problem.args("bsr_conv2d_wgrad"))
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d_wgrad", exact, None, out=out)
+
+
+@small
 @pytest.mark.parametrize("case", ["3x3_s2_p1_cin20", "3x3_d2_p2_cin35", "1x1_s2_downsample"])
 def test_convs_tma_cannot_take_fall_back_or_are_refused(case):
-    from sparsekern.triton_kernels import conv
+    from sparsekern.triton_kernels import conv, conv_wgrad
     problem = conv_cases.Conv(**conv_cases.CASES[case], seed=31, device=DEVICE)
-    args = problem.args("bsr_conv2d")
-    with pytest.raises(ValueError, match="stride|multiple of the block"):
-        conv_tma.bsr_conv2d_tma(*args)
-    out = conv_tma.bsr_conv2d_tma(*args, fallback=conv.bsr_conv2d)
-    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
+    oracle = problem.oracle()
+    for op, tma, pointer in (("bsr_conv2d", conv_tma.bsr_conv2d_tma, conv.bsr_conv2d),
+                             ("bsr_conv2d_wgrad", conv_tma.bsr_conv2d_wgrad_tma, conv_wgrad.bsr_conv2d_wgrad)):
+        args = problem.args(op)
+        with pytest.raises(ValueError, match="stride|multiple of the block"):
+            tma(*args)
+        conv_cases.assert_close_to_oracle(problem, op, oracle[op], None, out=tma(*args, fallback=pointer))
 
 
 @pytest.mark.skipif(INTERPRET or not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9,
@@ -185,7 +201,10 @@ def test_convs_tma_cannot_take_fall_back_or_are_refused(case):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", ["resnet_3x3_64", "resnet_3x3_256"])
-def test_gpu_conv_forward_realistic(case, dtype):
+def test_gpu_conv_forward_and_filter_gradient_realistic(case, dtype):
     problem = conv_cases.Conv(**conv_cases.GPU_CASES[case], dtype=dtype, seed=32, device="cuda")
+    oracle = problem.oracle()
     out = conv_tma.bsr_conv2d_tma(*problem.args("bsr_conv2d"))
-    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", oracle["bsr_conv2d"], None, out=out)
+    out = conv_tma.bsr_conv2d_wgrad_tma(*problem.args("bsr_conv2d_wgrad"))
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d_wgrad", oracle["bsr_conv2d_wgrad"], None, out=out)

@@ -22,7 +22,7 @@ import triton
 from . import _common
 from .conv import _bsr_conv2d_kernel
 from .conv_dgrad import _bsr_conv2d_dgrad_kernel
-from .conv_tma import _bsr_conv2d_tma_kernel, conv_tma_configs
+from .conv_tma import _bsr_conv2d_tma_kernel, _bsr_conv2d_wgrad_tma_kernel, conv_tma_configs, conv_wgrad_tma_configs
 from .conv_wgrad import _bsr_conv2d_wgrad_kernel, _conv_grad_scores_kernel
 from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
@@ -203,6 +203,18 @@ SPECS += (
         ("ROW_PTR", "COL_IDX", "BIAS", "N", "K", "C"),
         archs=(90,), tma=True,
     ),
+    KernelSpec(
+        "bsr_conv2d_wgrad_tma", _bsr_conv2d_wgrad_tma_kernel,
+        {"DY_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>",
+         "X_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "COO_ROW": "*i32", "COL_IDX": "*i32",
+         "OUT_DESC": "tensordesc<fp32[{bs}, {bs}]>", "B": "i32", "N": "i32", "K": "i32", "C": "i32", "OH": "i32",
+         "OW": "i32", "KW": "i32", "pad_top": "i32", "pad_left": "i32", "dil_h": "i32", "dil_w": "i32", "nnz": "i32",
+         "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        conv_wgrad_tma_configs,
+        ("COO_ROW", "COL_IDX", "N", "K", "C"),
+        archs=(90,), tma=True,
+    ),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
@@ -278,6 +290,8 @@ def _estimated_smem(config, spec, block_size, elem_bytes):
         per_stage = (m["TILE_N"] + m["TILE_K"]) * m["BLOCK_M"]
     elif spec.config_fn is conv_tma_configs:
         per_stage = (m["TILE_H"] * m["TILE_W"] + block_size) * block_size
+    elif spec.config_fn is conv_wgrad_tma_configs:
+        per_stage = 2 * m["TILE_H"] * m["TILE_W"] * block_size
     else:
         per_stage = (m["BLOCK_M"] + block_size) * block_size
     return per_stage * elem_bytes * config.num_stages

@@ -1,4 +1,4 @@
-"""bsr_conv2d for Hopper: the implicit-GEMM forward with the image's tiles moved by TMA (stride 1).
+"""bsr_conv2d and bsr_conv2d_wgrad for Hopper: implicit GEMMs with the image's tiles moved by TMA (stride 1).
 
 For a stride-1 convolution, the im2col tile of a TILE_H x TILE_W patch of output pixels at one filter tap is the
 image's patch shifted by that tap: one 4-D TMA box [1, TILE_H, TILE_W, bs] of the NHWC image at
@@ -8,6 +8,11 @@ per-pixel address arithmetic and needs no masks, which in the pointer kernel (co
 capped its tiles. One persistent program per multiprocessor walks (output patch, block-row r of W) pairs, block-row
 fastest, and for each the stored blocks of row r, as bsr_linear does; the output patch is stored by TMA, clipped at
 the image's edges.
+
+The filter gradient (wgrad) reduces dY[patch, n-block]ᵀ im2col[patch, k-block] over the output patches for each
+stored block, as bsr_sddmm does over rows: dY's patch and the image's shifted patch are both 4-D TMA boxes (dY's rows
+past the output's edge come in as zeros, so they add nothing), split over the patches into chunks whose fp32
+partials are summed in a fixed order.
 
 Applies to stride 1 (any dilation and padding) with in_channels a multiple of the block and 16-byte aligned
 channel rows (in_channels and out_channels multiples of 8 in 16-bit types, 4 in fp32); elsewhere the pointer kernel
@@ -21,9 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TunedKernels, _fit, dot_precision, m_bucket
+from ._common import INTERPRET, TunedKernels, _fit, cdiv, dot_precision, m_bucket
 from ._tma import box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
 from .conv import check_conv_args, conv_geometry, geometry_jit
+from .conv_wgrad import check_wgrad_args
+from .sddmm import sddmm_splits
 
 
 @geometry_jit
@@ -63,6 +70,38 @@ def _bsr_conv2d_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
         Y_DESC.store([b, oh0, ow0, r * BS], acc.reshape(1, TILE_H, TILE_W, BS).to(Y_DESC.dtype))
 
 
+@geometry_jit
+def _bsr_conv2d_wgrad_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC,
+                                 B, N, K, C, OH, OW, KW, pad_top, pad_left, dil_h, dil_w, nnz, M_BUCKET,
+                                 BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                                 TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    # N and K are read only by the autotune key. The launcher fixes the number of splits (it sizes the partials'
+    # buffer); each config cuts its own patches into that many chunks.
+    i = tl.program_id(0)
+    split = tl.program_id(1)
+    r = tl.load(COO_ROW + i)
+    c = tl.load(COL_IDX + i)
+    blocks_per_tap = C // BS
+    tap = c // blocks_per_tap
+    shift_h = (tap // KW) * dil_h - pad_top
+    shift_w = (tap % KW) * dil_w - pad_left
+    channel = (c % blocks_per_tap) * BS
+    tiles_w = tl.cdiv(OW, TILE_W)
+    tiles_h = tl.cdiv(OH, TILE_H)
+    n_patches = B * tiles_h * tiles_w
+    chunk = tl.cdiv(n_patches, tl.num_programs(1))
+    acc = tl.zeros((BS, BS), dtype=tl.float32)
+    for patch in range(split * chunk, tl.minimum(split * chunk + chunk, n_patches)):
+        ow0 = (patch % tiles_w) * TILE_W
+        rest = patch // tiles_w
+        oh0 = (rest % tiles_h) * TILE_H
+        b = rest // tiles_h
+        dy = DY_DESC.load([b, oh0, ow0, r * BS]).reshape(TILE_H * TILE_W, BS)
+        x = X_DESC.load([b, oh0 + shift_h, ow0 + shift_w, channel]).reshape(TILE_H * TILE_W, BS)
+        acc = tl.dot(dy.T, x, acc, input_precision=INPUT_PRECISION)
+    OUT_DESC.store([(split * nnz + i) * BS, 0], acc.to(OUT_DESC.dtype))
+
+
 def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
     """Output patches of 64-256 pixels (the MMA's M side), 8 or 16 wide so that a patch row fills the TMA box's
     swizzle; stages fitted beside the output patch that the TMA store stages in shared memory."""
@@ -85,7 +124,34 @@ def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: b
     return with_hook(configs, box_hook({"X_DESC": patch, "Y_DESC": patch}))
 
 
+def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
+    """Patches of 64 or 128 pixels per reduction step (the MMA's K side); 8 warps for the 128 x 128 accumulator;
+    stages fitted beside the [bs, bs] fp32 block that the TMA store stages in shared memory."""
+    if interpret:
+        configs = [triton.Config({"TILE_H": 8, "TILE_W": 8}, num_warps=4, num_stages=1)]
+    else:
+        warps = 8 if block_size == 128 else 4
+        candidates = [({"TILE_H": 16, "TILE_W": 8}, warps, 4), ({"TILE_H": 8, "TILE_W": 8}, warps, 4),
+                      ({"TILE_H": 8, "TILE_W": 16}, warps, 4)]
+        configs = _fit(candidates, lambda meta: 2 * meta["TILE_H"] * meta["TILE_W"] * block_size * elem_bytes,
+                       budget, lambda meta: block_size * block_size * 4)
+    patch = (None, "TILE_H", "TILE_W", None)
+    return with_hook(configs, box_hook({"DY_DESC": patch, "X_DESC": patch}))
+
+
 _tuned = TunedKernels(_bsr_conv2d_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "K", "OW"])
+_tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_tma_kernel, conv_wgrad_tma_configs,
+                            key=["M_BUCKET", "nnz", "N", "K", "OW"])
+
+
+def _tma_conv_unsupported(stride, channels: int, bs: int, *matrices: torch.Tensor) -> Optional[str]:
+    """Why the TMA convolutions cannot take a call: a stride, in_channels not a multiple of the block, or operands
+    (as [pixels, channels] matrices) TMA cannot take."""
+    if tuple(stride) != (1, 1):
+        return f"stride {list(stride)}: the TMA convolutions take stride 1"
+    if channels % bs:
+        return f"{channels} input channels are not a multiple of the block ({bs})"
+    return tma_unsupported(*matrices)
 
 
 def bsr_conv2d_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -108,13 +174,8 @@ def bsr_conv2d_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     if values.shape[0] == 0 or x.numel() == 0:  # density 0 (or no input channels): the bias alone
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     x, values = x.contiguous(), values.contiguous()
-    why = None
-    if (sh, sw) != (1, 1):
-        why = f"stride {[sh, sw]}: the TMA forward takes stride 1"
-    elif channels % bs:
-        why = f"{channels} input channels are not a multiple of the block ({bs})"
-    else:
-        why = tma_unsupported(x.view(-1, channels), y.view(-1, out_channels), values.view(-1, bs))
+    why = _tma_conv_unsupported((sh, sw), channels, bs, x.view(-1, channels), y.view(-1, out_channels),
+                                values.view(-1, bs))
     if why:
         return instead("bsr_conv2d_tma", why, fallback)(*args)
     n_block_rows = row_ptr.numel() - 1
@@ -128,3 +189,40 @@ def bsr_conv2d_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         m, out_channels, kh * kw * channels, channels, out_h, out_w, kw, pt, pl, dh, dw, n_block_rows, m_bucket(m),
         HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
     return y
+
+
+def bsr_conv2d_wgrad_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                         coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                         block_size: int, kernel_size: List[int], stride: List[int], padding: List[int],
+                         dilation: List[int], fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``bsr_conv2d_wgrad`` (NHWC, stride 1) through TMA; where TMA cannot take the call, ``fallback`` (the pointer
+    kernel) runs instead, or without one ValueError says why."""
+    args = (dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size, kernel_size, stride, padding,
+            dilation)
+    check_wgrad_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size, kernel_size, stride, padding, dilation)
+    kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
+    batch, height, width, channels = x.shape
+    _, out_h, out_w, n_features = dy.shape
+    nnz, bs = col_idx.numel(), block_size
+    out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
+    m = batch * out_h * out_w
+    if nnz == 0:
+        return out
+    if m == 0 or x.numel() == 0:
+        return out.zero_()
+    dy, x = dy.contiguous(), x.contiguous()
+    splits = sddmm_splits(m, nnz, dy.device)[0]
+    target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
+    why = _tma_conv_unsupported((sh, sw), channels, bs, x.view(-1, channels), dy.view(-1, n_features),
+                                target.view(-1, bs))
+    if why:
+        return instead("bsr_conv2d_wgrad_tma", why, fallback)(*args)
+    kernel = _tuned_wgrad(bs, dy.dtype, dy.device)
+    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
+    kernel[(nnz, splits)](
+        descriptor(dy, [1, 8, 8, bs]), descriptor(x, [1, 8, 8, bs]), coo_row, col_idx,
+        descriptor(target.view(-1, bs), [bs, bs]), batch, n_features, kh * kw * channels, channels, out_h, out_w, kw,
+        pt, pl, dh, dw, nnz, m_bucket(m), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    if splits > 1:
+        out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
+    return out

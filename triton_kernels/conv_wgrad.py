@@ -97,6 +97,15 @@ def _check_pair(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> None:
     check(dy.shape[0] == x.shape[0], f"dy has batch {dy.shape[0]} but x has {x.shape[0]}")
 
 
+def check_wgrad_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size, kernel_size, stride, padding,
+                     dilation) -> None:
+    """bsr_conv2d_wgrad's argument checks (shared with the TMA kernel)."""
+    _check_pair(dy, x, block_size)
+    kh, kw = conv_geometry(kernel_size, stride, padding, dilation)[:2]
+    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, col_idx.numel())
+    check_filter_layout(row_ptr, col_ptr, dy.shape[3], kh * kw * x.shape[3], block_size)
+
+
 def bsr_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                      coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
                      block_size: int, kernel_size: List[int], stride: List[int], padding: List[int],
@@ -104,15 +113,12 @@ def bsr_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, c
     """dW[i] = (dYᵀ im2col(X)) at block (coo_row[i], col_idx[i]) for every stored block: [nnz, bs, bs], zero where
     a block reaches past N or K. dy [B, OH, OW, N], x [B, H, W, C] NHWC. fp32 accumulation (split-M partials in
     fp32); output in the input dtype."""
-    _check_pair(dy, x, block_size)
+    check_wgrad_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size, kernel_size, stride, padding, dilation)
     kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
     batch, height, width, channels = x.shape
     _, out_h, out_w, n_features = dy.shape
     k_features = kh * kw * channels
     nnz = col_idx.numel()
-    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, nnz)
-    check_filter_layout(row_ptr, col_ptr, n_features, k_features, block_size)
-
     bs = block_size
     out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
     m = batch * out_h * out_w

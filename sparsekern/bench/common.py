@@ -82,7 +82,8 @@ class Variant:
 # Kernel variants measured in rows of their own beside the backends, which no backend uses by default because they
 # have not run on a GPU yet.
 VARIANTS = {"triton-tma": Variant("triton", {"SPARSEKERN_TRITON_TMA": "1"},
-                                  ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d"))}
+                                  ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
+                                   "bsr_conv2d_wgrad"))}
 OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
 
 
