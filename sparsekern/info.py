@@ -26,8 +26,8 @@ AWAITING_GPU = (
     "capability 9.0+)",
     "triton_kernels.wgrad_tma: bsr_sddmm_tma, block_grad_scores_tma (TMA tile loads; the scores with persistent, "
     "grouped programs)",
-    "triton_kernels.conv_tma: bsr_conv2d_tma, bsr_conv2d_wgrad_tma (stride-1 forward and filter gradient, the "
-    "image's patches as 4-D TMA boxes; in_channels a multiple of the block)",
+    "triton_kernels.conv_tma: bsr_conv2d_tma, bsr_conv2d_dgrad_tma, bsr_conv2d_wgrad_tma (the stride-1 "
+    "convolution's three passes, image and gradient patches as 4-D TMA boxes; in_channels a multiple of the block)",
     "the triton backend uses them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands; the GPU suites "
     "measure them as the rows `triton-tma`",
 )

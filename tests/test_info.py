@@ -69,5 +69,5 @@ def test_kernels_awaiting_a_gpu_are_listed_and_exist(info_output):
     section = info_output.split("kernels awaiting a GPU run")[1].split("\n\n")[0]
     assert tk.TMA_ENV in section and all(variant in section for variant in common.VARIANTS)
     for function in ("bsr_linear_tma", "bsr_linear_dx_tma", "bsr_sddmm_tma", "block_grad_scores_tma", "bsr_conv2d_tma",
-                     "bsr_conv2d_wgrad_tma"):
+                     "bsr_conv2d_dgrad_tma", "bsr_conv2d_wgrad_tma"):
         assert function in section and callable(getattr(tk, function))

@@ -172,6 +172,26 @@ def test_conv_forward_matches_the_oracle(case, dtype):
 @small
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_input_gradient_matches_the_oracle(case, dtype):
+    problem = conv_cases.Conv(**CONV_CASES[case], dtype=dtype, seed=34, device=DEVICE)
+    exact = problem.oracle()["bsr_conv2d_dgrad"]
+    out = conv_tma.bsr_conv2d_dgrad_tma(*problem.args("bsr_conv2d_dgrad"))
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d_dgrad", exact, None, out=out)
+
+
+def test_chunk_major_blocks_lists_each_chunks_blocks_at_every_tap():
+    col_idx = torch.tensor([4, 0, 5, 3, 1, 2], dtype=torch.int32)  # 3 chunks: block-column c = tap * 3 + chunk
+    coo_row = torch.tensor([0, 0, 1, 1, 2, 2], dtype=torch.int32)
+    chunk_ptr, order, rows, taps = conv_tma.chunk_major_blocks(col_idx, coo_row, 3)
+    assert chunk_ptr.tolist() == [0, 2, 4, 6]
+    assert order.tolist() == [1, 3, 0, 4, 2, 5]  # chunk 0: columns 0 and 3, chunk 1: 4 and 1, chunk 2: 5 and 2
+    assert rows.tolist() == [0, 1, 0, 2, 1, 2] and taps.tolist() == [0, 1, 1, 0, 1, 0]
+    assert all(t.dtype == torch.int32 for t in (chunk_ptr, order, rows, taps))
+
+
+@small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv_filter_gradient_matches_the_oracle(case, dtype):
     problem = conv_cases.Conv(**CONV_CASES[case], dtype=dtype, seed=33, device=DEVICE)
     if case == "split_over_patches":  # the fp32 partials' path
@@ -185,10 +205,11 @@ def test_conv_filter_gradient_matches_the_oracle(case, dtype):
 @small
 @pytest.mark.parametrize("case", ["3x3_s2_p1_cin20", "3x3_d2_p2_cin35", "1x1_s2_downsample"])
 def test_convs_tma_cannot_take_fall_back_or_are_refused(case):
-    from sparsekern.triton_kernels import conv, conv_wgrad
+    from sparsekern.triton_kernels import conv, conv_dgrad, conv_wgrad
     problem = conv_cases.Conv(**conv_cases.CASES[case], seed=31, device=DEVICE)
     oracle = problem.oracle()
     for op, tma, pointer in (("bsr_conv2d", conv_tma.bsr_conv2d_tma, conv.bsr_conv2d),
+                             ("bsr_conv2d_dgrad", conv_tma.bsr_conv2d_dgrad_tma, conv_dgrad.bsr_conv2d_dgrad),
                              ("bsr_conv2d_wgrad", conv_tma.bsr_conv2d_wgrad_tma, conv_wgrad.bsr_conv2d_wgrad)):
         args = problem.args(op)
         with pytest.raises(ValueError, match="stride|multiple of the block"):
@@ -201,10 +222,12 @@ def test_convs_tma_cannot_take_fall_back_or_are_refused(case):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", ["resnet_3x3_64", "resnet_3x3_256"])
-def test_gpu_conv_forward_and_filter_gradient_realistic(case, dtype):
+def test_gpu_conv_passes_realistic(case, dtype):
     problem = conv_cases.Conv(**conv_cases.GPU_CASES[case], dtype=dtype, seed=32, device="cuda")
     oracle = problem.oracle()
     out = conv_tma.bsr_conv2d_tma(*problem.args("bsr_conv2d"))
     conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", oracle["bsr_conv2d"], None, out=out)
+    out = conv_tma.bsr_conv2d_dgrad_tma(*problem.args("bsr_conv2d_dgrad"))
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d_dgrad", oracle["bsr_conv2d_dgrad"], None, out=out)
     out = conv_tma.bsr_conv2d_wgrad_tma(*problem.args("bsr_conv2d_wgrad"))
     conv_cases.assert_close_to_oracle(problem, "bsr_conv2d_wgrad", oracle["bsr_conv2d_wgrad"], None, out=out)

@@ -22,7 +22,8 @@ import triton
 from . import _common
 from .conv import _bsr_conv2d_kernel
 from .conv_dgrad import _bsr_conv2d_dgrad_kernel
-from .conv_tma import _bsr_conv2d_tma_kernel, _bsr_conv2d_wgrad_tma_kernel, conv_tma_configs, conv_wgrad_tma_configs
+from .conv_tma import (_bsr_conv2d_dgrad_tma_kernel, _bsr_conv2d_tma_kernel, _bsr_conv2d_wgrad_tma_kernel,
+                       conv_tma_configs, conv_wgrad_tma_configs)
 from .conv_wgrad import _bsr_conv2d_wgrad_kernel, _conv_grad_scores_kernel
 from .grad_scores import _block_grad_scores_kernel
 from .linear import _bsr_linear_kernel
@@ -201,6 +202,18 @@ SPECS += (
         lambda bs, precision: {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": precision},
         conv_tma_configs,
         ("ROW_PTR", "COL_IDX", "BIAS", "N", "K", "C"),
+        archs=(90,), tma=True,
+    ),
+    KernelSpec(
+        "bsr_conv2d_dgrad_tma", _bsr_conv2d_dgrad_tma_kernel,
+        {"DY_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
+         "CHUNK_PTR": "*i32", "ORDER": "*i32", "ROWS": "*i32", "TAPS": "*i32",
+         "DX_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "B": "i32", "H": "i32", "W": "i32", "N": "i32",
+         "C": "i32", "KW": "i32", "pad_top": "i32", "pad_left": "i32", "dil_h": "i32", "dil_w": "i32",
+         "M_BUCKET": "i32"},
+        lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
+        conv_tma_configs,
+        ("CHUNK_PTR", "ORDER", "ROWS", "TAPS", "N", "C"),
         archs=(90,), tma=True,
     ),
     KernelSpec(

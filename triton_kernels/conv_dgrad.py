@@ -110,6 +110,18 @@ _tuned = {aligned: TunedKernels(_bsr_conv2d_dgrad_kernel, configs, key=["M_BUCKE
           for aligned, configs in ((True, conv_configs), (False, conv_gather_configs))}
 
 
+def check_dgrad_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
+                     padding, dilation) -> int:
+    """bsr_conv2d_dgrad's argument checks (shared with the TMA kernel); returns the block size."""
+    check_image("dy", dy)
+    bs = check_values(values, dy)
+    kh, kw = conv_geometry(kernel_size, stride, padding, dilation)[:2]
+    check(len(input_size) == 2 and min(input_size) >= 0, f"input_size must be two sizes, got {list(input_size)}")
+    check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm)), dy.device, values.shape[0])
+    check_filter_layout(row_ptr, col_ptr, dy.shape[3], kh * kw * in_channels, bs)
+    return bs
+
+
 def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                      coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
                      in_channels: int, input_size: List[int], kernel_size: List[int], stride: List[int],
@@ -117,15 +129,11 @@ def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     """dX [B, H, W, C = in_channels] of Y = conv(X, W) given dY [B, OH, OW, N], NHWC, W read block-column by
     block-column through the transposed index (col_ptr, row_idx, perm). fp32 accumulation; output in the input
     dtype."""
-    check_image("dy", dy)
-    bs = check_values(values, dy)
+    bs = check_dgrad_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
+                          padding, dilation)
     kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
-    check(len(input_size) == 2 and min(input_size) >= 0, f"input_size must be two sizes, got {list(input_size)}")
     batch, out_h, out_w, n_features = dy.shape
     height, width = (int(v) for v in input_size)
-    check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm)), dy.device, values.shape[0])
-    check_filter_layout(row_ptr, col_ptr, n_features, kh * kw * in_channels, bs)
-
     dx = torch.empty(batch, height, width, in_channels, dtype=dy.dtype, device=dy.device)
     if dx.numel() == 0:
         return dx

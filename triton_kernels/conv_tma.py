@@ -1,4 +1,4 @@
-"""bsr_conv2d and bsr_conv2d_wgrad for Hopper: implicit GEMMs with the image's tiles moved by TMA (stride 1).
+"""bsr_conv2d, its dgrad and its wgrad for Hopper: implicit GEMMs with the image's tiles moved by TMA (stride 1).
 
 For a stride-1 convolution, the im2col tile of a TILE_H x TILE_W patch of output pixels at one filter tap is the
 image's patch shifted by that tap: one 4-D TMA box [1, TILE_H, TILE_W, bs] of the NHWC image at
@@ -8,6 +8,12 @@ per-pixel address arithmetic and needs no masks, which in the pointer kernel (co
 capped its tiles. One persistent program per multiprocessor walks (output patch, block-row r of W) pairs, block-row
 fastest, and for each the stored blocks of row r, as bsr_linear does; the output patch is stored by TMA, clipped at
 the image's edges.
+
+The input gradient (dgrad) is the same walk over dY: a program owns a patch of dX pixels and one chunk of bs input
+channels, and sums, over every stored block whose columns are that chunk (at any tap), dY's patch shifted back by
+the block's tap times the block. Those blocks lie in kh*kw block-columns of the transposed index, one or two blocks
+each at 90%, so the launcher lists them chunk by chunk (a stable sort of the blocks by chunk: one flat, pipelined
+loop per program instead of kh*kw short ones).
 
 The filter gradient (wgrad) reduces dY[patch, n-block]ᵀ im2col[patch, k-block] over the output patches for each
 stored block, as bsr_sddmm does over rows: dY's patch and the image's shifted patch are both 4-D TMA boxes (dY's rows
@@ -26,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TunedKernels, _fit, cdiv, dot_precision, m_bucket
+from ._common import INTERPRET, TunedKernels, _fit, cdiv, check_index, dot_precision, m_bucket
 from ._tma import box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
 from .conv import check_conv_args, conv_geometry, geometry_jit
+from .conv_dgrad import check_dgrad_args
 from .conv_wgrad import check_wgrad_args
 from .sddmm import sddmm_splits
 
@@ -71,6 +78,45 @@ def _bsr_conv2d_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
 
 
 @geometry_jit
+def _bsr_conv2d_dgrad_tma_kernel(DY_DESC, W_DESC, CHUNK_PTR, ORDER, ROWS, TAPS, DX_DESC,
+                                 B, H, W, N, C, KW, pad_top, pad_left, dil_h, dil_w, M_BUCKET,
+                                 BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                                 TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    # N (and M through M_BUCKET) are read only by the autotune key.
+    n_chunks = C // BS
+    tiles_w = tl.cdiv(W, TILE_W)
+    tiles_h = tl.cdiv(H, TILE_H)
+    for tile in range(tl.program_id(0), B * tiles_h * tiles_w * n_chunks, tl.num_programs(0)):
+        chunk = tile % n_chunks
+        patch = tile // n_chunks
+        iw0 = (patch % tiles_w) * TILE_W
+        rest = patch // tiles_w
+        ih0 = (rest % tiles_h) * TILE_H
+        b = rest // tiles_h
+        start = tl.load(CHUNK_PTR + chunk)
+        end = tl.load(CHUNK_PTR + chunk + 1)
+        acc = tl.zeros((TILE_H * TILE_W, BS), dtype=tl.float32)
+        # The next block's (value index, block-row, tap) one iteration ahead, so the TMA loads stay pipelinable.
+        j_next = tl.load(ORDER + start, mask=start < end, other=0)
+        r_next = tl.load(ROWS + start, mask=start < end, other=0)
+        t_next = tl.load(TAPS + start, mask=start < end, other=0)
+        for q in range(start, end):
+            j = j_next
+            r = r_next
+            tap = t_next
+            j_next = tl.load(ORDER + q + 1, mask=q + 1 < end, other=0)
+            r_next = tl.load(ROWS + q + 1, mask=q + 1 < end, other=0)
+            t_next = tl.load(TAPS + q + 1, mask=q + 1 < end, other=0)
+            # dX[ih] gathers dY[oh = ih + pad - tap offset] (stride 1); rows outside dY come in as zeros.
+            oh = ih0 + pad_top - (tap // KW) * dil_h
+            ow = iw0 + pad_left - (tap % KW) * dil_w
+            dy = DY_DESC.load([b, oh, ow, r * BS]).reshape(TILE_H * TILE_W, BS)
+            w = W_DESC.load([j * BS, 0])  # values[j] as [n, c]: already this MMA's [K, N] operand
+            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        DX_DESC.store([b, ih0, iw0, chunk * BS], acc.reshape(1, TILE_H, TILE_W, BS).to(DX_DESC.dtype))
+
+
+@geometry_jit
 def _bsr_conv2d_wgrad_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC,
                                  B, N, K, C, OH, OW, KW, pad_top, pad_left, dil_h, dil_w, nnz, M_BUCKET,
                                  BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -103,7 +149,7 @@ def _bsr_conv2d_wgrad_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC,
 
 
 def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
-    """Output patches of 64-256 pixels (the MMA's M side), 8 or 16 wide so that a patch row fills the TMA box's
+    """The forward's and dgrad's: output patches of 64-256 pixels (the MMA's M side), 8 or 16 wide so that a patch row fills the TMA box's
     swizzle; stages fitted beside the output patch that the TMA store stages in shared memory."""
     if interpret:
         configs = [triton.Config({"TILE_H": 8, "TILE_W": 8}, num_warps=4, num_stages=1)]
@@ -115,13 +161,13 @@ def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: b
         elif bs == 64:
             candidates = [({"TILE_H": 16, "TILE_W": 8}, 4, 4), ({"TILE_H": 8, "TILE_W": 8}, 4, 4),
                           ({"TILE_H": 16, "TILE_W": 16}, 8, 3)]
-        else:
-            candidates = [({"TILE_H": 16, "TILE_W": 8}, 8, 3), ({"TILE_H": 8, "TILE_W": 8}, 4, 4)]
+        else:  # a 128-wide fp32 accumulator needs two warpgroups (dgrad in fp32 spills on one)
+            candidates = [({"TILE_H": 16, "TILE_W": 8}, 8, 3), ({"TILE_H": 8, "TILE_W": 8}, 8, 4)]
         pixels = lambda meta: meta["TILE_H"] * meta["TILE_W"]
         configs = _fit(candidates, lambda meta: (pixels(meta) + bs) * bs * elem_bytes, budget,
                        lambda meta: pixels(meta) * bs * elem_bytes)
     patch = (None, "TILE_H", "TILE_W", None)
-    return with_hook(configs, box_hook({"X_DESC": patch, "Y_DESC": patch}))
+    return with_hook(configs, box_hook({"X_DESC": patch, "Y_DESC": patch, "DY_DESC": patch, "DX_DESC": patch}))
 
 
 def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
@@ -140,6 +186,7 @@ def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interp
 
 
 _tuned = TunedKernels(_bsr_conv2d_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "K", "OW"])
+_tuned_dgrad = TunedKernels(_bsr_conv2d_dgrad_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "C", "W"])
 _tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_tma_kernel, conv_wgrad_tma_configs,
                             key=["M_BUCKET", "nnz", "N", "K", "OW"])
 
@@ -226,3 +273,51 @@ def bsr_conv2d_wgrad_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tenso
     if splits > 1:
         out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
     return out
+
+
+def chunk_major_blocks(col_idx: torch.Tensor, coo_row: torch.Tensor, n_chunks: int) -> tuple:
+    """The stored blocks grouped by the chunk of input channels their block-column covers (block-column c is tap
+    c // n_chunks, chunk c % n_chunks): (chunk_ptr [n_chunks + 1], value indices, block-rows, taps), int32, in the
+    layout's order within a chunk."""
+    chunk = col_idx % n_chunks
+    order = torch.argsort(chunk, stable=True)
+    chunk_ptr = torch.zeros(n_chunks + 1, dtype=torch.int32, device=col_idx.device)
+    chunk_ptr[1:] = torch.cumsum(torch.bincount(chunk, minlength=n_chunks), 0)
+    return (chunk_ptr, order.to(torch.int32), coo_row[order].contiguous(),
+            (col_idx[order] // n_chunks).to(torch.int32))
+
+
+def bsr_conv2d_dgrad_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                         coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                         in_channels: int, input_size: List[int], kernel_size: List[int], stride: List[int],
+                         padding: List[int], dilation: List[int], fallback: Optional[Callable] = None) -> torch.Tensor:
+    """``bsr_conv2d_dgrad`` (NHWC, stride 1) through TMA and persistent programs; where TMA cannot take the call,
+    ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
+    args = (dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_channels, input_size, kernel_size,
+            stride, padding, dilation)
+    bs = check_dgrad_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
+                          padding, dilation)
+    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, values.shape[0])  # read here, unlike there
+    kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
+    batch, out_h, out_w, n_features = dy.shape
+    height, width = (int(v) for v in input_size)
+    dx = torch.empty(batch, height, width, in_channels, dtype=dy.dtype, device=dy.device)
+    if dx.numel() == 0:
+        return dx
+    if values.shape[0] == 0 or dy.numel() == 0:
+        return dx.zero_()
+    dy, values = dy.contiguous(), values.contiguous()
+    why = _tma_conv_unsupported((sh, sw), in_channels, bs, dy.view(-1, n_features), dx.view(-1, in_channels),
+                                values.view(-1, bs))
+    if why:
+        return instead("bsr_conv2d_dgrad_tma", why, fallback)(*args)
+    chunk_ptr, order, rows, taps = chunk_major_blocks(col_idx, coo_row, in_channels // bs)
+    pixels = batch * height * width
+    kernel = _tuned_dgrad(bs, dy.dtype, dy.device)
+    patches = lambda meta: batch * triton.cdiv(height, meta["TILE_H"]) * triton.cdiv(width, meta["TILE_W"])
+    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
+    kernel[persistent_grid(lambda meta: patches(meta) * (in_channels // bs), dy.device)](
+        descriptor(dy, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), chunk_ptr, order, rows, taps,
+        descriptor(dx, [1, 8, 8, bs]), batch, height, width, n_features, in_channels, kw, pt, pl, dh, dw,
+        m_bucket(pixels), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    return dx

@@ -83,7 +83,7 @@ class Variant:
 # have not run on a GPU yet.
 VARIANTS = {"triton-tma": Variant("triton", {"SPARSEKERN_TRITON_TMA": "1"},
                                   ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
-                                   "bsr_conv2d_wgrad"))}
+                                   "bsr_conv2d_dgrad", "bsr_conv2d_wgrad"))}
 OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
 
 
