@@ -22,14 +22,13 @@ GPU_VERIFIED = (
 # Kernels written and checked without a GPU (interpreter, ahead-of-time sm_90 compile) that no backend uses until
 # they have passed on one; the gpu-linear suite measures them beside the backends.
 AWAITING_GPU = (
-    "triton_kernels.linear_tma: bsr_linear_tma, bsr_linear_dx_tma (TMA tile loads, persistent programs; compute "
-    "capability 9.0+)",
-    "triton_kernels.wgrad_tma: bsr_sddmm_tma, block_grad_scores_tma (TMA tile loads; the scores with persistent, "
-    "grouped programs)",
-    "triton_kernels.conv_tma: bsr_conv2d_tma, bsr_conv2d_dgrad_tma, bsr_conv2d_wgrad_tma (the stride-1 "
-    "convolution's three passes, image and gradient patches as 4-D TMA boxes; in_channels a multiple of the block)",
-    "the triton backend uses them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands; the GPU suites "
-    "measure them as the rows `triton-tma`",
+    "triton_kernels.linear_tma: bsr_linear and bsr_linear_dx with TMA tile loads and persistent programs",
+    "triton_kernels.wgrad_tma: bsr_sddmm and block_grad_scores with TMA tile loads (the scores: persistent programs "
+    "grouped for L2 reuse, a 128x256 tile)",
+    "triton_kernels.conv_tma: the stride-1 convolution's bsr_conv2d, bsr_conv2d_dgrad and bsr_conv2d_wgrad, image "
+    "and gradient patches as 4-D TMA boxes (in_channels a multiple of the block)",
+    "the triton backend's launchers run them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands "
+    "(compute capability 9.0+, 16-byte aligned rows); the GPU suites measure them as the rows `triton-tma`",
 )
 
 

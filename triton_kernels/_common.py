@@ -100,6 +100,20 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Image sizes and the conv geometry change from layer to layer: Triton's JIT would compile a variant per pattern
+# of divisibility by 16 (and of == 1) of each, multiplying warm-up compiles and autotuning for nothing, since
+# only C, N and K decide whether the loads vectorise. These arguments are not specialised.
+GEOMETRY_ARGS = ("M", "B", "H", "W", "OH", "OW", "KW", "n_taps", "stride_h", "stride_w", "pad_top", "pad_left",
+                 "dil_h", "dil_w", "HP", "WP")
+
+
+def geometry_jit(fn):
+    """triton.jit without specialisation on the geometry arguments ``fn`` has (the convolutions' kernels)."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[name for name in GEOMETRY_ARGS if name in names])
+
+
+# ----------------------------------------------------------------------------------------------
 # Device facts.
 
 @lru_cache(maxsize=None)

@@ -4,7 +4,7 @@ persistent grid."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -44,13 +44,6 @@ def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
             return (f"a [{t.shape[0]}, {t.shape[1]}] {t.dtype} operand has row stride {t.stride(0)}: TMA needs unit "
                     f"stride along features and {TMA_ALIGN}-byte aligned rows ({TMA_ALIGN // elem} features)")
     return None
-
-
-def instead(name: str, why: str, fallback: Optional[Callable]) -> Callable:
-    """The kernel to run where TMA cannot take the operands: ``fallback``, or without one a ValueError naming why."""
-    if fallback is None:
-        raise ValueError(f"{name}: {why}")
-    return fallback
 
 
 def descriptor(t: torch.Tensor, box):

@@ -24,20 +24,9 @@ import triton
 import triton.language as tl
 
 from ._common import (TunedKernels, cdiv, check, check_device, check_float, check_index, check_values,
-                      conv_configs, conv_gather_configs, dot_precision, m_bucket)
-
-
-# Image sizes and the conv geometry change from layer to layer: Triton's JIT would compile a variant per pattern
-# of divisibility by 16 (and of == 1) of each, multiplying warm-up compiles and autotuning for nothing, since
-# only C, N and K decide whether the loads vectorise. These arguments are not specialised.
-GEOMETRY_ARGS = ("M", "B", "H", "W", "OH", "OW", "KW", "n_taps", "stride_h", "stride_w", "pad_top", "pad_left",
-                 "dil_h", "dil_w", "HP", "WP")
-
-
-def geometry_jit(fn):
-    """triton.jit without specialisation on the geometry arguments ``fn`` has."""
-    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    return triton.jit(fn, do_not_specialize=[name for name in GEOMETRY_ARGS if name in names])
+                      conv_configs, conv_gather_configs, dot_precision, geometry_jit, m_bucket)
+from ._tma import tma_enabled
+from .conv_tma import launch_conv2d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,23 +160,6 @@ def check_filter_layout(row_ptr, col_ptr, n_features: int, k_features: int, bs: 
           f"{cdiv(k_features, bs)}")
 
 
-def check_conv_args(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias, kernel_size,
-                    stride, padding, dilation, output_size) -> int:
-    """bsr_conv2d's argument checks (shared with the TMA kernel); returns the block size."""
-    check_image("x", x)
-    bs = check_values(values, x)
-    kh, kw = conv_geometry(kernel_size, stride, padding, dilation)[:2]
-    check(len(output_size) == 2 and min(output_size) > 0, f"output_size must be two positive sizes, got "
-                                                          f"{list(output_size)}")
-    check_index((("row_ptr", row_ptr), ("col_idx", col_idx)), x.device, values.shape[0])
-    check_filter_layout(row_ptr, col_ptr, out_channels, kh * kw * x.shape[3], bs)
-    if bias is not None:
-        check(tuple(bias.shape) == (out_channels,), f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
-        check(bias.dtype == x.dtype and bias.device == x.device,
-              f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
-    return bs
-
-
 def bsr_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
                out_channels: int, bias: Optional[torch.Tensor], kernel_size: List[int], stride: List[int],
@@ -195,12 +167,21 @@ def bsr_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col
     """Y [B, OH, OW, N] = conv(X [B, H, W, C], W) (+ b), NHWC, W [N, kh*kw*C] block-sparse with K ordered
     (kh, kw, c); ``padding`` = (top, left), ``output_size`` fixes the bottom/right. fp32 accumulation, output
     in the input dtype."""
-    bs = check_conv_args(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias,
-                         kernel_size, stride, padding, dilation, output_size)
+    check_image("x", x)
+    bs = check_values(values, x)
     kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
+    check(len(output_size) == 2 and min(output_size) > 0, f"output_size must be two positive sizes, got "
+                                                          f"{list(output_size)}")
     batch, height, width, channels = x.shape
     out_h, out_w = (int(v) for v in output_size)
     k_features = kh * kw * channels
+    check_index((("row_ptr", row_ptr), ("col_idx", col_idx)), x.device, values.shape[0])
+    check_filter_layout(row_ptr, col_ptr, out_channels, k_features, bs)
+    if bias is not None:
+        check(tuple(bias.shape) == (out_channels,), f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+        check(bias.dtype == x.dtype and bias.device == x.device,
+              f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+
     y = torch.empty(batch, out_h, out_w, out_channels, dtype=x.dtype, device=x.device)
     m = batch * out_h * out_w
     if y.numel() == 0:
@@ -209,6 +190,8 @@ def bsr_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     x, values = x.contiguous(), values.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    if tma_enabled() and launch_conv2d(x, values, row_ptr, col_idx, bias, y, kh, kw, sh, sw, pt, pl, dh, dw):
+        return y
     n_block_rows = row_ptr.numel() - 1
     aligned = channels % bs == 0
     kernel = _tuned[aligned](bs, x.dtype, x.device)

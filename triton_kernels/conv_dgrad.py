@@ -25,7 +25,10 @@ import triton.language as tl
 
 from ._common import (TunedKernels, cdiv, check, check_index, check_values, conv_configs, conv_gather_configs,
                       dot_precision, m_bucket)
-from .conv import check_filter_layout, check_image, conv_geometry, geometry_jit
+from ._common import geometry_jit
+from ._tma import tma_enabled
+from .conv import check_filter_layout, check_image, conv_geometry
+from .conv_tma import launch_conv2d_dgrad
 
 
 @geometry_jit
@@ -110,18 +113,6 @@ _tuned = {aligned: TunedKernels(_bsr_conv2d_dgrad_kernel, configs, key=["M_BUCKE
           for aligned, configs in ((True, conv_configs), (False, conv_gather_configs))}
 
 
-def check_dgrad_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
-                     padding, dilation) -> int:
-    """bsr_conv2d_dgrad's argument checks (shared with the TMA kernel); returns the block size."""
-    check_image("dy", dy)
-    bs = check_values(values, dy)
-    kh, kw = conv_geometry(kernel_size, stride, padding, dilation)[:2]
-    check(len(input_size) == 2 and min(input_size) >= 0, f"input_size must be two sizes, got {list(input_size)}")
-    check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm)), dy.device, values.shape[0])
-    check_filter_layout(row_ptr, col_ptr, dy.shape[3], kh * kw * in_channels, bs)
-    return bs
-
-
 def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                      coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
                      in_channels: int, input_size: List[int], kernel_size: List[int], stride: List[int],
@@ -129,17 +120,25 @@ def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     """dX [B, H, W, C = in_channels] of Y = conv(X, W) given dY [B, OH, OW, N], NHWC, W read block-column by
     block-column through the transposed index (col_ptr, row_idx, perm). fp32 accumulation; output in the input
     dtype."""
-    bs = check_dgrad_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
-                          padding, dilation)
+    check_image("dy", dy)
+    bs = check_values(values, dy)
     kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
+    check(len(input_size) == 2 and min(input_size) >= 0, f"input_size must be two sizes, got {list(input_size)}")
     batch, out_h, out_w, n_features = dy.shape
     height, width = (int(v) for v in input_size)
+    # col_idx and coo_row too: the TMA kernel (SPARSEKERN_TRITON_TMA=1) lists the blocks from them.
+    check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm), ("col_idx", col_idx),
+                 ("coo_row", coo_row)), dy.device, values.shape[0])
+    check_filter_layout(row_ptr, col_ptr, n_features, kh * kw * in_channels, bs)
+
     dx = torch.empty(batch, height, width, in_channels, dtype=dy.dtype, device=dy.device)
     if dx.numel() == 0:
         return dx
     if values.shape[0] == 0 or dy.numel() == 0:
         return dx.zero_()
     dy, values = dy.contiguous(), values.contiguous()
+    if tma_enabled() and launch_conv2d_dgrad(dy, values, col_idx, coo_row, dx, kh, kw, sh, sw, pt, pl, dh, dw):
+        return dx
     hp, wp = cdiv(height, sh), cdiv(width, sw)  # pixels per phase, at most
     pixels = batch * hp * wp
     n_chunks = cdiv(in_channels, bs)

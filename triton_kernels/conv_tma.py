@@ -21,23 +21,20 @@ past the output's edge come in as zeros, so they add nothing), split over the pa
 partials are summed in a fixed order.
 
 Applies to stride 1 (any dilation and padding) with in_channels a multiple of the block and 16-byte aligned
-channel rows (in_channels and out_channels multiples of 8 in 16-bit types, 4 in fp32); elsewhere the pointer kernel
-runs. **Not yet run on a GPU**: used only with SPARSEKERN_TRITON_TMA=1.
+channel rows (in_channels and out_channels multiples of 8 in 16-bit types, 4 in fp32); elsewhere the pointer kernels
+run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and conv_wgrad.py call these only under
+SPARSEKERN_TRITON_TMA=1, after their own checks.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TunedKernels, _fit, cdiv, check_index, dot_precision, m_bucket
-from ._tma import box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
-from .conv import check_conv_args, conv_geometry, geometry_jit
-from .conv_dgrad import check_dgrad_args
-from .conv_wgrad import check_wgrad_args
-from .sddmm import sddmm_splits
+from ._common import INTERPRET, TunedKernels, _fit, dot_precision, geometry_jit, m_bucket
+from ._tma import box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
 
 
 @geometry_jit
@@ -191,40 +188,21 @@ _tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_tma_kernel, conv_wgrad_tma_configs
                             key=["M_BUCKET", "nnz", "N", "K", "OW"])
 
 
-def _tma_conv_unsupported(stride, channels: int, bs: int, *matrices: torch.Tensor) -> Optional[str]:
-    """Why the TMA convolutions cannot take a call: a stride, in_channels not a multiple of the block, or operands
-    (as [pixels, channels] matrices) TMA cannot take."""
-    if tuple(stride) != (1, 1):
-        return f"stride {list(stride)}: the TMA convolutions take stride 1"
-    if channels % bs:
-        return f"{channels} input channels are not a multiple of the block ({bs})"
-    return tma_unsupported(*matrices)
+def _tma_conv_unsupported(stride_h: int, stride_w: int, channels: int, bs: int, *matrices: torch.Tensor) -> bool:
+    """Whether the TMA convolutions cannot take a call: a stride, in_channels not a multiple of the block, or
+    operands (as [pixels, channels] matrices) TMA cannot take."""
+    return (stride_h, stride_w) != (1, 1) or channels % bs != 0 or tma_unsupported(*matrices) is not None
 
 
-def bsr_conv2d_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                   coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                   out_channels: int, bias: Optional[torch.Tensor], kernel_size: List[int], stride: List[int],
-                   padding: List[int], dilation: List[int], output_size: List[int],
-                   fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``bsr_conv2d`` (NHWC, stride 1) through TMA and persistent programs; where TMA cannot take the call
-    (a stride, in_channels not a multiple of the block, unaligned channel rows), ``fallback`` (the pointer kernel)
-    runs instead, or without one ValueError says why."""
-    args = (x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, out_channels, bias, kernel_size, stride,
-            padding, dilation, output_size)
-    bs = check_conv_args(*args)
-    kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
-    batch, height, width, channels = x.shape
-    out_h, out_w = (int(v) for v in output_size)
-    y = torch.empty(batch, out_h, out_w, out_channels, dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    if values.shape[0] == 0 or x.numel() == 0:  # density 0 (or no input channels): the bias alone
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
-    x, values = x.contiguous(), values.contiguous()
-    why = _tma_conv_unsupported((sh, sw), channels, bs, x.view(-1, channels), y.view(-1, out_channels),
-                                values.view(-1, bs))
-    if why:
-        return instead("bsr_conv2d_tma", why, fallback)(*args)
+def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  bias: Optional[torch.Tensor], y: torch.Tensor, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int,
+                  dh: int, dw: int) -> bool:
+    """The forward into ``y`` [B, OH, OW, N] through TMA and persistent programs, for bsr_conv2d's launcher after its
+    checks; False, launching nothing, where TMA cannot take the call."""
+    bs, (batch, _, _, channels), (_, out_h, out_w, out_channels) = values.shape[-1], x.shape, y.shape
+    if _tma_conv_unsupported(sh, sw, channels, bs, x.view(-1, channels), y.view(-1, out_channels),
+                             values.view(-1, bs)):
+        return False
     n_block_rows = row_ptr.numel() - 1
     m = batch * out_h * out_w
     kernel = _tuned(bs, x.dtype, x.device)
@@ -232,47 +210,10 @@ def bsr_conv2d_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
     kernel[persistent_grid(lambda meta: patches(meta) * n_block_rows, x.device)](
         descriptor(x, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), row_ptr, col_idx,
-        bias.contiguous() if bias is not None else y, descriptor(y, [1, 8, 8, bs]),
+        bias if bias is not None else y, descriptor(y, [1, 8, 8, bs]),
         m, out_channels, kh * kw * channels, channels, out_h, out_w, kw, pt, pl, dh, dw, n_block_rows, m_bucket(m),
         HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
-    return y
-
-
-def bsr_conv2d_wgrad_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                         coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                         block_size: int, kernel_size: List[int], stride: List[int], padding: List[int],
-                         dilation: List[int], fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``bsr_conv2d_wgrad`` (NHWC, stride 1) through TMA; where TMA cannot take the call, ``fallback`` (the pointer
-    kernel) runs instead, or without one ValueError says why."""
-    args = (dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, block_size, kernel_size, stride, padding,
-            dilation)
-    check_wgrad_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size, kernel_size, stride, padding, dilation)
-    kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
-    batch, height, width, channels = x.shape
-    _, out_h, out_w, n_features = dy.shape
-    nnz, bs = col_idx.numel(), block_size
-    out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
-    m = batch * out_h * out_w
-    if nnz == 0:
-        return out
-    if m == 0 or x.numel() == 0:
-        return out.zero_()
-    dy, x = dy.contiguous(), x.contiguous()
-    splits = sddmm_splits(m, nnz, dy.device)[0]
-    target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
-    why = _tma_conv_unsupported((sh, sw), channels, bs, x.view(-1, channels), dy.view(-1, n_features),
-                                target.view(-1, bs))
-    if why:
-        return instead("bsr_conv2d_wgrad_tma", why, fallback)(*args)
-    kernel = _tuned_wgrad(bs, dy.dtype, dy.device)
-    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
-    kernel[(nnz, splits)](
-        descriptor(dy, [1, 8, 8, bs]), descriptor(x, [1, 8, 8, bs]), coo_row, col_idx,
-        descriptor(target.view(-1, bs), [bs, bs]), batch, n_features, kh * kw * channels, channels, out_h, out_w, kw,
-        pt, pl, dh, dw, nnz, m_bucket(m), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
-    if splits > 1:
-        out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
-    return out
+    return True
 
 
 def chunk_major_blocks(col_idx: torch.Tensor, coo_row: torch.Tensor, n_chunks: int) -> tuple:
@@ -287,37 +228,40 @@ def chunk_major_blocks(col_idx: torch.Tensor, coo_row: torch.Tensor, n_chunks: i
             (col_idx[order] // n_chunks).to(torch.int32))
 
 
-def bsr_conv2d_dgrad_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                         coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                         in_channels: int, input_size: List[int], kernel_size: List[int], stride: List[int],
-                         padding: List[int], dilation: List[int], fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``bsr_conv2d_dgrad`` (NHWC, stride 1) through TMA and persistent programs; where TMA cannot take the call,
-    ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
-    args = (dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm, in_channels, input_size, kernel_size,
-            stride, padding, dilation)
-    bs = check_dgrad_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_channels, input_size, kernel_size, stride,
-                          padding, dilation)
-    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, values.shape[0])  # read here, unlike there
-    kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
-    batch, out_h, out_w, n_features = dy.shape
-    height, width = (int(v) for v in input_size)
-    dx = torch.empty(batch, height, width, in_channels, dtype=dy.dtype, device=dy.device)
-    if dx.numel() == 0:
-        return dx
-    if values.shape[0] == 0 or dy.numel() == 0:
-        return dx.zero_()
-    dy, values = dy.contiguous(), values.contiguous()
-    why = _tma_conv_unsupported((sh, sw), in_channels, bs, dy.view(-1, n_features), dx.view(-1, in_channels),
-                                values.view(-1, bs))
-    if why:
-        return instead("bsr_conv2d_dgrad_tma", why, fallback)(*args)
+def launch_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, coo_row: torch.Tensor,
+                        dx: torch.Tensor, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, dh: int,
+                        dw: int) -> bool:
+    """dX into ``dx`` [B, H, W, C] through TMA and persistent programs, for bsr_conv2d_dgrad's launcher after its
+    checks; False, launching nothing, where TMA cannot take the call."""
+    bs, (_, _, _, n_features), (batch, height, width, in_channels) = values.shape[-1], dy.shape, dx.shape
+    if _tma_conv_unsupported(sh, sw, in_channels, bs, dy.view(-1, n_features), dx.view(-1, in_channels),
+                             values.view(-1, bs)):
+        return False
     chunk_ptr, order, rows, taps = chunk_major_blocks(col_idx, coo_row, in_channels // bs)
-    pixels = batch * height * width
     kernel = _tuned_dgrad(bs, dy.dtype, dy.device)
     patches = lambda meta: batch * triton.cdiv(height, meta["TILE_H"]) * triton.cdiv(width, meta["TILE_W"])
-    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
     kernel[persistent_grid(lambda meta: patches(meta) * (in_channels // bs), dy.device)](
         descriptor(dy, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), chunk_ptr, order, rows, taps,
         descriptor(dx, [1, 8, 8, bs]), batch, height, width, n_features, in_channels, kw, pt, pl, dh, dw,
-        m_bucket(pixels), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
-    return dx
+        m_bucket(batch * height * width), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    return True
+
+
+def launch_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, coo_row: torch.Tensor, col_idx: torch.Tensor,
+                        target: torch.Tensor, kh: int, kw: int, sh: int, sw: int, pt: int, pl: int, dh: int,
+                        dw: int) -> bool:
+    """dW at the stored blocks into ``target`` ([splits, nnz, bs, bs] fp32 partials, or [nnz, bs, bs] with one split)
+    through TMA, for bsr_conv2d_wgrad's launcher after its checks and split; False, launching nothing, where TMA
+    cannot take the call."""
+    (batch, _, _, channels), (_, out_h, out_w, n_features) = x.shape, dy.shape
+    nnz, bs = col_idx.numel(), target.shape[-1]
+    flat_target = target.view(-1, bs)
+    if _tma_conv_unsupported(sh, sw, channels, bs, x.view(-1, channels), dy.view(-1, n_features), flat_target):
+        return False
+    kernel = _tuned_wgrad(bs, dy.dtype, dy.device)
+    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
+    kernel[(nnz, flat_target.shape[0] // (nnz * bs))](
+        descriptor(dy, [1, 8, 8, bs]), descriptor(x, [1, 8, 8, bs]), coo_row, col_idx, descriptor(flat_target, [bs, bs]),
+        batch, n_features, kh * kw * channels, channels, out_h, out_w, kw, pt, pl, dh, dw, nnz,
+        m_bucket(batch * out_h * out_w), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    return True

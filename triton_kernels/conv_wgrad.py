@@ -21,8 +21,10 @@ import triton.language as tl
 
 from ._common import (BLOCK_SIZES, TunedKernels, cdiv, check, check_index, conv_wgrad_gather_configs,
                       dot_precision, grad_scores_configs, m_bucket, sddmm_configs)
+from ._tma import tma_enabled
 from .conv import (check_filter_layout, check_image, conv_geometry, decode_block_columns, decode_columns,
                    geometry_jit, im2col_tile, output_pixels)
+from .conv_tma import launch_conv2d_wgrad
 from .grad_scores import store_block_norms
 from .sddmm import sddmm_splits
 
@@ -97,15 +99,6 @@ def _check_pair(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> None:
     check(dy.shape[0] == x.shape[0], f"dy has batch {dy.shape[0]} but x has {x.shape[0]}")
 
 
-def check_wgrad_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size, kernel_size, stride, padding,
-                     dilation) -> None:
-    """bsr_conv2d_wgrad's argument checks (shared with the TMA kernel)."""
-    _check_pair(dy, x, block_size)
-    kh, kw = conv_geometry(kernel_size, stride, padding, dilation)[:2]
-    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, col_idx.numel())
-    check_filter_layout(row_ptr, col_ptr, dy.shape[3], kh * kw * x.shape[3], block_size)
-
-
 def bsr_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                      coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
                      block_size: int, kernel_size: List[int], stride: List[int], padding: List[int],
@@ -113,12 +106,15 @@ def bsr_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, c
     """dW[i] = (dYᵀ im2col(X)) at block (coo_row[i], col_idx[i]) for every stored block: [nnz, bs, bs], zero where
     a block reaches past N or K. dy [B, OH, OW, N], x [B, H, W, C] NHWC. fp32 accumulation (split-M partials in
     fp32); output in the input dtype."""
-    check_wgrad_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size, kernel_size, stride, padding, dilation)
+    _check_pair(dy, x, block_size)
     kh, kw, sh, sw, pt, pl, dh, dw = conv_geometry(kernel_size, stride, padding, dilation)
     batch, height, width, channels = x.shape
     _, out_h, out_w, n_features = dy.shape
     k_features = kh * kw * channels
     nnz = col_idx.numel()
+    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, nnz)
+    check_filter_layout(row_ptr, col_ptr, n_features, k_features, block_size)
+
     bs = block_size
     out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
     m = batch * out_h * out_w
@@ -130,11 +126,12 @@ def bsr_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, c
     splits, chunk = sddmm_splits(m, nnz, dy.device)
     target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
     aligned = channels % bs == 0
-    kernel = _tuned_wgrad[aligned](bs, dy.dtype, dy.device)
-    kernel[(nnz, splits)](dy, x, coo_row, col_idx, target,
-                          m, n_features, k_features, height, width, channels, out_h, out_w, kw, sh, sw, pt, pl,
-                          dh, dw, nnz, chunk,
-                          CIN_ALIGNED=aligned, BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    if not (tma_enabled() and launch_conv2d_wgrad(dy, x, coo_row, col_idx, target, kh, kw, sh, sw, pt, pl, dh, dw)):
+        kernel = _tuned_wgrad[aligned](bs, dy.dtype, dy.device)
+        kernel[(nnz, splits)](dy, x, coo_row, col_idx, target,
+                              m, n_features, k_features, height, width, channels, out_h, out_w, kw, sh, sw, pt, pl,
+                              dh, dw, nnz, chunk,
+                              CIN_ALIGNED=aligned, BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     if splits > 1:
         out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
     return out

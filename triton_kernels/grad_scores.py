@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._common import (BLOCK_SIZES, TunedKernels, cdiv, check, check_matrix, dot_precision, grad_scores_configs,
                       m_bucket, rows_contiguous)
+from ._tma import tma_enabled
 
 
 @triton.jit
@@ -58,22 +59,23 @@ def _block_grad_scores_kernel(DY, X, OUT,
     store_block_norms(acc, OUT, pid_n, pid_k, N, n_block_cols, BS, TILE_N, TILE_K)
 
 
+def _launch_tma(*args) -> bool:
+    # Imported on first use: wgrad_tma imports this module's store_block_norms.
+    from .wgrad_tma import launch_grad_scores
+    return launch_grad_scores(*args)
+
+
 _tuned = TunedKernels(_block_grad_scores_kernel, grad_scores_configs, key=["M_BUCKET", "N", "K"])
-
-
-def check_grad_scores_args(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> None:
-    """block_grad_scores' argument checks (shared with the TMA kernel)."""
-    check(block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
-    check_matrix("dy", dy)
-    check_matrix("x", x, like=dy)
-    check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
 
 
 def block_grad_scores(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> torch.Tensor:
     """S[r, c] = ‖(dYᵀ X)[r*bs : +bs, c*bs : +bs]‖_F for every block of the dense gradient:
     [ceil(N/bs), ceil(K/bs)] in fp32 (fp32 accumulation). float64 inputs are refused with a TypeError (use the
     reference or CPU backend), not computed in reduced precision."""
-    check_grad_scores_args(dy, x, block_size)
+    check(block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    check_matrix("dy", dy)
+    check_matrix("x", x, like=dy)
+    check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
     m, n_features = dy.shape
     k_features = x.shape[1]
     bs = block_size
@@ -84,6 +86,8 @@ def block_grad_scores(dy: torch.Tensor, x: torch.Tensor, block_size: int) -> tor
     if m == 0:
         return out.zero_()
     dy, x = rows_contiguous(dy), rows_contiguous(x)
+    if tma_enabled() and _launch_tma(dy, x, out, bs):
+        return out
     kernel = _tuned(bs, dy.dtype, dy.device)
     grid = lambda meta: (triton.cdiv(n_features, meta["TILE_N"]), triton.cdiv(k_features, meta["TILE_K"]))
     kernel[grid](dy, x, out, m, n_features, k_features, dy.stride(0), x.stride(0), n_block_cols, m_bucket(m),

@@ -15,6 +15,8 @@ import triton.language as tl
 
 from ._common import (TunedKernels, cdiv, check, check_index, check_matrix, check_values, dot_precision,
                       gemm_configs, m_bucket, rows_contiguous)
+from ._tma import tma_enabled
+from .linear_tma import launch_linear
 
 
 @triton.jit
@@ -66,12 +68,14 @@ def _bsr_linear_kernel(X, VALUES, ROW_PTR, COL_IDX, BIAS, Y,
 _tuned = TunedKernels(_bsr_linear_kernel, gemm_configs, key=["M_BUCKET", "N", "K"])
 
 
-def check_linear_args(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                      col_ptr: torch.Tensor, out_features: int, bias: Optional[torch.Tensor]) -> int:
-    """bsr_linear's argument checks (shared with the TMA kernel); returns the block size."""
+def bsr_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+               coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+               out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Y[M, N] = X[M, K] Wᵀ + b, W [N = out_features, K] given by compact blocks ``values`` [nnz, bs, bs] at
+    (coo_row[i], col_idx[i]) in block-CSR order. fp32 accumulation; output in the input dtype."""
     check_matrix("x", x)
     bs = check_values(values, x)
-    k_features = x.shape[1]
+    m, k_features = x.shape
     n_block_rows = row_ptr.numel() - 1
     check_index((("row_ptr", row_ptr), ("col_idx", col_idx)), x.device, values.shape[0])
     check(n_block_rows == cdiv(out_features, bs),
@@ -82,17 +86,7 @@ def check_linear_args(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
         check(tuple(bias.shape) == (out_features,), f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         check(bias.dtype == x.dtype and bias.device == x.device,
               f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
-    return bs
 
-
-def bsr_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-               coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-               out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Y[M, N] = X[M, K] Wᵀ + b, W [N = out_features, K] given by compact blocks ``values`` [nnz, bs, bs] at
-    (coo_row[i], col_idx[i]) in block-CSR order. fp32 accumulation; output in the input dtype."""
-    bs = check_linear_args(x, values, row_ptr, col_idx, col_ptr, out_features, bias)
-    m, k_features = x.shape
-    n_block_rows = row_ptr.numel() - 1
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     if m == 0 or out_features == 0:
         return y
@@ -100,6 +94,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     x, values = rows_contiguous(x), values.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    if tma_enabled() and launch_linear(x, values, row_ptr, col_idx, bias, y):
+        return y
     kernel = _tuned(bs, x.dtype, x.device)
     grid = lambda meta: (n_block_rows * triton.cdiv(m, meta["BLOCK_M"]),)
     kernel[grid](x, values, row_ptr, col_idx, bias if bias is not None else y, y,

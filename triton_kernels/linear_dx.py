@@ -13,6 +13,8 @@ import triton.language as tl
 
 from ._common import (TunedKernels, cdiv, check, check_index, check_matrix, check_values, dot_precision,
                       gemm_configs, m_bucket, rows_contiguous)
+from ._tma import tma_enabled
+from .linear_tma import launch_linear_dx
 
 
 @triton.jit
@@ -55,35 +57,29 @@ def _bsr_linear_dx_kernel(DY, VALUES, COL_PTR, ROW_IDX, PERM, DX,
 _tuned = TunedKernels(_bsr_linear_dx_kernel, gemm_configs, key=["M_BUCKET", "N", "K"])
 
 
-def check_linear_dx_args(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_ptr: torch.Tensor,
-                         row_idx: torch.Tensor, perm: torch.Tensor, in_features: int) -> int:
-    """bsr_linear_dx's argument checks (shared with the TMA kernel); returns the block size."""
+def bsr_linear_dx(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
+                  in_features: int) -> torch.Tensor:
+    """dX[M, K] = dY[M, N] W, W [N, K = in_features] read block-column by block-column through the transposed
+    index (col_ptr, row_idx, perm). fp32 accumulation; output in the input dtype."""
     check_matrix("dy", dy)
     bs = check_values(values, dy)
-    n_features = dy.shape[1]
+    m, n_features = dy.shape
     n_block_cols = col_ptr.numel() - 1
     check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm)), dy.device, values.shape[0])
     check(n_block_cols == cdiv(in_features, bs),
           f"col_ptr has {n_block_cols} block-columns but in_features={in_features} needs {cdiv(in_features, bs)}")
     check(row_ptr.numel() - 1 == cdiv(n_features, bs),
           f"dy has {n_features} features but the layout has {row_ptr.numel() - 1} block-rows of {bs}")
-    return bs
 
-
-def bsr_linear_dx(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                  coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                  in_features: int) -> torch.Tensor:
-    """dX[M, K] = dY[M, N] W, W [N, K = in_features] read block-column by block-column through the transposed
-    index (col_ptr, row_idx, perm). fp32 accumulation; output in the input dtype."""
-    bs = check_linear_dx_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_features)
-    m, n_features = dy.shape
-    n_block_cols = col_ptr.numel() - 1
     dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
     if m == 0 or in_features == 0:
         return dx
     if values.shape[0] == 0:
         return dx.zero_()
     dy, values = rows_contiguous(dy), values.contiguous()
+    if tma_enabled() and launch_linear_dx(dy, values, col_ptr, row_idx, perm, dx):
+        return dx
     kernel = _tuned(bs, dy.dtype, dy.device)
     grid = lambda meta: (n_block_cols * triton.cdiv(m, meta["BLOCK_M"]),)
     kernel[grid](dy, values, col_ptr, row_idx, perm, dx,

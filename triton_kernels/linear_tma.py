@@ -7,27 +7,22 @@ values seen as a [nnz*bs, bs] matrix. TMA fills what lies past M, N or K with ze
 the kernels need no masks. Programs are persistent (one per multiprocessor), walking the output tiles in the
 pointer kernels' order (block-row fastest, so that neighbouring programs share the dense operand's panel in L2).
 
-**Not yet run on a GPU**: ``auto`` and the ``triton`` backend do not use these kernels. They are tested in the
-interpreter, compiled ahead of time for sm_90 (tests/test_triton_static.py checks their SASS for TMA loads and
-wgmma), and measured next to the pointer kernels by the gpu-linear suite (``triton-tma`` rows).
-
-TMA needs 16-byte aligned base addresses and row strides (a multiple of 8 features in 16-bit types, 4 in fp32);
-``tma_unsupported`` says why a call does not qualify.
+**Not yet run on a GPU**: the launchers in linear.py and linear_dx.py call these only under
+SPARSEKERN_TRITON_TMA=1 (``_tma.tma_enabled``), after their own checks, and run the pointer kernels where TMA cannot
+take the operands: 16-byte aligned base addresses and row strides (a multiple of 8 features in 16-bit types, 4 in
+fp32); ``_tma.tma_unsupported`` says why a call does not qualify. Tested in the interpreter, compiled ahead of time
+for sm_90 (tests/test_triton_static.py checks for TMA loads and wgmma), measured as the suites' ``triton-tma`` rows.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import INTERPRET, TunedKernels, dot_precision, gemm_configs, m_bucket
-from ._tma import TensorDescriptor, box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
-from .linear import check_linear_args
-from .linear_dx import check_linear_dx_args
-
-__all__ = ["TensorDescriptor", "bsr_linear_dx_tma", "bsr_linear_tma", "tma_unsupported"]
+from ._tma import box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
 
 
 @triton.jit
@@ -97,57 +92,36 @@ _tuned_linear = TunedKernels(_bsr_linear_tma_kernel, tma_gemm_configs, key=["M_B
 _tuned_dx = TunedKernels(_bsr_linear_dx_tma_kernel, tma_gemm_configs, key=["M_BUCKET", "N", "n_block_cols"])
 
 
-def bsr_linear_tma(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                   coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                   out_features: int, bias: Optional[torch.Tensor], fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``bsr_linear`` (Y = X Wᵀ + b) through TMA and persistent programs; where TMA cannot take the operands
-    (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
-    bs = check_linear_args(x, values, row_ptr, col_idx, col_ptr, out_features, bias)
-    m, k_features = x.shape
-    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
-        return y
-    if values.shape[0] == 0:
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
-    values = values.contiguous()
-    why = tma_unsupported(x, y, values.view(-1, bs))
-    if why:
-        return instead("bsr_linear_tma", why, fallback)(x, values, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
-                                                        out_features, bias)
+def launch_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  bias: Optional[torch.Tensor], y: torch.Tensor) -> bool:
+    """Y = X Wᵀ (+ b) into ``y`` through TMA, for bsr_linear's launcher after its checks; False, launching nothing,
+    where TMA cannot take the operands (``tma_unsupported``)."""
+    bs = values.shape[-1]
+    if tma_unsupported(x, y, values.view(-1, bs)):
+        return False
+    (m, k_features), out_features = x.shape, y.shape[1]
     n_block_rows = row_ptr.numel() - 1
     kernel = _tuned_linear(bs, x.dtype, x.device)
     # 64 rows is a placeholder: the chosen config's pre-hook sets the activation boxes' rows.
-    x_desc, w_desc, y_desc = (descriptor(x, [64, bs]), descriptor(values.view(-1, bs), [bs, bs]),
-                              descriptor(y, [64, bs]))
     kernel[persistent_grid(lambda meta: n_block_rows * triton.cdiv(m, meta["BLOCK_M"]), x.device)](
-        x_desc, w_desc, row_ptr, col_idx, bias.contiguous() if bias is not None else y, y_desc,
-        m, out_features, k_features, n_block_rows, m_bucket(m),
-        HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
-    return y
+        descriptor(x, [64, bs]), descriptor(values.view(-1, bs), [bs, bs]), row_ptr, col_idx,
+        bias if bias is not None else y, descriptor(y, [64, bs]), m, out_features, k_features, n_block_rows,
+        m_bucket(m), HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
+    return True
 
 
-def bsr_linear_dx_tma(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                      coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                      in_features: int, fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``bsr_linear_dx`` (dX = dY W) through TMA and persistent programs; where TMA cannot take the operands
-    (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
-    bs = check_linear_dx_args(dy, values, row_ptr, col_ptr, row_idx, perm, in_features)
+def launch_linear_dx(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor,
+                     perm: torch.Tensor, dx: torch.Tensor) -> bool:
+    """dX = dY W into ``dx`` through TMA, for bsr_linear_dx's launcher after its checks; False, launching nothing,
+    where TMA cannot take the operands."""
+    bs = values.shape[-1]
+    if tma_unsupported(dy, dx, values.view(-1, bs)):
+        return False
     m = dy.shape[0]
-    dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
-    if m == 0 or in_features == 0:
-        return dx
-    if values.shape[0] == 0:
-        return dx.zero_()
-    values = values.contiguous()
-    why = tma_unsupported(dy, dx, values.view(-1, bs))
-    if why:
-        return instead("bsr_linear_dx_tma", why, fallback)(dy, values, row_ptr, col_idx, coo_row, col_ptr, row_idx,
-                                                           perm, in_features)
     n_block_cols = col_ptr.numel() - 1
     kernel = _tuned_dx(bs, dy.dtype, dy.device)
-    dy_desc, w_desc, dx_desc = (descriptor(dy, [64, bs]), descriptor(values.view(-1, bs), [bs, bs]),
-                                descriptor(dx, [64, bs]))
     kernel[persistent_grid(lambda meta: n_block_cols * triton.cdiv(m, meta["BLOCK_M"]), dy.device)](
-        dy_desc, w_desc, col_ptr, row_idx, perm, dx_desc, m, dy.shape[1], n_block_cols, m_bucket(m),
+        descriptor(dy, [64, bs]), descriptor(values.view(-1, bs), [bs, bs]), col_ptr, row_idx, perm,
+        descriptor(dx, [64, bs]), m, dy.shape[1], n_block_cols, m_bucket(m),
         BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
-    return dx
+    return True

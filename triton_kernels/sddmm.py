@@ -14,6 +14,8 @@ import triton.language as tl
 
 from ._common import (BLOCK_SIZES, INTERPRET, TunedKernels, cdiv, check, check_index, check_matrix, dot_precision,
                       rows_contiguous, sddmm_configs, sm_count)
+from ._tma import tma_enabled
+from .wgrad_tma import launch_sddmm
 
 # Chunks are whole multiples of the largest BLOCK_M any config uses.
 CHUNK_GRANULE = 128
@@ -63,31 +65,25 @@ def sddmm_splits(m: int, nnz: int, device: torch.device) -> tuple:
     return cdiv(m, chunk), chunk
 
 
-def check_sddmm_args(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                     coo_row: torch.Tensor, col_ptr: torch.Tensor, block_size: int) -> None:
-    """bsr_sddmm's argument checks (shared with the TMA kernel)."""
-    check(block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
-    check_matrix("dy", dy)
-    check_matrix("x", x, like=dy)
-    check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
-    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, col_idx.numel())
-    n_features, k_features = dy.shape[1], x.shape[1]
-    check(row_ptr.numel() - 1 == cdiv(n_features, block_size),
-          f"dy has {n_features} features but the layout has {row_ptr.numel() - 1} block-rows of {block_size}")
-    check(col_ptr.numel() - 1 == cdiv(k_features, block_size),
-          f"x has {k_features} features but the layout has {col_ptr.numel() - 1} block-columns of {block_size}")
-
-
 def bsr_sddmm(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
               coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
               block_size: int) -> torch.Tensor:
     """dW[i] = (dYᵀ X)[coo_row[i]*bs : +bs, col_idx[i]*bs : +bs] for every stored block i: [nnz, bs, bs],
     zero where a block reaches past N or K. fp32 accumulation (split-K partials in fp32); output in the input
     dtype."""
-    check_sddmm_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size)
+    check(block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    check_matrix("dy", dy)
+    check_matrix("x", x, like=dy)
+    check(dy.shape[0] == x.shape[0], f"dy has {dy.shape[0]} rows but x has {x.shape[0]}")
     nnz = col_idx.numel()
+    check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, nnz)
     m, n_features = dy.shape
     k_features = x.shape[1]
+    check(row_ptr.numel() - 1 == cdiv(n_features, block_size),
+          f"dy has {n_features} features but the layout has {row_ptr.numel() - 1} block-rows of {block_size}")
+    check(col_ptr.numel() - 1 == cdiv(k_features, block_size),
+          f"x has {k_features} features but the layout has {col_ptr.numel() - 1} block-columns of {block_size}")
+
     bs = block_size
     out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
     if nnz == 0:
@@ -97,10 +93,11 @@ def bsr_sddmm(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx:
     dy, x = rows_contiguous(dy), rows_contiguous(x)
     splits, chunk = sddmm_splits(m, nnz, dy.device)
     target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
-    kernel = _tuned(bs, dy.dtype, dy.device)
-    kernel[(nnz, splits)](dy, x, coo_row, col_idx, target,
-                          m, n_features, k_features, dy.stride(0), x.stride(0), nnz, chunk,
-                          BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
+    if not (tma_enabled() and launch_sddmm(dy, x, coo_row, col_idx, target, chunk)):
+        kernel = _tuned(bs, dy.dtype, dy.device)
+        kernel[(nnz, splits)](dy, x, coo_row, col_idx, target,
+                              m, n_features, k_features, dy.stride(0), x.stride(0), nnz, chunk,
+                              BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     if splits > 1:
         out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
     return out

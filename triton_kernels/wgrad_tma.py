@@ -4,26 +4,23 @@ The same products of dYᵀX as ``sddmm.py`` and ``grad_scores.py`` (fp32 accumul
 norms epilogue), with the [BLOCK_M, width] panels of dY and X moved by the tensor-memory accelerator, which fills
 rows past M and columns past N or K with zeros (so the padded blocks come out as in the reference, with no masks).
 dY's panel is read as stored ([m, n]) and transposed in shared memory for the MMA, as the pointer kernels do.
-``block_grad_scores_tma`` runs persistent programs over the dense gradient's tiles in groups of GROUP_N tile-rows,
+The scores run persistent programs over the dense gradient's tiles in groups of GROUP_N tile-rows,
 so that the programs running together share X's panels in L2.
 
-**Not yet run on a GPU**: no backend uses these kernels (see linear_tma.py).
+**Not yet run on a GPU**: sddmm.py and grad_scores.py call these only under SPARSEKERN_TRITON_TMA=1 (see
+linear_tma.py).
 """
 from __future__ import annotations
-
-from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TunedKernels, _fit, cdiv, dot_precision, grad_scores_configs, m_bucket,
-                      sddmm_configs)
-from ._tma import box_hook, descriptor, instead, persistent_grid, tma_unsupported, with_hook
-from .grad_scores import check_grad_scores_args, store_block_norms
-from .sddmm import check_sddmm_args, sddmm_splits
+from ._common import INTERPRET, TunedKernels, _fit, dot_precision, grad_scores_configs, m_bucket, sddmm_configs
+from ._tma import box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
+from .grad_scores import store_block_norms
 
-GROUP_N = 8  # tile-rows of the dense gradient per group in block_grad_scores_tma's order
+GROUP_N = 8  # tile-rows of the dense gradient per group in the scores' order
 
 
 @triton.jit
@@ -90,55 +87,33 @@ _tuned_sddmm = TunedKernels(_bsr_sddmm_tma_kernel, tma_sddmm_configs, key=["CHUN
 _tuned_scores = TunedKernels(_block_grad_scores_tma_kernel, tma_grad_scores_configs, key=["M_BUCKET", "N", "K"])
 
 
-def bsr_sddmm_tma(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                  coo_row: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                  block_size: int, fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``bsr_sddmm`` (dW = dYᵀX at the layout's blocks) through TMA; where TMA cannot take the operands
-    (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says why."""
-    check_sddmm_args(dy, x, row_ptr, col_idx, coo_row, col_ptr, block_size)
-    nnz, m, bs = col_idx.numel(), dy.shape[0], block_size
-    out = torch.empty(nnz, bs, bs, dtype=dy.dtype, device=dy.device)
-    if nnz == 0:
-        return out
-    if m == 0:
-        return out.zero_()
-    splits, chunk = sddmm_splits(m, nnz, dy.device)
-    target = out if splits == 1 else torch.empty(splits, nnz, bs, bs, dtype=torch.float32, device=dy.device)
+def launch_sddmm(dy: torch.Tensor, x: torch.Tensor, coo_row: torch.Tensor, col_idx: torch.Tensor,
+                 target: torch.Tensor, chunk: int) -> bool:
+    """dYᵀX at the stored blocks into ``target`` ([splits, nnz, bs, bs] fp32 partials, or [nnz, bs, bs] with one
+    split) through TMA, for bsr_sddmm's launcher after its checks and split; False, launching nothing, where TMA
+    cannot take the operands."""
+    nnz, bs = col_idx.numel(), target.shape[-1]
     flat_target = target.view(-1, bs)
-    why = tma_unsupported(dy, x, flat_target)
-    if why:
-        return instead("bsr_sddmm_tma", why, fallback)(dy, x, row_ptr, col_idx, coo_row, col_ptr, row_idx, perm,
-                                                       block_size)
+    if tma_unsupported(dy, x, flat_target):
+        return False
+    splits = flat_target.shape[0] // (nnz * bs)
     kernel = _tuned_sddmm(bs, dy.dtype, dy.device)
     kernel[(nnz, splits)](descriptor(dy, [64, bs]), descriptor(x, [64, bs]), coo_row, col_idx,
-                          descriptor(flat_target, [bs, bs]), m, dy.shape[1], x.shape[1], nnz, chunk,
+                          descriptor(flat_target, [bs, bs]), dy.shape[0], dy.shape[1], x.shape[1], nnz, chunk,
                           BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
-    if splits > 1:
-        out.copy_(target.sum(dim=0))  # fixed-order fp32 reduction of the partials, then one rounding
-    return out
+    return True
 
 
-def block_grad_scores_tma(dy: torch.Tensor, x: torch.Tensor, block_size: int,
-                          fallback: Optional[Callable] = None) -> torch.Tensor:
-    """``block_grad_scores`` (the block norms of the dense dYᵀX) through TMA and persistent programs; where TMA cannot take
-    the operands (``tma_unsupported``), ``fallback`` (the pointer kernel) runs instead, or without one ValueError says
-    why."""
-    check_grad_scores_args(dy, x, block_size)
-    m, n_features = dy.shape
-    k_features, bs = x.shape[1], block_size
-    n_block_cols = cdiv(k_features, bs)
-    out = torch.empty(cdiv(n_features, bs), n_block_cols, dtype=torch.float32, device=dy.device)
-    if out.numel() == 0:
-        return out
-    if m == 0:
-        return out.zero_()
-    why = tma_unsupported(dy, x)
-    if why:
-        return instead("block_grad_scores_tma", why, fallback)(dy, x, block_size)
-    kernel = _tuned_scores(bs, dy.dtype, dy.device)
+def launch_grad_scores(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, block_size: int) -> bool:
+    """The block norms of dYᵀX into ``out`` through TMA and persistent programs, for block_grad_scores' launcher
+    after its checks; False, launching nothing, where TMA cannot take the operands."""
+    if tma_unsupported(dy, x):
+        return False
+    (m, n_features), k_features = dy.shape, x.shape[1]
+    kernel = _tuned_scores(block_size, dy.dtype, dy.device)
     tiles = lambda meta: triton.cdiv(n_features, meta["TILE_N"]) * triton.cdiv(k_features, meta["TILE_K"])
     # 64-wide boxes are placeholders: the chosen config's pre-hook sets them.
     kernel[persistent_grid(tiles, dy.device)](descriptor(dy, [64, 64]), descriptor(x, [64, 64]), out, m, n_features,
-                                              k_features, n_block_cols, m_bucket(m),
-                                              BS=bs, INPUT_PRECISION=dot_precision(dy.dtype), GROUP_N=GROUP_N)
-    return out
+                                              k_features, out.shape[1], m_bucket(m), BS=block_size,
+                                              INPUT_PRECISION=dot_precision(dy.dtype), GROUP_N=GROUP_N)
+    return True
