@@ -283,6 +283,25 @@ def tensor_core_counts(ptx: str) -> dict:
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx))}
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """{"regs": registers a thread, "stack": stack-frame bytes a thread} of the kernel in ``cubin``, from the
+    ``cuobjdump`` that Triton ships. A stack frame is where ptxas puts what it spills; the kernels declare no local
+    arrays, so a frame of 0 means no spills."""
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        result = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", result.stdout)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {result.stdout[-500:]}")
+    return {"regs": int(found.group(1)), "stack": int(found.group(2))}
+
+
 def config_label(config) -> str:
     meta = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
     return f"{meta},w={config.num_warps},s={config.num_stages}"
@@ -371,7 +390,8 @@ def describe(spec, arch, dtype, block_size, config, compiled) -> dict:
     ptx = compiled.asm["ptx"]
     return {"kernel": spec.name, "arch": arch, "dtype": TRITON_TYPES[dtype], "block_size": block_size,
             "config": config_label(config), "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "shared": shared_bytes(compiled), **tensor_core_counts(ptx), "sqrt.approx": ptx.count("sqrt.approx")}
+            "shared": shared_bytes(compiled), **tensor_core_counts(ptx), "sqrt.approx": ptx.count("sqrt.approx"),
+            **resource_usage(compiled.asm["cubin"])}
 
 
 def main(argv=None) -> None:
