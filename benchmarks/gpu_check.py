@@ -9,9 +9,11 @@ order, each given what is left of the deadline (minus a reserve for the summary)
 2. tests: `pytest -m cuda` under pytest-xdist (-n 8: a crash takes down one worker, not the run), with a
    per-test timeout when pytest-timeout is installed, results in junit XML;
 3. the GPU suites at the README's sizes (gpu-linear, gpu-conv, gpu-e2e, gpu-optim), CSVs only;
-4. benchmarks/profile_layer.py: SparseLinear and SparseConv2d called eagerly beside the dense layers, with a
+4. the Triton TMA kernels (SPARSEKERN_TRITON_TMA) beside the pointer kernels in gpu-linear and gpu-conv, each in a
+   process of its own (tables in the log);
+5. benchmarks/profile_layer.py: SparseLinear and SparseConv2d called eagerly beside the dense layers, with a
    torch.profiler table (profile_layer_cuda.txt);
-5. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
+6. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
 
 DIR receives at most 8 files: `<gpu>_gpu_check.txt` (the summary: each step's status and time, every failing
 or crashed test with a one-line reason, ending with `N passed, N failed, N crashed`), `gpu_check.log` (every
@@ -29,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -37,13 +40,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_RESERVE_S = 15  # kept back from every step so the summary is always written inside the deadline
 # Each step's own limit (s); a step gets the smaller of this and what is left of the deadline.
 STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-e2e": 150, "gpu-optim": 60,
-               "layers": 60, "memcheck": 90}
+               "tma-linear": 120, "tma-conv": 120, "layers": 60, "memcheck": 90}
 # The suites at the README's sizes, trimmed to the cases the issues' goals name so that all fit one lease.
 SUITE_ARGS = {
     "gpu-linear": ["--sparsities", "0.9", "--blocks", "32,64,128", "--reps", "10"],
     "gpu-conv": ["--models", "resnet50", "--sparsities", "0.9", "--blocks", "32", "--reps", "5"],
     "gpu-e2e": ["--sparsities", "0.9", "--reps", "3"],
     "gpu-optim": ["--reps", "10"],
+}
+# The Triton kernels with TMA (never run on a GPU before), beside the pointer kernels, in processes of their own: a
+# kernel fault is sticky and would fail every later row of its process. Their CSVs stay out of DIR (8 files at most);
+# their tables and goal lines are in gpu_check.log.
+TMA_SUITE_ARGS = {
+    "tma-linear": ["--suite", "gpu-linear", "--backends", "triton,triton-tma", *SUITE_ARGS["gpu-linear"]],
+    "tma-conv": ["--suite", "gpu-conv", "--backends", "triton,triton-tma", *SUITE_ARGS["gpu-conv"]],
 }
 MEMCHECK_TESTS = "tests/test_cuda_kernels.py"
 MEMCHECK_FILTER = "errors_name_the_tensor or (bsr_linear and 37) or (sddmm and 37)"
@@ -239,7 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for the at most 8 result files")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole check (default 540)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter with torch and triton")
-    parser.add_argument("--skip", default="", help="comma-separated steps to leave out (build, tests, suites, "
+    parser.add_argument("--skip", default="", help="comma-separated steps to leave out (build, tests, suites, tma, "
                                                    "layers, memcheck)")
     parser.add_argument("-k", dest="keyword", default=None, help="only the tests pytest -k selects")
     args = parser.parse_args(argv)
@@ -281,6 +291,12 @@ def main(argv=None) -> int:
         for suite, extra in SUITE_ARGS.items():
             check.run(suite, [args.python, "-m", "sparsekern.bench", "--device", "cuda", "--suite", suite,
                               "--no-plots", "--out", args.out, *extra], env=env)
+
+    if "tma" not in skip:
+        tma_out = tempfile.mkdtemp(prefix="gpu_check_tma_")
+        for step, extra in TMA_SUITE_ARGS.items():
+            check.run(step, [args.python, "-m", "sparsekern.bench", "--device", "cuda", "--no-plots", "--out", tma_out,
+                             *extra], env=env)
 
     if "layers" not in skip:  # the public layers eagerly beside nn.Linear / nn.Conv2d, and a profiler table
         check.run("layers", [args.python, os.path.join("benchmarks", "profile_layer.py"), "--device", "cuda",

@@ -28,7 +28,7 @@ AWAITING_GPU = (
     "triton_kernels.conv_tma: the stride-1 convolution's bsr_conv2d, bsr_conv2d_dgrad and bsr_conv2d_wgrad, image "
     "and gradient patches as 4-D TMA boxes (in_channels a multiple of the block)",
     "the triton backend's launchers run them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands "
-    "(compute capability 9.0+, 16-byte aligned rows); the GPU suites measure them as the rows `triton-tma`",
+    "(compute capability 9.0+, 16-byte aligned rows); the GPU suites measure them with --backends triton,triton-tma",
 )
 
 

@@ -5,6 +5,7 @@ a bug in the reference cannot hide itself by agreeing with its own test.
 """
 import functools
 import os
+import sys
 
 import pytest
 import torch
@@ -150,10 +151,29 @@ def matmul_flags():
 
 @pytest.fixture(autouse=True)
 def cuda_errors_stay_with_their_test(request):
-    """After each `cuda` test, wait for the GPU: an asynchronous kernel fault (an illegal address) is then reported
-    at the test that launched it, instead of poisoning every later test of the same process with a sticky error
-    (on the H200 a whole run of one xdist worker's tests failed in a row)."""
+    """After each `cuda` test, wait for the GPU, so that an asynchronous kernel fault (an illegal address) is reported
+    at the test that launched it. Such a fault is sticky: every later CUDA call of the process fails with it (on the
+    H200 a whole run of one xdist worker's tests failed in a row). So when the context is dead, the process exits
+    here: pytest-xdist reports this test as crashed and carries on in a fresh worker with a fresh context, and the GPU
+    check reruns the test alone to name the line."""
     yield
-    if request.node.get_closest_marker("cuda") is not None and torch.cuda.is_available() \
-            and torch.cuda.is_initialized():
+    if request.node.get_closest_marker("cuda") is None or not torch.cuda.is_available() \
+            or not torch.cuda.is_initialized():
+        return
+    try:
         torch.cuda.synchronize()
+    except RuntimeError as fault:
+        if _cuda_context_alive():
+            raise
+        sys.stderr.write(f"\n{request.node.nodeid}: the CUDA context is dead ({fault}); exiting this process\n")
+        sys.stderr.flush()
+        os._exit(70)
+
+
+def _cuda_context_alive() -> bool:
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return True
+    except RuntimeError:
+        return False

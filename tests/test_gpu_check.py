@@ -69,8 +69,26 @@ def test_steps_run_under_the_deadline_and_a_late_step_is_skipped(tmp_path):
 def test_the_check_writes_at_most_eight_files(tmp_path):
     """Everything the check can write: the summary, the log, junit.xml, one CSV per suite and the layer profile."""
     assert 4 + len(gpu_check.SUITE_ARGS) <= 8  # summary, log, junit.xml, the layer profile
-    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,suites,layers,memcheck",
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,suites,tma,layers,memcheck",
                            "--deadline", "60"]) == 0
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0] == "gpu_check.log" and files[1].endswith("_gpu_check.txt")
     assert (tmp_path / files[1]).read_text().splitlines()[-1] == "0 passed, 0 failed, 0 crashed"
+
+
+def test_the_tma_kernels_run_in_processes_of_their_own_outside_dir(tmp_path, monkeypatch):
+    """The TMA steps (kernels never run on a GPU) come after the main suites, one process each, and write their CSVs
+    outside DIR, which keeps its 8 files."""
+    commands = []
+    monkeypatch.setattr(gpu_check.Check, "run", lambda self, name, command, env=None: commands.append((name, command)) or 0)
+    monkeypatch.setattr(gpu_check, "_gpu_facts", lambda python: ("fake-gpu", "9.0a"))
+    monkeypatch.setattr(gpu_check, "_install_stk", lambda python, check: None)
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,layers,memcheck"]) == 0
+    names = [name for name, _ in commands]
+    assert names == [*gpu_check.SUITE_ARGS, *gpu_check.TMA_SUITE_ARGS]
+    for name, command in commands:
+        out = command[command.index("--out") + 1]
+        if name in gpu_check.TMA_SUITE_ARGS:
+            assert "triton-tma" in command[command.index("--backends") + 1] and out != str(tmp_path)
+        else:
+            assert out == str(tmp_path) and "--backends" not in command

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated sparsekern backends for the GPU suites, 'auto' included (default: every "
                              "one that runs on the device, the reference excluded, then auto where it measures to "
                              "choose between them); one that lacks an op gets an n/a row. Also the kernel variants "
-                             f"no backend uses by default ({', '.join(VARIANTS)}: the Triton kernels with TMA tile "
-                             "loads, not yet run on a GPU), which by default follow their backend")
+                             f"no backend uses by default, only when named here ({', '.join(VARIANTS)}: the Triton "
+                             "kernels with TMA tile loads, not yet run on a GPU)")
 
     gpu = parser.add_argument_group("GPU suites")
     gpu.add_argument("--dtype", choices=tuple(DTYPES), default=None,

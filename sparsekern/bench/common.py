@@ -143,7 +143,8 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
     backends, or by default every one that runs on the device except the reference (the reference alone where no
     other does), then ``auto`` where it chooses between several by measuring (CUDA tensors), so that its pick shows
     beside the backends it picked from. A backend that lacks one of the ops would silently run the reference for it
-    (ops.py), so it is reported instead of timed; ``auto`` has every op. The VARIANTS of a listed backend follow it."""
+    (ops.py), so it is reported instead of timed; ``auto`` has every op. VARIANTS run only where requested: a kernel
+    that faults on a GPU leaves a sticky error that would fail every later row of the process."""
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
 
     def lacks(name: str) -> Optional[str]:
@@ -159,9 +160,6 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
                  if b != "reference" and sk.ops.backend_unavailable_reason(b, device.type) is None] or ["reference"]
         if device.type == "cuda" and len([b for b in names if lacks(b) is None]) > 1:
             names.append("auto")
-        for name, variant in VARIANTS.items():  # right after the backend they belong to, where they change an op
-            if variant.backend in names and set(ops) & set(variant.ops):
-                names.insert(names.index(variant.backend) + 1, name)
     choices = []
     for name in names:
         if name == "auto":
