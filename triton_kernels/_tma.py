@@ -1,4 +1,4 @@
-"""What the TMA kernels (linear_tma.py, wgrad_tma.py) share: the opt-in switch, host tensor descriptors, the
+"""What the TMA kernels (linear_tma.py, wgrad_tma.py, conv_tma.py) share: the opt-in switch, host tensor descriptors, the
 operands the tensor-memory accelerator can take, autotune pre-hooks that size the descriptors' boxes, and the
 persistent grid."""
 from __future__ import annotations
@@ -18,8 +18,8 @@ except ImportError:  # pragma: no cover - older triton
 
 TMA_ALIGN = 16  # bytes: base addresses and every stride but the last
 
-# The TMA kernels have not run on a GPU yet: the triton backend uses them only when this is "1" (and falls back to
-# the pointer kernels where TMA cannot take the operands). Read on each call, so benchmarks can switch it.
+# The TMA kernels have not run on a GPU yet: the Triton launchers use them only when this is "1" (and the pointer
+# kernels where TMA cannot take the call). Read on each call, so benchmarks can switch it.
 TMA_ENV = "SPARSEKERN_TRITON_TMA"
 
 
@@ -53,7 +53,7 @@ def descriptor(t: torch.Tensor, box):
 
 def box_hook(boxes: dict):
     """An autotune pre-hook that sets each named descriptor's box from the chosen config: ``boxes`` maps a descriptor
-    argument to its (rows, cols), each a meta-parameter name or None for "keep" (the descriptors are made before a
+    argument to one entry per dimension, a meta-parameter name or None for "keep" (the descriptors are made before a
     config is chosen). Names the kernel does not take are skipped, so that kernels can share a config list."""
     def set_boxes(nargs) -> None:
         for name, dims in boxes.items():

@@ -11,8 +11,8 @@ the image's edges.
 
 The input gradient (dgrad) is the same walk over dY: a program owns a patch of dX pixels and one chunk of bs input
 channels, and sums, over every stored block whose columns are that chunk (at any tap), dY's patch shifted back by
-the block's tap times the block. Those blocks lie in kh*kw block-columns of the transposed index, one or two blocks
-each at 90%, so the launcher lists them chunk by chunk (a stable sort of the blocks by chunk: one flat, pipelined
+the block's tap times the block. Those blocks lie in kh*kw block-columns of the transposed index, about one block
+each at 90% (256 channels, block 32), so the launcher lists them chunk by chunk (a stable sort of the blocks by chunk: one flat, pipelined
 loop per program instead of kh*kw short ones).
 
 The filter gradient (wgrad) reduces dY[patch, n-block]ᵀ im2col[patch, k-block] over the output patches for each
