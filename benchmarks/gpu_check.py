@@ -66,6 +66,7 @@ class Check:
         self.steps = []  # (name, status, seconds, note)
         self.tests = {"passed": 0, "failed": [], "crashed": [], "skipped": 0}
         self.gpu = "unknown-gpu"
+        self.variant_dir = None  # where the TMA steps write their CSVs, outside DIR
         self.log = open(os.path.join(out, "gpu_check.log"), "w")
 
     def left(self) -> float:
@@ -172,6 +173,11 @@ class Check:
             if t[kind]:
                 lines.append(f"{kind} tests:")
                 lines += [f"  {name}: {reason}" for name, reason in t[kind]]
+        variant_csvs = sorted(glob.glob(os.path.join(self.variant_dir, "*.csv"))) if self.variant_dir else []
+        variants = [line for path in variant_csvs for line in variant_comparison(path)]
+        if variants:
+            lines.append("the Triton TMA kernels beside the pointer ones (speedup over dense; gpu-conv: model totals):")
+            lines += variants
         first = self.first_calls()
         if first:
             lines.append("first calls of a case (goals: < 5 s for a new rows bucket, < 1 s for a seen one):")
@@ -181,6 +187,26 @@ class Check:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         return path
+
+
+def variant_comparison(path: str) -> list:
+    """From a suite CSV run with --backends triton,triton-tma: per op (gpu-linear) or per pass and model total
+    (gpu-conv), sparsity and block, the two kernels' speedups over dense and statuses side by side."""
+    pairs = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row["impl"] not in ("triton", "triton-tma") or row.get("layer", "total") != "total":
+                continue
+            what = " ".join(v for v in (row.get("op") or row.get("pass"), row.get("model")) if v)
+            pairs.setdefault((what, row["sparsity"], row["block"]), {})[row["impl"]] = row
+
+    def cell(row) -> str:
+        if row is None:
+            return "-"
+        return f"{float(row['speedup']):.2f}x" if row["speedup"] else row["status"]
+
+    return [f"  {what}, sparsity {sparsity or '-'}, block {block}: triton {cell(pair.get('triton'))}, "
+            f"triton-tma {cell(pair.get('triton-tma'))}" for (what, sparsity, block), pair in pairs.items()]
 
 
 def _node_id(junit_name: str) -> str:
@@ -293,10 +319,10 @@ def main(argv=None) -> int:
                               "--no-plots", "--out", args.out, *extra], env=env)
 
     if "tma" not in skip:
-        tma_out = tempfile.mkdtemp(prefix="gpu_check_tma_")
+        check.variant_dir = tempfile.mkdtemp(prefix="gpu_check_tma_")
         for step, extra in TMA_SUITE_ARGS.items():
-            check.run(step, [args.python, "-m", "sparsekern.bench", "--device", "cuda", "--no-plots", "--out", tma_out,
-                             *extra], env=env)
+            check.run(step, [args.python, "-m", "sparsekern.bench", "--device", "cuda", "--no-plots", "--out",
+                             check.variant_dir, *extra], env=env)
 
     if "layers" not in skip:  # the public layers eagerly beside nn.Linear / nn.Conv2d, and a profiler table
         check.run("layers", [args.python, os.path.join("benchmarks", "profile_layer.py"), "--device", "cuda",

@@ -1,10 +1,13 @@
 """benchmarks/gpu_check.py, the one command of a GPU run: its summary from pytest's junit XML and the suites' CSVs,
 the reasons it gives for crashed tests, and its deadline (no GPU needed: the steps are skipped or faked)."""
 import importlib.util
+import csv
 import os
 from pathlib import Path
 
 import pytest
+
+from sparsekern.bench import gpu_conv, gpu_linear
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
@@ -92,3 +95,27 @@ def test_the_tma_kernels_run_in_processes_of_their_own_outside_dir(tmp_path, mon
             assert "triton-tma" in command[command.index("--backends") + 1] and out != str(tmp_path)
         else:
             assert out == str(tmp_path) and "--backends" not in command
+
+
+def test_the_summary_sets_the_tma_kernels_beside_the_pointer_ones(tmp_path):
+    variants = tmp_path / "tma"
+    variants.mkdir()
+    linear = (["op", "sparsity", "block", "impl", "speedup", "status"],  # the suites' own columns, in part
+              [["linear_fwd", "0.9", "64", "dense", "1.0", "ok"], ["linear_fwd", "0.9", "64", "triton", "3.61", "ok"],
+               ["linear_fwd", "0.9", "64", "triton-tma", "4.80", "ok"]])
+    conv = (["model", "layer", "sparsity", "block", "pass", "impl", "speedup", "status"],
+            [["resnet50", "64->64 k3 s1 56x56", "0.9", "32", "forward", "triton-tma", "1.9", "ok"],
+             ["resnet50", "total", "0.9", "32", "forward", "triton", "1.18", "ok"],
+             ["resnet50", "total", "0.9", "32", "forward", "triton-tma", "", "MISMATCH"]])
+    for name, (fields, rows) in (("x_gpu_linear.csv", linear), ("x_gpu_conv.csv", conv)):
+        with open(variants / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(fields)
+            writer.writerows(rows)
+    assert set(linear[0]) <= set(gpu_linear.FIELDS) and set(conv[0]) <= set(gpu_conv.FIELDS)
+    check = gpu_check.Check(str(tmp_path), deadline_s=60)
+    check.variant_dir = str(variants)
+    text = open(check.write_summary()).read()
+    assert "  forward resnet50, sparsity 0.9, block 32: triton 1.18x, triton-tma MISMATCH" in text
+    assert "  linear_fwd, sparsity 0.9, block 64: triton 3.61x, triton-tma 4.80x" in text
+    assert "56x56" not in text  # layers other than the totals stay in the log
