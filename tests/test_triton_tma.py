@@ -148,6 +148,26 @@ def test_conv_passes_match_the_oracle(tma, case, dtype):
         _check_conv(problem, op, oracle, tma)
 
 
+# Strided convolutions with H and W multiples of the stride: the forward and wgrad read the image through its
+# phase view (TMA), the dgrad stays on the pointer kernel.
+STRIDED_CASES = {
+    "3x3_s2_p1": dict(batch=2, size=(10, 12), cin=32, cout=40, kernel=3, stride=2, padding=1),
+    "1x1_s2": dict(batch=2, size=(8, 6), cin=32, cout=32, kernel=1, stride=2, bs=32),
+    "3x3_s2_d2_p2": dict(batch=1, size=(12, 12), cin=16, cout=24, kernel=3, stride=2, padding=2, dilation=2),
+    "3x4_s(2,3)_p(1,2)": dict(batch=1, size=(8, 9), cin=16, cout=16, kernel=(3, 4), stride=(2, 3), padding=(1, 2)),
+}
+
+
+@small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=str)
+def test_strided_conv_passes_match_the_oracle(tma, case, dtype):
+    problem = conv_cases.Conv(**STRIDED_CASES[case], dtype=dtype, seed=35, device=DEVICE)
+    oracle = problem.oracle()
+    for op in CONV_OPS:
+        _check_conv(problem, op, oracle, tma, expect_tma=op != "bsr_conv2d_dgrad")
+
+
 @small
 @pytest.mark.parametrize("case", ["3x3_s2_p1_cin20", "3x3_d2_p2_cin35", "1x1_s2_downsample"])
 def test_convs_tma_cannot_take_run_the_pointer_kernels(tma, case):

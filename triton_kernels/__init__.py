@@ -3,7 +3,7 @@
 Each public function has the name and signature of the op it implements in ``sparsekern.reference``;
 ``sparsekern/ops.py`` dispatches to it on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1).
 
-The four GEMMs and the stride-1 convolution's three passes have Hopper variants with TMA tile loads
+The four GEMMs and the convolution's three passes have Hopper variants with TMA tile loads
 (``linear_tma.py``, ``wgrad_tma.py``, ``conv_tma.py``) that have not run on a GPU yet: the launchers call them only
 with SPARSEKERN_TRITON_TMA=1, and then only where TMA can take the operands.
 """

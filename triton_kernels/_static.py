@@ -194,11 +194,11 @@ SPECS += _conv_specs(aligned=True) + _conv_specs(aligned=False) + (
 SPECS += (
     KernelSpec(
         "bsr_conv2d_tma", _bsr_conv2d_tma_kernel,
-        {"X_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
+        {"X_DESC": "tensordesc<{dtype}[1, {tile_h}, 1, {tile_w}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
          "ROW_PTR": "*i32", "COL_IDX": "*i32", "BIAS": "*{dtype}",
          "Y_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "M": "i32", "N": "i32", "K": "i32", "C": "i32",
-         "OH": "i32", "OW": "i32", "KW": "i32", "pad_top": "i32", "pad_left": "i32", "dil_h": "i32", "dil_w": "i32",
-         "n_block_rows": "i32", "M_BUCKET": "i32"},
+         "OH": "i32", "OW": "i32", "KW": "i32", "stride_h": "i32", "stride_w": "i32", "pad_top": "i32",
+         "pad_left": "i32", "dil_h": "i32", "dil_w": "i32", "n_block_rows": "i32", "M_BUCKET": "i32"},
         lambda bs, precision: {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": precision},
         conv_tma_configs,
         ("ROW_PTR", "COL_IDX", "BIAS", "N", "K", "C"),
@@ -219,10 +219,10 @@ SPECS += (
     KernelSpec(
         "bsr_conv2d_wgrad_tma", _bsr_conv2d_wgrad_tma_kernel,
         {"DY_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>",
-         "X_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "COO_ROW": "*i32", "COL_IDX": "*i32",
+         "X_DESC": "tensordesc<{dtype}[1, {tile_h}, 1, {tile_w}, {bs}]>", "COO_ROW": "*i32", "COL_IDX": "*i32",
          "OUT_DESC": "tensordesc<fp32[{bs}, {bs}]>", "B": "i32", "N": "i32", "K": "i32", "C": "i32", "OH": "i32",
-         "OW": "i32", "KW": "i32", "pad_top": "i32", "pad_left": "i32", "dil_h": "i32", "dil_w": "i32", "nnz": "i32",
-         "M_BUCKET": "i32"},
+         "OW": "i32", "KW": "i32", "stride_h": "i32", "stride_w": "i32", "pad_top": "i32", "pad_left": "i32",
+         "dil_h": "i32", "dil_w": "i32", "nnz": "i32", "M_BUCKET": "i32"},
         lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
         conv_wgrad_tma_configs,
         ("COO_ROW", "COL_IDX", "N", "K", "C"),

@@ -1,4 +1,4 @@
-"""bsr_conv2d, its dgrad and its wgrad for Hopper: implicit GEMMs with the image's tiles moved by TMA (stride 1).
+"""bsr_conv2d, its dgrad and its wgrad for Hopper: implicit GEMMs with the image's tiles moved by TMA.
 
 For a stride-1 convolution, the im2col tile of a TILE_H x TILE_W patch of output pixels at one filter tap is the
 image's patch shifted by that tap: one 4-D TMA box [1, TILE_H, TILE_W, bs] of the NHWC image at
@@ -15,14 +15,19 @@ the block's tap times the block. Those blocks lie in kh*kw block-columns of the 
 each at 90% (256 channels, block 32), so the launcher lists them chunk by chunk (a stable sort of the blocks by chunk: one flat, pipelined
 loop per program instead of kh*kw short ones).
 
+A strided convolution reads every stride-th pixel, which is no box of the image, but is one of its phase view
+[B, H/sh, sh, W/sw, sw*C] (a free view of the contiguous NHWC image when H and W are multiples of the stride): the
+pixels a tap reads for a patch of output pixels are one phase's TILE_H x TILE_W patch (``tap_shift``). The forward
+and wgrad read the image that way; the dgrad takes stride 1 only.
+
 The filter gradient (wgrad) reduces dY[patch, n-block]ᵀ im2col[patch, k-block] over the output patches for each
 stored block, as bsr_sddmm does over rows: dY's patch and the image's shifted patch are both 4-D TMA boxes (dY's rows
 past the output's edge come in as zeros, so they add nothing), split over the patches into chunks whose fp32
 partials are summed in a fixed order.
 
-Applies to stride 1 (any dilation and padding) with in_channels a multiple of the block and 16-byte aligned
-channel rows (in_channels and out_channels multiples of 8 in 16-bit types, 4 in fp32); elsewhere the pointer kernels
-run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and conv_wgrad.py call these only under
+Applies with in_channels a multiple of the block and 16-byte aligned channel rows (in_channels and out_channels
+multiples of 8 in 16-bit types, 4 in fp32), any padding and dilation, and for the forward and wgrad any stride that
+divides the image's height and width (the dgrad: stride 1); elsewhere the pointer kernels run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and conv_wgrad.py call these only under
 SPARSEKERN_TRITON_TMA=1, after their own checks.
 """
 from __future__ import annotations
@@ -37,9 +42,19 @@ from ._common import INTERPRET, TunedKernels, _fit, dot_precision, geometry_jit,
 from ._tma import box_hook, descriptor, persistent_grid, tma_unsupported, with_hook
 
 
+@triton.jit
+def tap_shift(offset, stride):
+    """A tap's offset from an output pixel's window corner, ``offset`` = k*dilation - padding, as (q, p) with offset =
+    q*stride + p and 0 <= p < stride: input pixel oh*stride + offset is row q + oh of phase p of the image viewed as
+    [B, H/stride, stride, W/stride, stride*C] (p = 0, q = offset for stride 1)."""
+    p = ((offset % stride) + stride) % stride  # % truncates toward zero: a negative offset gives a negative rest
+    return (offset - p) // stride, p
+
+
 @geometry_jit
 def _bsr_conv2d_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
-                           M, N, K, C, OH, OW, KW, pad_top, pad_left, dil_h, dil_w, n_block_rows, M_BUCKET,
+                           M, N, K, C, OH, OW, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, n_block_rows,
+                           M_BUCKET,
                            HAS_BIAS: tl.constexpr, BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                            TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     # M (= B*OH*OW, through M_BUCKET) and K are read only by the autotune key.
@@ -63,9 +78,10 @@ def _bsr_conv2d_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
             c = c_next
             c_next = tl.load(COL_IDX + j + 1, mask=j + 1 < end, other=0)
             tap = c // blocks_per_tap
-            ih = oh0 - pad_top + (tap // KW) * dil_h
-            iw = ow0 - pad_left + (tap % KW) * dil_w
-            x = X_DESC.load([b, ih, iw, (c % blocks_per_tap) * BS]).reshape(TILE_H * TILE_W, BS)
+            q_h, p_h = tap_shift((tap // KW) * dil_h - pad_top, stride_h)
+            q_w, p_w = tap_shift((tap % KW) * dil_w - pad_left, stride_w)
+            x = X_DESC.load([b, oh0 + q_h, p_h, ow0 + q_w, p_w * C + (c % blocks_per_tap) * BS])
+            x = x.reshape(TILE_H * TILE_W, BS)
             w = W_DESC.load([j * BS, 0])  # values[j] as [n, k]: its transpose is the MMA's K-major B operand
             acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
@@ -115,7 +131,8 @@ def _bsr_conv2d_dgrad_tma_kernel(DY_DESC, W_DESC, CHUNK_PTR, ORDER, ROWS, TAPS, 
 
 @geometry_jit
 def _bsr_conv2d_wgrad_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC,
-                                 B, N, K, C, OH, OW, KW, pad_top, pad_left, dil_h, dil_w, nnz, M_BUCKET,
+                                 B, N, K, C, OH, OW, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nnz,
+                                 M_BUCKET,
                                  BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                  TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     # N and K are read only by the autotune key. The launcher fixes the number of splits (it sizes the partials'
@@ -126,9 +143,9 @@ def _bsr_conv2d_wgrad_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC,
     c = tl.load(COL_IDX + i)
     blocks_per_tap = C // BS
     tap = c // blocks_per_tap
-    shift_h = (tap // KW) * dil_h - pad_top
-    shift_w = (tap % KW) * dil_w - pad_left
-    channel = (c % blocks_per_tap) * BS
+    q_h, p_h = tap_shift((tap // KW) * dil_h - pad_top, stride_h)
+    q_w, p_w = tap_shift((tap % KW) * dil_w - pad_left, stride_w)
+    channel = p_w * C + (c % blocks_per_tap) * BS
     tiles_w = tl.cdiv(OW, TILE_W)
     tiles_h = tl.cdiv(OH, TILE_H)
     n_patches = B * tiles_h * tiles_w
@@ -140,9 +157,13 @@ def _bsr_conv2d_wgrad_tma_kernel(DY_DESC, X_DESC, COO_ROW, COL_IDX, OUT_DESC,
         oh0 = (rest % tiles_h) * TILE_H
         b = rest // tiles_h
         dy = DY_DESC.load([b, oh0, ow0, r * BS]).reshape(TILE_H * TILE_W, BS)
-        x = X_DESC.load([b, oh0 + shift_h, ow0 + shift_w, channel]).reshape(TILE_H * TILE_W, BS)
+        x = X_DESC.load([b, oh0 + q_h, p_h, ow0 + q_w, channel]).reshape(TILE_H * TILE_W, BS)
         acc = tl.dot(dy.T, x, acc, input_precision=INPUT_PRECISION)
     OUT_DESC.store([(split * nnz + i) * BS, 0], acc.to(OUT_DESC.dtype))
+
+
+# The image's box in its phase view [B, H/sh, sh, W/sw, sw*C]: TILE_H x TILE_W pixels of one phase.
+PHASE_PATCH = (None, "TILE_H", None, "TILE_W", None)
 
 
 def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
@@ -164,7 +185,7 @@ def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: b
         configs = _fit(candidates, lambda meta: (pixels(meta) + bs) * bs * elem_bytes, budget,
                        lambda meta: pixels(meta) * bs * elem_bytes)
     patch = (None, "TILE_H", "TILE_W", None)
-    return with_hook(configs, box_hook({"X_DESC": patch, "Y_DESC": patch, "DY_DESC": patch, "DX_DESC": patch}))
+    return with_hook(configs, box_hook({"X_DESC": PHASE_PATCH, "Y_DESC": patch, "DY_DESC": patch, "DX_DESC": patch}))
 
 
 def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
@@ -178,8 +199,7 @@ def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interp
                       ({"TILE_H": 8, "TILE_W": 16}, warps, 4)]
         configs = _fit(candidates, lambda meta: 2 * meta["TILE_H"] * meta["TILE_W"] * block_size * elem_bytes,
                        budget, lambda meta: block_size * block_size * 4)
-    patch = (None, "TILE_H", "TILE_W", None)
-    return with_hook(configs, box_hook({"DY_DESC": patch, "X_DESC": patch}))
+    return with_hook(configs, box_hook({"DY_DESC": (None, "TILE_H", "TILE_W", None), "X_DESC": PHASE_PATCH}))
 
 
 _tuned = TunedKernels(_bsr_conv2d_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "K", "OW"])
@@ -188,10 +208,19 @@ _tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_tma_kernel, conv_wgrad_tma_configs
                             key=["M_BUCKET", "nnz", "N", "K", "OW"])
 
 
-def _tma_conv_unsupported(stride_h: int, stride_w: int, channels: int, bs: int, *matrices: torch.Tensor) -> bool:
-    """Whether the TMA convolutions cannot take a call: a stride, in_channels not a multiple of the block, or
-    operands (as [pixels, channels] matrices) TMA cannot take."""
-    return (stride_h, stride_w) != (1, 1) or channels % bs != 0 or tma_unsupported(*matrices) is not None
+def _tma_conv_unsupported(channels: int, bs: int, *matrices: torch.Tensor) -> bool:
+    """Whether the TMA convolutions cannot take a call: in_channels not a multiple of the block, or operands (as
+    [pixels, channels] matrices) TMA cannot take."""
+    return channels % bs != 0 or tma_unsupported(*matrices) is not None
+
+
+def _phase_view(x: torch.Tensor, sh: int, sw: int) -> Optional[torch.Tensor]:
+    """The contiguous NHWC image as [B, H/sh, sh, W/sw, sw*C], its pixels split by stride phase, so that the pixels
+    one tap reads for a patch of output pixels are one box; None where H or W is not a multiple of the stride."""
+    batch, height, width, channels = x.shape
+    if height % sh or width % sw:
+        return None
+    return x.view(batch, height // sh, sh, width // sw, sw * channels)
 
 
 def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -200,8 +229,9 @@ def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, 
     """The forward into ``y`` [B, OH, OW, N] through TMA and persistent programs, for bsr_conv2d's launcher after its
     checks; False, launching nothing, where TMA cannot take the call."""
     bs, (batch, _, _, channels), (_, out_h, out_w, out_channels) = values.shape[-1], x.shape, y.shape
-    if _tma_conv_unsupported(sh, sw, channels, bs, x.view(-1, channels), y.view(-1, out_channels),
-                             values.view(-1, bs)):
+    phases = _phase_view(x, sh, sw)
+    if phases is None or _tma_conv_unsupported(channels, bs, x.view(-1, channels), y.view(-1, out_channels),
+                                               values.view(-1, bs)):
         return False
     n_block_rows = row_ptr.numel() - 1
     m = batch * out_h * out_w
@@ -209,9 +239,9 @@ def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, 
     patches = lambda meta: batch * triton.cdiv(out_h, meta["TILE_H"]) * triton.cdiv(out_w, meta["TILE_W"])
     # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
     kernel[persistent_grid(lambda meta: patches(meta) * n_block_rows, x.device)](
-        descriptor(x, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), row_ptr, col_idx,
-        bias if bias is not None else y, descriptor(y, [1, 8, 8, bs]),
-        m, out_channels, kh * kw * channels, channels, out_h, out_w, kw, pt, pl, dh, dw, n_block_rows, m_bucket(m),
+        descriptor(phases, [1, 8, 1, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), row_ptr, col_idx,
+        bias if bias is not None else y, descriptor(y, [1, 8, 8, bs]), m, out_channels, kh * kw * channels,
+        channels, out_h, out_w, kw, sh, sw, pt, pl, dh, dw, n_block_rows, m_bucket(m),
         HAS_BIAS=bias is not None, BS=bs, INPUT_PRECISION=dot_precision(x.dtype))
     return True
 
@@ -234,9 +264,9 @@ def launch_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.T
     """dX into ``dx`` [B, H, W, C] through TMA and persistent programs, for bsr_conv2d_dgrad's launcher after its
     checks; False, launching nothing, where TMA cannot take the call."""
     bs, (_, _, _, n_features), (batch, height, width, in_channels) = values.shape[-1], dy.shape, dx.shape
-    if _tma_conv_unsupported(sh, sw, in_channels, bs, dy.view(-1, n_features), dx.view(-1, in_channels),
-                             values.view(-1, bs)):
-        return False
+    if (sh, sw) != (1, 1) or _tma_conv_unsupported(in_channels, bs, dy.view(-1, n_features),
+                                                   dx.view(-1, in_channels), values.view(-1, bs)):
+        return False  # strided: dX's pixels of one phase read a tap's shifted dY only where the phases agree
     chunk_ptr, order, rows, taps = chunk_major_blocks(col_idx, coo_row, in_channels // bs)
     kernel = _tuned_dgrad(bs, dy.dtype, dy.device)
     patches = lambda meta: batch * triton.cdiv(height, meta["TILE_H"]) * triton.cdiv(width, meta["TILE_W"])
@@ -256,12 +286,15 @@ def launch_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, coo_row: torch.Tensor
     (batch, _, _, channels), (_, out_h, out_w, n_features) = x.shape, dy.shape
     nnz, bs = col_idx.numel(), target.shape[-1]
     flat_target = target.view(-1, bs)
-    if _tma_conv_unsupported(sh, sw, channels, bs, x.view(-1, channels), dy.view(-1, n_features), flat_target):
+    phases = _phase_view(x, sh, sw)
+    if phases is None or _tma_conv_unsupported(channels, bs, x.view(-1, channels), dy.view(-1, n_features),
+                                               flat_target):
         return False
     kernel = _tuned_wgrad(bs, dy.dtype, dy.device)
     # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
     kernel[(nnz, flat_target.shape[0] // (nnz * bs))](
-        descriptor(dy, [1, 8, 8, bs]), descriptor(x, [1, 8, 8, bs]), coo_row, col_idx, descriptor(flat_target, [bs, bs]),
-        batch, n_features, kh * kw * channels, channels, out_h, out_w, kw, pt, pl, dh, dw, nnz,
+        descriptor(dy, [1, 8, 8, bs]), descriptor(phases, [1, 8, 1, 8, bs]), coo_row, col_idx,
+        descriptor(flat_target, [bs, bs]), batch, n_features, kh * kw * channels, channels, out_h, out_w, kw, sh, sw,
+        pt, pl, dh, dw, nnz,
         m_bucket(batch * out_h * out_w), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     return True
