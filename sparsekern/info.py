@@ -26,8 +26,8 @@ AWAITING_GPU = (
     "triton_kernels.wgrad_tma: bsr_sddmm and block_grad_scores with TMA tile loads (the scores: persistent programs "
     "grouped for L2 reuse, a 128x256 tile)",
     "triton_kernels.conv_tma: the convolution's bsr_conv2d, bsr_conv2d_dgrad and bsr_conv2d_wgrad, image and "
-    "gradient patches as TMA boxes, strided layers through a stride-phase view (in_channels a multiple of the block; "
-    "the dgrad: stride 1)",
+    "gradient patches as TMA boxes, strided layers through a stride-phase view (in_channels a multiple of the block, "
+    "image sizes the stride divides)",
     "the triton backend's launchers run them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands "
     "(compute capability 9.0+, 16-byte aligned rows); the GPU suites measure them with --backends triton,triton-tma",
 )

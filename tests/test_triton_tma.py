@@ -148,8 +148,7 @@ def test_conv_passes_match_the_oracle(tma, case, dtype):
         _check_conv(problem, op, oracle, tma)
 
 
-# Strided convolutions with H and W multiples of the stride: the forward and wgrad read the image through its
-# phase view (TMA), the dgrad stays on the pointer kernel.
+# Strided convolutions with H and W multiples of the stride: every pass goes through the stride-phase view.
 STRIDED_CASES = {
     "3x3_s2_p1": dict(batch=2, size=(10, 12), cin=32, cout=40, kernel=3, stride=2, padding=1),
     "1x1_s2": dict(batch=2, size=(8, 6), cin=32, cout=32, kernel=1, stride=2, bs=32),
@@ -165,7 +164,7 @@ def test_strided_conv_passes_match_the_oracle(tma, case, dtype):
     problem = conv_cases.Conv(**STRIDED_CASES[case], dtype=dtype, seed=35, device=DEVICE)
     oracle = problem.oracle()
     for op in CONV_OPS:
-        _check_conv(problem, op, oracle, tma, expect_tma=op != "bsr_conv2d_dgrad")
+        _check_conv(problem, op, oracle, tma)
 
 
 @small
@@ -177,14 +176,19 @@ def test_convs_tma_cannot_take_run_the_pointer_kernels(tma, case):
         _check_conv(problem, op, oracle, tma, expect_tma=False)
 
 
-def test_chunk_major_blocks_lists_each_chunks_blocks_at_every_tap():
+def test_phase_chunk_blocks_groups_blocks_by_the_phase_and_chunk_they_reach():
     col_idx = torch.tensor([4, 0, 5, 3, 1, 2], dtype=torch.int32)  # 3 chunks: block-column c = tap * 3 + chunk
     coo_row = torch.tensor([0, 0, 1, 1, 2, 2], dtype=torch.int32)
-    chunk_ptr, order, rows, taps = conv_tma.chunk_major_blocks(col_idx, coo_row, 3)
-    assert chunk_ptr.tolist() == [0, 2, 4, 6]
+    # Stride 1: one phase, the chunk's blocks at every tap.
+    ptr, order, rows, taps = conv_tma.phase_chunk_blocks(col_idx, coo_row, 3, 1, 1, 1, 0, 0, 1, 1)
+    assert ptr.tolist() == [0, 2, 4, 6]
     assert order.tolist() == [1, 3, 0, 4, 2, 5]  # chunk 0: columns 0 and 3, chunk 1: 4 and 1, chunk 2: 5 and 2
     assert rows.tolist() == [0, 1, 0, 2, 1, 2] and taps.tolist() == [0, 1, 1, 0, 1, 0]
-    assert all(t.dtype == torch.int32 for t in (chunk_ptr, order, rows, taps))
+    assert all(t.dtype == torch.int32 for t in (ptr, order, rows, taps))
+    # A 2x1 kernel (kh = tap), stride (2, 1), padding 1 on top: tap 0 reaches dX rows of phase 1, tap 1 phase 0.
+    ptr, order, rows, taps = conv_tma.phase_chunk_blocks(col_idx, coo_row, 3, 1, 2, 1, 1, 0, 1, 1)
+    assert ptr.tolist() == [0, 1, 2, 3, 4, 5, 6]  # (phase 0: chunks 0, 1, 2), (phase 1: chunks 0, 1, 2)
+    assert order.tolist() == [3, 0, 2, 1, 4, 5] and taps.tolist() == [1, 1, 1, 0, 0, 0]
 
 
 @on_hopper

@@ -207,13 +207,13 @@ SPECS += (
     KernelSpec(
         "bsr_conv2d_dgrad_tma", _bsr_conv2d_dgrad_tma_kernel,
         {"DY_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "W_DESC": "tensordesc<{dtype}[{bs}, {bs}]>",
-         "CHUNK_PTR": "*i32", "ORDER": "*i32", "ROWS": "*i32", "TAPS": "*i32",
-         "DX_DESC": "tensordesc<{dtype}[1, {tile_h}, {tile_w}, {bs}]>", "B": "i32", "H": "i32", "W": "i32", "N": "i32",
-         "C": "i32", "KW": "i32", "pad_top": "i32", "pad_left": "i32", "dil_h": "i32", "dil_w": "i32",
-         "M_BUCKET": "i32"},
+         "LIST_PTR": "*i32", "ORDER": "*i32", "ROWS": "*i32", "TAPS": "*i32",
+         "DX_DESC": "tensordesc<{dtype}[1, {tile_h}, 1, {tile_w}, {bs}]>", "B": "i32", "HP": "i32", "WP": "i32",
+         "N": "i32", "C": "i32", "KW": "i32", "stride_h": "i32", "stride_w": "i32", "pad_top": "i32",
+         "pad_left": "i32", "dil_h": "i32", "dil_w": "i32", "M_BUCKET": "i32"},
         lambda bs, precision: {"BS": bs, "INPUT_PRECISION": precision},
         conv_tma_configs,
-        ("CHUNK_PTR", "ORDER", "ROWS", "TAPS", "N", "C"),
+        ("LIST_PTR", "ORDER", "ROWS", "TAPS", "N", "C"),
         archs=(90,), tma=True,
     ),
     KernelSpec(

@@ -12,13 +12,14 @@ the image's edges.
 The input gradient (dgrad) is the same walk over dY: a program owns a patch of dX pixels and one chunk of bs input
 channels, and sums, over every stored block whose columns are that chunk (at any tap), dY's patch shifted back by
 the block's tap times the block. Those blocks lie in kh*kw block-columns of the transposed index, about one block
-each at 90% (256 channels, block 32), so the launcher lists them chunk by chunk (a stable sort of the blocks by chunk: one flat, pipelined
-loop per program instead of kh*kw short ones).
+each at 90% (256 channels, block 32), so the launcher lists them chunk by chunk (a stable sort of the blocks: one
+flat, pipelined loop per program instead of kh*kw short ones).
 
 A strided convolution reads every stride-th pixel, which is no box of the image, but is one of its phase view
 [B, H/sh, sh, W/sw, sw*C] (a free view of the contiguous NHWC image when H and W are multiples of the stride): the
 pixels a tap reads for a patch of output pixels are one phase's TILE_H x TILE_W patch (``tap_shift``). The forward
-and wgrad read the image that way; the dgrad takes stride 1 only.
+and wgrad read the image that way. The dgrad writes dX that way: a program owns a patch of one phase's pixels, which
+each tap reaches from one shifted patch of dY or not at all (``phase_chunk_blocks`` lists each phase's blocks).
 
 The filter gradient (wgrad) reduces dY[patch, n-block]ᵀ im2col[patch, k-block] over the output patches for each
 stored block, as bsr_sddmm does over rows: dY's patch and the image's shifted patch are both 4-D TMA boxes (dY's rows
@@ -26,8 +27,8 @@ past the output's edge come in as zeros, so they add nothing), split over the pa
 partials are summed in a fixed order.
 
 Applies with in_channels a multiple of the block and 16-byte aligned channel rows (in_channels and out_channels
-multiples of 8 in 16-bit types, 4 in fp32), any padding and dilation, and for the forward and wgrad any stride that
-divides the image's height and width (the dgrad: stride 1); elsewhere the pointer kernels run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and conv_wgrad.py call these only under
+multiples of 8 in 16-bit types, 4 in fp32), any padding and dilation, and any stride that divides the image's height
+and width; elsewhere the pointer kernels run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and conv_wgrad.py call these only under
 SPARSEKERN_TRITON_TMA=1, after their own checks.
 """
 from __future__ import annotations
@@ -91,23 +92,29 @@ def _bsr_conv2d_tma_kernel(X_DESC, W_DESC, ROW_PTR, COL_IDX, BIAS, Y_DESC,
 
 
 @geometry_jit
-def _bsr_conv2d_dgrad_tma_kernel(DY_DESC, W_DESC, CHUNK_PTR, ORDER, ROWS, TAPS, DX_DESC,
-                                 B, H, W, N, C, KW, pad_top, pad_left, dil_h, dil_w, M_BUCKET,
+def _bsr_conv2d_dgrad_tma_kernel(DY_DESC, W_DESC, LIST_PTR, ORDER, ROWS, TAPS, DX_DESC,
+                                 B, HP, WP, N, C, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, M_BUCKET,
                                  BS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                                  TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    # N (and M through M_BUCKET) are read only by the autotune key.
+    # N (and M through M_BUCKET) are read only by the autotune key. dX is written through its stride-phase view
+    # [B, HP, sh, WP, sw*C]: a program owns a patch of one phase's pixels and one chunk of channels.
     n_chunks = C // BS
-    tiles_w = tl.cdiv(W, TILE_W)
-    tiles_h = tl.cdiv(H, TILE_H)
-    for tile in range(tl.program_id(0), B * tiles_h * tiles_w * n_chunks, tl.num_programs(0)):
+    tiles_w = tl.cdiv(WP, TILE_W)
+    tiles_h = tl.cdiv(HP, TILE_H)
+    per_phase = B * tiles_h * tiles_w * n_chunks
+    for tile in range(tl.program_id(0), per_phase * stride_h * stride_w, tl.num_programs(0)):
         chunk = tile % n_chunks
-        patch = tile // n_chunks
-        iw0 = (patch % tiles_w) * TILE_W
-        rest = patch // tiles_w
-        ih0 = (rest % tiles_h) * TILE_H
-        b = rest // tiles_h
-        start = tl.load(CHUNK_PTR + chunk)
-        end = tl.load(CHUNK_PTR + chunk + 1)
+        rest = tile // n_chunks
+        j0 = (rest % tiles_w) * TILE_W
+        rest = rest // tiles_w
+        i0 = (rest % tiles_h) * TILE_H
+        rest = rest // tiles_h
+        b = rest % B
+        phase = rest // B
+        ph = phase // stride_w
+        pw = phase % stride_w
+        start = tl.load(LIST_PTR + phase * n_chunks + chunk)
+        end = tl.load(LIST_PTR + phase * n_chunks + chunk + 1)
         acc = tl.zeros((TILE_H * TILE_W, BS), dtype=tl.float32)
         # The next block's (value index, block-row, tap) one iteration ahead, so the TMA loads stay pipelinable.
         j_next = tl.load(ORDER + start, mask=start < end, other=0)
@@ -120,13 +127,15 @@ def _bsr_conv2d_dgrad_tma_kernel(DY_DESC, W_DESC, CHUNK_PTR, ORDER, ROWS, TAPS, 
             j_next = tl.load(ORDER + q + 1, mask=q + 1 < end, other=0)
             r_next = tl.load(ROWS + q + 1, mask=q + 1 < end, other=0)
             t_next = tl.load(TAPS + q + 1, mask=q + 1 < end, other=0)
-            # dX[ih] gathers dY[oh = ih + pad - tap offset] (stride 1); rows outside dY come in as zeros.
-            oh = ih0 + pad_top - (tap // KW) * dil_h
-            ow = iw0 + pad_left - (tap % KW) * dil_w
+            # dX[ih = i*sh + ph] gathers dY[oh = (ih + pad - tap offset) / sh], a whole row for the taps listed for
+            # this phase (the division is exact); rows outside dY come in as zeros.
+            oh = i0 + (ph + pad_top - (tap // KW) * dil_h) // stride_h
+            ow = j0 + (pw + pad_left - (tap % KW) * dil_w) // stride_w
             dy = DY_DESC.load([b, oh, ow, r * BS]).reshape(TILE_H * TILE_W, BS)
             w = W_DESC.load([j * BS, 0])  # values[j] as [n, c]: already this MMA's [K, N] operand
             acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
-        DX_DESC.store([b, ih0, iw0, chunk * BS], acc.reshape(1, TILE_H, TILE_W, BS).to(DX_DESC.dtype))
+        DX_DESC.store([b, i0, ph, j0, pw * C + chunk * BS],
+                      acc.reshape(1, TILE_H, 1, TILE_W, BS).to(DX_DESC.dtype))
 
 
 @geometry_jit
@@ -185,7 +194,8 @@ def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: b
         configs = _fit(candidates, lambda meta: (pixels(meta) + bs) * bs * elem_bytes, budget,
                        lambda meta: pixels(meta) * bs * elem_bytes)
     patch = (None, "TILE_H", "TILE_W", None)
-    return with_hook(configs, box_hook({"X_DESC": PHASE_PATCH, "Y_DESC": patch, "DY_DESC": patch, "DX_DESC": patch}))
+    return with_hook(configs, box_hook({"X_DESC": PHASE_PATCH, "Y_DESC": patch, "DY_DESC": patch,
+                                        "DX_DESC": PHASE_PATCH}))
 
 
 def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
@@ -203,7 +213,7 @@ def conv_wgrad_tma_configs(block_size: int, elem_bytes: int, budget: int, interp
 
 
 _tuned = TunedKernels(_bsr_conv2d_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "K", "OW"])
-_tuned_dgrad = TunedKernels(_bsr_conv2d_dgrad_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "C", "W"])
+_tuned_dgrad = TunedKernels(_bsr_conv2d_dgrad_tma_kernel, conv_tma_configs, key=["M_BUCKET", "N", "C", "WP"])
 _tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_tma_kernel, conv_wgrad_tma_configs,
                             key=["M_BUCKET", "nnz", "N", "K", "OW"])
 
@@ -246,16 +256,20 @@ def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, 
     return True
 
 
-def chunk_major_blocks(col_idx: torch.Tensor, coo_row: torch.Tensor, n_chunks: int) -> tuple:
-    """The stored blocks grouped by the chunk of input channels their block-column covers (block-column c is tap
-    c // n_chunks, chunk c % n_chunks): (chunk_ptr [n_chunks + 1], value indices, block-rows, taps), int32, in the
-    layout's order within a chunk."""
-    chunk = col_idx % n_chunks
-    order = torch.argsort(chunk, stable=True)
-    chunk_ptr = torch.zeros(n_chunks + 1, dtype=torch.int32, device=col_idx.device)
-    chunk_ptr[1:] = torch.cumsum(torch.bincount(chunk, minlength=n_chunks), 0)
-    return (chunk_ptr, order.to(torch.int32), coo_row[order].contiguous(),
-            (col_idx[order] // n_chunks).to(torch.int32))
+def phase_chunk_blocks(col_idx: torch.Tensor, coo_row: torch.Tensor, n_chunks: int, kw: int, sh: int, sw: int,
+                       pt: int, pl: int, dh: int, dw: int) -> tuple:
+    """The stored blocks grouped by (stride phase of the dX pixels they reach, chunk of input channels they cover):
+    block-column c is tap c // n_chunks (kh, kw) and chunk c % n_chunks, and a tap reaches exactly the dX pixels of
+    phase (kh*dh - pt mod sh, kw*dw - pl mod sw). Returns (list_ptr [sh*sw*n_chunks + 1], value indices, block-rows,
+    taps), int32, in the layout's order within a group (one flat loop per program; at stride 1 one phase)."""
+    tap = torch.div(col_idx, n_chunks, rounding_mode="floor")
+    ph = torch.remainder(torch.div(tap, kw, rounding_mode="floor") * dh - pt, sh)
+    pw = torch.remainder(torch.remainder(tap, kw) * dw - pl, sw)
+    group = (ph * sw + pw) * n_chunks + torch.remainder(col_idx, n_chunks)
+    order = torch.argsort(group, stable=True)
+    list_ptr = torch.zeros(sh * sw * n_chunks + 1, dtype=torch.int32, device=col_idx.device)
+    list_ptr[1:] = torch.cumsum(torch.bincount(group, minlength=sh * sw * n_chunks), 0)
+    return list_ptr, order.to(torch.int32), coo_row[order].contiguous(), tap[order].to(torch.int32)
 
 
 def launch_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, coo_row: torch.Tensor,
@@ -264,15 +278,19 @@ def launch_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.T
     """dX into ``dx`` [B, H, W, C] through TMA and persistent programs, for bsr_conv2d_dgrad's launcher after its
     checks; False, launching nothing, where TMA cannot take the call."""
     bs, (_, _, _, n_features), (batch, height, width, in_channels) = values.shape[-1], dy.shape, dx.shape
-    if (sh, sw) != (1, 1) or _tma_conv_unsupported(in_channels, bs, dy.view(-1, n_features),
-                                                   dx.view(-1, in_channels), values.view(-1, bs)):
-        return False  # strided: dX's pixels of one phase read a tap's shifted dY only where the phases agree
-    chunk_ptr, order, rows, taps = chunk_major_blocks(col_idx, coo_row, in_channels // bs)
+    phases = _phase_view(dx, sh, sw)
+    if phases is None or _tma_conv_unsupported(in_channels, bs, dy.view(-1, n_features), dx.view(-1, in_channels),
+                                               values.view(-1, bs)):
+        return False
+    n_chunks = in_channels // bs
+    list_ptr, order, rows, taps = phase_chunk_blocks(col_idx, coo_row, n_chunks, kw, sh, sw, pt, pl, dh, dw)
+    hp, wp = height // sh, width // sw
     kernel = _tuned_dgrad(bs, dy.dtype, dy.device)
-    patches = lambda meta: batch * triton.cdiv(height, meta["TILE_H"]) * triton.cdiv(width, meta["TILE_W"])
-    kernel[persistent_grid(lambda meta: patches(meta) * (in_channels // bs), dy.device)](
-        descriptor(dy, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), chunk_ptr, order, rows, taps,
-        descriptor(dx, [1, 8, 8, bs]), batch, height, width, n_features, in_channels, kw, pt, pl, dh, dw,
+    patches = lambda meta: sh * sw * batch * triton.cdiv(hp, meta["TILE_H"]) * triton.cdiv(wp, meta["TILE_W"])
+    # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
+    kernel[persistent_grid(lambda meta: patches(meta) * n_chunks, dy.device)](
+        descriptor(dy, [1, 8, 8, bs]), descriptor(values.view(-1, bs), [bs, bs]), list_ptr, order, rows, taps,
+        descriptor(phases, [1, 8, 1, 8, bs]), batch, hp, wp, n_features, in_channels, kw, sh, sw, pt, pl, dh, dw,
         m_bucket(batch * height * width), BS=bs, INPUT_PRECISION=dot_precision(dy.dtype))
     return True
 
