@@ -1,6 +1,6 @@
-"""What the TMA kernels (linear_tma.py, wgrad_tma.py, conv_tma.py) share: the opt-in switch, host tensor descriptors, the
-operands the tensor-memory accelerator can take, autotune pre-hooks that size the descriptors' boxes, and the
-persistent grid."""
+"""What the TMA kernels (linear_tma.py, wgrad_tma.py, conv_tma.py) share: the opt-in switch, host tensor
+descriptors, the devices and operands the tensor-memory accelerator can take, autotune pre-hooks that size the
+descriptors' boxes, and the persistent grid."""
 from __future__ import annotations
 
 import os

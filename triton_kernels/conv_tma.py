@@ -22,14 +22,14 @@ and wgrad read the image that way. The dgrad writes dX that way: a program owns 
 each tap reaches from one shifted patch of dY or not at all (``phase_chunk_blocks`` lists each phase's blocks).
 
 The filter gradient (wgrad) reduces dY[patch, n-block]ᵀ im2col[patch, k-block] over the output patches for each
-stored block, as bsr_sddmm does over rows: dY's patch and the image's shifted patch are both 4-D TMA boxes (dY's rows
+stored block, as bsr_sddmm does over rows: dY's patch and the image's shifted patch are both TMA boxes (dY's rows
 past the output's edge come in as zeros, so they add nothing), split over the patches into chunks whose fp32
 partials are summed in a fixed order.
 
 Applies with in_channels a multiple of the block and 16-byte aligned channel rows (in_channels and out_channels
 multiples of 8 in 16-bit types, 4 in fp32), any padding and dilation, and any stride that divides the image's height
-and width; elsewhere the pointer kernels run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and conv_wgrad.py call these only under
-SPARSEKERN_TRITON_TMA=1, after their own checks.
+and width; elsewhere the pointer kernels run. **Not yet run on a GPU**: the launchers in conv.py, conv_dgrad.py and
+conv_wgrad.py call these only under SPARSEKERN_TRITON_TMA=1, after their own checks.
 """
 from __future__ import annotations
 
@@ -176,8 +176,9 @@ PHASE_PATCH = (None, "TILE_H", None, "TILE_W", None)
 
 
 def conv_tma_configs(block_size: int, elem_bytes: int, budget: int, interpret: bool = INTERPRET):
-    """The forward's and dgrad's: output patches of 64-256 pixels (the MMA's M side), 8 or 16 wide so that a patch row fills the TMA box's
-    swizzle; stages fitted beside the output patch that the TMA store stages in shared memory."""
+    """The forward's and dgrad's: output patches of 64-256 pixels (the MMA's M side), 8 or 16 wide so that a patch
+    row fills the TMA box's swizzle; stages fitted beside the output patch that the TMA store stages in shared
+    memory."""
     if interpret:
         configs = [triton.Config({"TILE_H": 8, "TILE_W": 8}, num_warps=4, num_stages=1)]
     else:
@@ -218,19 +219,15 @@ _tuned_wgrad = TunedKernels(_bsr_conv2d_wgrad_tma_kernel, conv_wgrad_tma_configs
                             key=["M_BUCKET", "nnz", "N", "K", "OW"])
 
 
-def _tma_conv_unsupported(channels: int, bs: int, *matrices: torch.Tensor) -> bool:
-    """Whether the TMA convolutions cannot take a call: in_channels not a multiple of the block, or operands (as
-    [pixels, channels] matrices) TMA cannot take."""
-    return channels % bs != 0 or tma_unsupported(*matrices) is not None
-
-
-def _phase_view(x: torch.Tensor, sh: int, sw: int) -> Optional[torch.Tensor]:
-    """The contiguous NHWC image as [B, H/sh, sh, W/sw, sw*C], its pixels split by stride phase, so that the pixels
-    one tap reads for a patch of output pixels are one box; None where H or W is not a multiple of the stride."""
-    batch, height, width, channels = x.shape
-    if height % sh or width % sw:
+def _phase_view(image: torch.Tensor, sh: int, sw: int, bs: int, *others: torch.Tensor) -> Optional[torch.Tensor]:
+    """The contiguous NHWC image (x, or dX) as [B, H/sh, sh, W/sw, sw*C], its pixels split by stride phase, so that
+    the pixels one tap reads (or writes) for a patch of output pixels are one box. None where the TMA convolutions
+    cannot take the call: H or W not a multiple of the stride, C not a multiple of the block, or the image or the
+    ``others`` (2-D views of the other operands) not TMA operands."""
+    batch, height, width, channels = image.shape
+    if height % sh or width % sw or channels % bs or tma_unsupported(image.view(-1, channels), *others):
         return None
-    return x.view(batch, height // sh, sh, width // sw, sw * channels)
+    return image.view(batch, height // sh, sh, width // sw, sw * channels)
 
 
 def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -239,9 +236,8 @@ def launch_conv2d(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, 
     """The forward into ``y`` [B, OH, OW, N] through TMA and persistent programs, for bsr_conv2d's launcher after its
     checks; False, launching nothing, where TMA cannot take the call."""
     bs, (batch, _, _, channels), (_, out_h, out_w, out_channels) = values.shape[-1], x.shape, y.shape
-    phases = _phase_view(x, sh, sw)
-    if phases is None or _tma_conv_unsupported(channels, bs, x.view(-1, channels), y.view(-1, out_channels),
-                                               values.view(-1, bs)):
+    phases = _phase_view(x, sh, sw, bs, y.view(-1, out_channels), values.view(-1, bs))
+    if phases is None:
         return False
     n_block_rows = row_ptr.numel() - 1
     m = batch * out_h * out_w
@@ -278,9 +274,8 @@ def launch_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.T
     """dX into ``dx`` [B, H, W, C] through TMA and persistent programs, for bsr_conv2d_dgrad's launcher after its
     checks; False, launching nothing, where TMA cannot take the call."""
     bs, (_, _, _, n_features), (batch, height, width, in_channels) = values.shape[-1], dy.shape, dx.shape
-    phases = _phase_view(dx, sh, sw)
-    if phases is None or _tma_conv_unsupported(in_channels, bs, dy.view(-1, n_features), dx.view(-1, in_channels),
-                                               values.view(-1, bs)):
+    phases = _phase_view(dx, sh, sw, bs, dy.view(-1, n_features), values.view(-1, bs))
+    if phases is None:
         return False
     n_chunks = in_channels // bs
     list_ptr, order, rows, taps = phase_chunk_blocks(col_idx, coo_row, n_chunks, kw, sh, sw, pt, pl, dh, dw)
@@ -304,9 +299,8 @@ def launch_conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, coo_row: torch.Tensor
     (batch, _, _, channels), (_, out_h, out_w, n_features) = x.shape, dy.shape
     nnz, bs = col_idx.numel(), target.shape[-1]
     flat_target = target.view(-1, bs)
-    phases = _phase_view(x, sh, sw)
-    if phases is None or _tma_conv_unsupported(channels, bs, x.view(-1, channels), dy.view(-1, n_features),
-                                               flat_target):
+    phases = _phase_view(x, sh, sw, bs, dy.view(-1, n_features), flat_target)
+    if phases is None:
         return False
     kernel = _tuned_wgrad(bs, dy.dtype, dy.device)
     # 8 x 8 patches are placeholders: the chosen config's pre-hook sets the boxes.
