@@ -24,8 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (TunedKernels, cdiv, check, check_index, check_values, conv_configs, conv_gather_configs,
-                      dot_precision, m_bucket)
-from ._common import geometry_jit
+                      dot_precision, geometry_jit, m_bucket)
 from ._tma import tma_enabled
 from .conv import check_filter_layout, check_image, conv_geometry
 from .conv_tma import launch_conv2d_dgrad
@@ -126,9 +125,7 @@ def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     check(len(input_size) == 2 and min(input_size) >= 0, f"input_size must be two sizes, got {list(input_size)}")
     batch, out_h, out_w, n_features = dy.shape
     height, width = (int(v) for v in input_size)
-    # col_idx and coo_row too: the TMA kernel (SPARSEKERN_TRITON_TMA=1) lists the blocks from them.
-    check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm), ("col_idx", col_idx),
-                 ("coo_row", coo_row)), dy.device, values.shape[0])
+    check_index((("col_ptr", col_ptr), ("row_idx", row_idx), ("perm", perm)), dy.device, values.shape[0])
     check_filter_layout(row_ptr, col_ptr, n_features, kh * kw * in_channels, bs)
 
     dx = torch.empty(batch, height, width, in_channels, dtype=dy.dtype, device=dy.device)
@@ -137,8 +134,11 @@ def bsr_conv2d_dgrad(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     if values.shape[0] == 0 or dy.numel() == 0:
         return dx.zero_()
     dy, values = dy.contiguous(), values.contiguous()
-    if tma_enabled() and launch_conv2d_dgrad(dy, values, col_idx, coo_row, dx, kh, kw, sh, sw, pt, pl, dh, dw):
-        return dx
+    if tma_enabled():
+        # The TMA kernel lists the blocks from the block-CSR index, which the pointer kernel does not read.
+        check_index((("col_idx", col_idx), ("coo_row", coo_row)), dy.device, values.shape[0])
+        if launch_conv2d_dgrad(dy, values, col_idx, coo_row, dx, kh, kw, sh, sw, pt, pl, dh, dw):
+            return dx
     hp, wp = cdiv(height, sh), cdiv(width, sw)  # pixels per phase, at most
     pixels = batch * hp * wp
     n_chunks = cdiv(in_channels, bs)
