@@ -27,15 +27,24 @@ def tma_enabled() -> bool:
     return os.environ.get(TMA_ENV) == "1"
 
 
-def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
-    """Why these 2-D tensors cannot be TMA operands, or None: a Hopper GPU (or the interpreter), unit stride along
-    features, 16-byte aligned base addresses and row strides, and rows that 32-bit coordinates reach."""
+def device_unsupported(device: torch.device) -> Optional[str]:
+    """Why the TMA kernels cannot run on ``device``, or None: a triton with host tensor descriptors, and a GPU of
+    compute capability 9.0+ (or the interpreter, which emulates TMA on CPU tensors)."""
     if TensorDescriptor is None:
         return f"triton {triton.__version__} has no host tensor descriptors (triton >= 3.4)"
-    device = tensors[0].device
-    if not INTERPRET:
-        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-            return "TMA needs a GPU of compute capability 9.0 or newer"
+    if INTERPRET:
+        return None
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return "TMA needs a GPU of compute capability 9.0 or newer"
+    return None
+
+
+def tma_unsupported(*tensors: torch.Tensor) -> Optional[str]:
+    """Why these 2-D tensors cannot be TMA operands, or None: a device the TMA kernels run on, unit stride along
+    features, 16-byte aligned base addresses and row strides, and rows that 32-bit coordinates reach."""
+    why = device_unsupported(tensors[0].device)
+    if why:
+        return why
     for t in tensors:
         if t.shape[0] >= 2 ** 31:
             return f"an operand has {t.shape[0]} rows: TMA coordinates are 32-bit"

@@ -88,11 +88,13 @@ OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
 
 
 def variant_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
-    """Why a VARIANTS entry cannot run on ``device`` beyond what its backend needs (TMA: compute capability 9.0+;
-    on a CPU the Triton interpreter emulates it)."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 9:
-        return "TMA needs a GPU of compute capability 9.0 or newer"
-    return None
+    """Why a VARIANTS entry cannot run on ``device`` beyond what its backend needs: the TMA kernels' own device check
+    (asked only once the triton backend is available). Without a visible GPU a CUDA device is left to the suites,
+    as for the backends, so that the choices can be listed without one."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return None
+    from sparsekern.triton_kernels import _tma
+    return _tma.device_unsupported(device)
 
 
 @contextlib.contextmanager
