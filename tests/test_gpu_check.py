@@ -83,7 +83,8 @@ def test_the_tma_kernels_run_in_processes_of_their_own_outside_dir(tmp_path, mon
     """The TMA steps (kernels never run on a GPU) come after the main suites, one process each, and write their CSVs
     outside DIR, which keeps its 8 files."""
     commands = []
-    monkeypatch.setattr(gpu_check.Check, "run", lambda self, name, command, env=None: commands.append((name, command)) or 0)
+    monkeypatch.setattr(gpu_check.Check, "run",
+                        lambda self, name, command, env=None: commands.append((name, command)) or 0)
     monkeypatch.setattr(gpu_check, "_gpu_facts", lambda python: ("fake-gpu", "9.0a"))
     monkeypatch.setattr(gpu_check, "_install_stk", lambda python, check: None)
     assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,layers,memcheck"]) == 0

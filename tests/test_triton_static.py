@@ -112,7 +112,8 @@ def test_shared_memory_budget(records, kernel, arch):
 # config. The pointer convolutions' per-column decode keeps a few spilled bytes in some configs
 # (benchmarks/triton_static_report.py lists them).
 SPILL_FREE = ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_linear_tma", "bsr_linear_dx_tma",
-              "bsr_sddmm_tma", "block_grad_scores_tma", "bsr_conv2d_tma", "bsr_conv2d_dgrad_tma", "bsr_conv2d_wgrad_tma")
+              "bsr_sddmm_tma", "block_grad_scores_tma", "bsr_conv2d_tma", "bsr_conv2d_dgrad_tma",
+              "bsr_conv2d_wgrad_tma")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -287,9 +289,6 @@ def resource_usage(cubin: bytes) -> dict:
     """{"regs": registers a thread, "stack": stack-frame bytes a thread} of the kernel in ``cubin``, from the
     ``cuobjdump`` that Triton ships. A stack frame is where ptxas puts what it spills; the kernels declare no local
     arrays, so a frame of 0 means no spills."""
-    import subprocess
-    import tempfile
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
