@@ -12,14 +12,18 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
+# CUTLASS's C++ headers for the Hopper GEMMs (csrc/cuda/bsr_gemm_sm90.cu); its Python dependencies serve its own code
+# generator, which the build does not use.
+CUTLASS_PACKAGE ?= nvidia-cutlass==4.2.0.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
 
 .PHONY: install dataset demo test gpu-check clean
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(CUTLASS_PACKAGE)
 	touch $@
 
 # Editable install: the compiled sparsekern._C lands next to the sources.

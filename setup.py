@@ -2,12 +2,15 @@
 
 The C++ CPU kernels are always built. The CUDA kernels are added when torch is a CUDA build and a CUDA
 toolkit is found (or SPARSEKERN_FORCE_CUDA=1); SPARSEKERN_NO_CUDA=1 forces a CPU-only build. A machine
-without a GPU builds the CUDA kernels all the same: only the toolkit is needed.
+without a GPU builds the CUDA kernels all the same: only the toolkit is needed. The Hopper GEMMs
+(csrc/cuda/bsr_gemm_sm90.cu, on CUTLASS's CuTe) are added where CUTLASS's headers are found: those of the
+`nvidia-cutlass` package (`pip install --no-deps nvidia-cutlass`; only its headers are used), or CUTLASS_INCLUDE.
 
 Environment:
     TORCH_CUDA_ARCH_LIST   architectures to compile (default "8.0;9.0a")
     SPARSEKERN_FORCE_CUDA  1: build the CUDA kernels even where they would not be detected
     SPARSEKERN_NO_CUDA     1: build the CPU kernels only
+    CUTLASS_INCLUDE        a CUTLASS include folder (holding cute/ and cutlass/), instead of nvidia-cutlass's
     MAX_JOBS               parallel compile jobs (ninja)
 
 Install against the torch already in the environment:
@@ -65,6 +68,14 @@ def _wheel_cuda_include():
     return found
 
 
+def _cutlass_include():
+    # sparsekern/_build_paths.py by path: importing the package would need it built.
+    spec = importlib.util.spec_from_file_location("_build_paths", os.path.join(ROOT, "sparsekern", "_build_paths.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cutlass_include()
+
+
 def _sources(*patterns):
     # setuptools wants paths relative to setup.py
     files = []
@@ -116,12 +127,17 @@ def _extensions():
     print(f"sparsekern: building the CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "
           f"TORCH_CUDA_ARCH_LIST={arch_list})")
 
-    sources += _sources("cuda/*.cu", "cuda/*.cpp")
+    cutlass = _cutlass_include()
+    print(f"sparsekern: Hopper GEMMs on CuTe: {'CUTLASS headers at ' + cutlass if cutlass else 'not built (no CUTLASS headers)'}")
+    sources += [s for s in _sources("cuda/*.cu", "cuda/*.cpp") if cutlass or not s.endswith("_sm90.cu")]
     include_dirs += _wheel_cuda_include()
     define_macros += [
         ("SPARSEKERN_WITH_CUDA", "1"),
         ("SPARSEKERN_CUDA_ARCHS", _c_string(arch_list)),
     ]
+    if cutlass:
+        include_dirs.append(cutlass)
+        define_macros.append(("SPARSEKERN_WITH_CUTE", "1"))
     return [
         cpp_extension.CUDAExtension(
             "sparsekern._C",

@@ -52,10 +52,16 @@ py::dict build_info() {
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
   info["cuda_archs"] = split_arch_list(SPARSEKERN_CUDA_ARCHS);
+#ifdef SPARSEKERN_WITH_CUTE
+  info["cuda_sm90_gemms"] = true;
+#else
+  info["cuda_sm90_gemms"] = false;
+#endif
 #else
   info["cuda"] = false;
   info["cuda_version"] = py::none();
   info["cuda_archs"] = py::list();
+  info["cuda_sm90_gemms"] = false;
 #endif
   // Asked of the dispatcher rather than assumed, so this reports what actually registered.
   py::dict native_ops;
@@ -123,5 +129,5 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekern native kernels (ops are registered under torch.ops.sparsekern)";
   m.def("build_info", &build_info,
-        "Build facts: torch_version, cuda, cuda_version, cuda_archs, and native_ops (op -> devices with a kernel).");
+        "Build facts: torch_version, cuda, cuda_version, cuda_archs, cuda_sm90_gemms (the CuTe Hopper GEMMs built), and native_ops (op -> devices with a kernel).");
 }

@@ -4,6 +4,7 @@ sm_80 (A100) with the flags the build uses, then read ptxas' resource report and
 - no kernel spills registers (0 bytes spill stores/loads, no stack frame, no local loads/stores in the SASS);
 - the fp16/bf16 GEMMs run on tensor cores (HMMA) fed by ldmatrix (LDSM) from cp.async copies (LDGSTS);
 - the fp32 GEMMs use FFMA, also fed by cp.async, and no tensor cores;
+- the Hopper GEMMs (bsr_gemm_sm90.cu, CuTe, sm_90a only) run on wgmma (HGMMA) fed by TMA loads (UTMALDG);
 - every expected kernel instantiation is there (nothing silently compiled out);
 - the integer helpers (FastDivmod) give plain division's results, run on the host (tests/cuda_host_checks.cu).
 
@@ -19,15 +20,21 @@ from pathlib import Path
 
 import pytest
 
+from sparsekern._build_paths import cutlass_include
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("bsr_gemm_linear.cu", "bsr_gemm_wgrad.cu", "bsr_conv_dgrad.cu")
+HOPPER_SOURCE = "bsr_gemm_sm90.cu"  # sm_90a only; needs CUTLASS's headers
 ARCHS = ("sm_90a", "sm_80")
-DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
+DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32", "N7cutlass6half_t": "fp16",
+          "N7cutlass10bfloat16_t": "bf16"}
 # Instantiations per architecture, 3 dtypes x 4 block sizes times: bsr_gemm_kernel 3 (linear forward and input
 # gradient on a plain matrix, the convolution forward on the implicit im2col); weight_grad_kernel 4 ((sddmm,
 # scores) x (plain matrix, im2col)); conv_dgrad_kernel 1. Plus the 3 partial-sum kernels of the split SDDMM.
+# On sm_90a, the Hopper GEMMs: 2 dtypes x 2 block sizes x (forward, input gradient).
 EXPECTED = {"bsr_gemm_kernel": 36, "weight_grad_kernel": 48, "conv_dgrad_kernel": 12, "sum_partials_kernel": 3}
-SASS_OPS = ("HMMA", "LDSM", "LDGSTS", "FFMA", "LDL", "STL")
+EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8}
+SASS_OPS = ("HMMA", "LDSM", "LDGSTS", "FFMA", "HGMMA", "UTMALDG", "LDL", "STL")
 
 
 def _cuda_home():
@@ -53,6 +60,7 @@ def _cuobjdump():
 
 
 NVCC, CUOBJDUMP = _nvcc(), _cuobjdump()
+CUTLASS = cutlass_include()
 pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
 
 
@@ -64,7 +72,8 @@ def _nvcc_flags():
 
 def _kernel_kind(name):
     """(kernel, dtype) of a mangled name, or None for anything else."""
-    m = re.search(r"(bsr_gemm_kernel|weight_grad_kernel|conv_dgrad_kernel|sum_partials_kernel)I(6__half|13__nv_bfloat16|f)", name)
+    m = re.search(r"(bsr_gemm_kernel|bsr_gemm_sm90_kernel|weight_grad_kernel|conv_dgrad_kernel|sum_partials_kernel)"
+                  r"I(6__half|13__nv_bfloat16|f|N7cutlass6half_t|N7cutlass10bfloat16_t)", name)
     return (m.group(1), DTYPES[m.group(2)]) if m else None
 
 
@@ -109,7 +118,8 @@ def _parse_sass(sass):
 def _compile(job):
     source, arch, out_dir = job
     cubin = out_dir / f"{Path(source).stem}.{arch}.cubin"
-    cmd = [NVCC, "-cubin", f"-arch={arch}", *_nvcc_flags(), "-Xptxas", "-v",
+    includes = [f"-I{CUTLASS}"] if source == HOPPER_SOURCE else []
+    cmd = [NVCC, "-cubin", f"-arch={arch}", *_nvcc_flags(), *includes, "-Xptxas", "-v",
            str(ROOT / "csrc" / "cuda" / source), "-o", str(cubin)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed for {source} on {arch}:\n{proc.stderr[-4000:]}"
@@ -129,6 +139,8 @@ def _compile(job):
 def report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cuda_static")
     jobs = [(source, arch, out_dir) for source in SOURCES for arch in ARCHS]
+    if CUTLASS is not None:
+        jobs.append((HOPPER_SOURCE, "sm_90a", out_dir))
     with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
         results = list(pool.map(_compile, jobs))
     return [record for per_job in results for record in per_job.values()]
@@ -143,6 +155,13 @@ def test_every_kernel_is_compiled(report, arch):
     for kernel, count in EXPECTED.items():
         found = [r for r in report if r["arch"] == arch and r["kernel"] == kernel]
         assert len(found) == count, f"{kernel} on {arch}: {len(found)} instantiations, expected {count}"
+
+
+@pytest.mark.skipif(CUTLASS is None, reason="no CUTLASS headers (pip install --no-deps nvidia-cutlass)")
+def test_every_hopper_kernel_is_compiled(report):
+    for kernel, count in EXPECTED_HOPPER.items():
+        found = [r for r in report if r["arch"] == "sm_90a" and r["kernel"] == kernel]
+        assert len(found) == count, f"{kernel}: {len(found)} instantiations, expected {count}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -161,7 +180,9 @@ def test_tensor_cores_and_async_copies(report, arch):
     for r in report:
         if r["arch"] != arch or r["kernel"] == "sum_partials_kernel":
             continue
-        if r["dtype"] in ("fp16", "bf16"):
+        if r["kernel"] == "bsr_gemm_sm90_kernel":
+            ok = r["HGMMA"] > 0 and r["UTMALDG"] > 0 and r["HMMA"] == 0 and r["LDGSTS"] == 0
+        elif r["dtype"] in ("fp16", "bf16"):
             ok = r["HMMA"] > 0 and r["LDSM"] > 0 and r["LDGSTS"] > 0
         else:
             ok = r["HMMA"] == 0 and r["FFMA"] > 0 and r["LDGSTS"] > 0

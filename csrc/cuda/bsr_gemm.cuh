@@ -61,10 +61,19 @@ struct BsrGemmArgs {
   const int32_t* line_idx;  // [nnz]
   const int32_t* perm;      // [nnz] (transposed; read only then)
   int64_t M, a_cols, out_cols, n_lines;
+  int64_t nnz;            // stored blocks (values.size(0))
   const ConvShape* conv;  // or null
 };
 
 LaunchStatus bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream);
+
+// The same GEMMs on Hopper (bsr_gemm_sm90.cu: TMA loads, wgmma, CUTLASS's CuTe; built where CUTLASS's headers are
+// found, SPARSEKERN_WITH_CUTE). bsr_gemm_sm90_takes: whether the kernels take these arguments (16-bit types,
+// bs 64 or 128, no padded blocks, no convolution, TMA-friendly addresses). bsr_gemm_sm90 launches them and fills
+// *status, or returns false without launching where they do not take the call or the binary has no sm_90a code for
+// the device; the caller then runs bsr_gemm. Call it on compute capability 9.0 devices only.
+bool bsr_gemm_sm90_takes(const BsrGemmArgs& args);
+bool bsr_gemm_sm90(const BsrGemmArgs& args, cudaStream_t stream, LaunchStatus* status);
 
 // The operands of the weight-gradient GEMMs (dYᵀX [N, K], reduced over M): dy [M, N] with row stride ld_dy, and
 // x a plain [M, K] matrix with row stride ld_x, or (conv != null) the NHWC image whose implicit im2col is X

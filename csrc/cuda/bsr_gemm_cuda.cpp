@@ -60,7 +60,8 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& values, const Tensor& row_
   args.a_cols = K;
   args.out_cols = N;
   args.n_lines = n_block_rows;
-  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_linear",
+  args.nnz = values.size(0);
+  check_launch(launch_bsr_gemm(args, x), "native_bsr_linear",
                {args.type, M, N, K, bs, values.size(0)});
   return y;
 }
@@ -97,7 +98,8 @@ Tensor bsr_linear_dx_cuda(const Tensor& dy, const Tensor& values, const Tensor& 
   args.a_cols = N;
   args.out_cols = K;
   args.n_lines = n_block_cols;
-  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_linear_dx",
+  args.nnz = values.size(0);
+  check_launch(launch_bsr_gemm(args, dy), "native_bsr_linear_dx",
                {args.type, M, N, K, bs, values.size(0)});
   return dx;
 }

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 #include <ATen/core/Tensor.h>
@@ -132,6 +134,30 @@ inline void check_launch(const cuda::LaunchStatus& status, const char* op, const
   TORCH_CHECK(false, op, ": CUDA error ", cudaGetErrorName(status.error), " (", cudaGetErrorString(status.error),
               ") for M = ", problem.M, ", N = ", problem.N, ", K = ", problem.K, ", block size ", problem.block_size,
               ", ", problem.blocks, " blocks, ", type_name(problem.type), ", ", where.str());
+}
+
+// The Hopper GEMMs (bsr_gemm_sm90.cu, built where CUTLASS's headers were found) have not run on a GPU yet: they
+// run only when SPARSEKERN_CUDA_SM90=1 asks for them (read at every call, like the Triton kernels' switch), on a
+// compute capability 9.0 device (their sm_90a code runs on no other).
+inline bool hopper_gemms_requested(const Tensor& on) {
+#ifdef SPARSEKERN_WITH_CUTE
+  const char* flag = std::getenv("SPARSEKERN_CUDA_SM90");
+  return flag != nullptr && std::strcmp(flag, "1") == 0 &&
+         device_attribute(cudaDevAttrComputeCapabilityMajor, on) == 9 &&
+         device_attribute(cudaDevAttrComputeCapabilityMinor, on) == 0;
+#else
+  (void)on;
+  return false;
+#endif
+}
+
+// bsr_linear and bsr_linear_dx: the Hopper kernel where it was asked for and takes the call, else the mma.sync one.
+inline cuda::LaunchStatus launch_bsr_gemm(const cuda::BsrGemmArgs& args, const Tensor& on) {
+#ifdef SPARSEKERN_WITH_CUTE
+  cuda::LaunchStatus status;
+  if (hopper_gemms_requested(on) && cuda::bsr_gemm_sm90(args, current_stream(), &status)) return status;
+#endif
+  return cuda::bsr_gemm(args, current_stream());
 }
 
 // The weight-gradient GEMMs' launches, shared by the linear and convolution ops: their operands (see

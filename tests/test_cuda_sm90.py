@@ -1,0 +1,123 @@
+"""The Hopper GEMMs of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu: TMA loads, wgmma, CUTLASS's CuTe), which
+bsr_linear and bsr_linear_dx run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
+
+Without a GPU (CI) only the build fact runs; tests/test_cuda_static.py checks their SASS (HGMMA, UTMALDG, no
+spills). On an H100/H200 each case checks, with the profiler, which kernel ran (the Hopper one where it takes the
+call, the mma.sync one where it does not) and its result against the reference by design §6's rule.
+"""
+import functools
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sparsekern import _native
+from sparsekern._build_paths import cutlass_include
+
+import gemm_cases
+
+BUILT = bool(_native.BUILD_INFO.get("cuda_sm90_gemms"))
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not (BUILT and ON_HOPPER),
+                                  reason="needs the Hopper GEMMs built and a compute capability 9.0 GPU")
+
+linear_args = functools.partial(gemm_cases.linear_args, device="cuda")
+dx_args = functools.partial(gemm_cases.dx_args, device="cuda")
+
+HOPPER_KERNEL, MMA_SYNC_KERNEL = "bsr_gemm_sm90_kernel", "bsr_gemm_kernel<"
+
+
+@pytest.mark.skipif(not _native.BUILD_INFO.get("cuda"), reason="sparsekern._C was built without CUDA kernels")
+def test_built_wherever_cutlass_headers_are_found():
+    """setup.py compiles bsr_gemm_sm90.cu exactly where it finds CUTLASS's headers (the Makefile installs them)."""
+    assert BUILT == (cutlass_include() is not None)
+
+
+@pytest.fixture
+def hopper_switch(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CUDA_SM90", "1")
+
+
+def run_and_name_kernels(op, args):
+    """The op's output and the names of the CUDA kernels it launched."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = getattr(torch.ops.sparsekern, f"native_{op}")(*args)
+        torch.cuda.synchronize()
+    return out, [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def assert_ran(kernels, name):
+    assert any(name in k for k in kernels), f"expected {name} among the launched kernels {kernels}"
+
+
+# (M, N, K): N and K multiples of both block sizes (no padded blocks), M never a multiple of the 128-row tile.
+SHAPES = [(37, 256, 384), (300, 128, 640), (1000, 384, 256)]
+hopper_cases = gemm_cases.stacked(
+    pytest.mark.cuda, needs_hopper, pytest.mark.parametrize("shape", SHAPES, ids=str),
+    pytest.mark.parametrize("density", [0.0, 0.4, 1.0]), pytest.mark.parametrize("bs", [64, 128]),
+    pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@hopper_cases
+def test_bsr_linear(hopper_switch, dtype, bs, density, shape, bias):
+    layout, args = linear_args(shape, bs, density, dtype, seed=31, bias=bias)
+    out, kernels = run_and_name_kernels("bsr_linear", args)
+    # A layout without blocks has nothing to load: the mma.sync kernel writes its zeros (or the bias).
+    assert_ran(kernels, HOPPER_KERNEL if layout.nnz_blocks > 0 else MMA_SYNC_KERNEL)
+    gemm_cases.assert_close_to_reference("bsr_linear", args, out)
+
+
+@hopper_cases
+def test_bsr_linear_dx(hopper_switch, dtype, bs, density, shape):
+    layout, args = dx_args(shape, bs, density, dtype, seed=32)
+    out, kernels = run_and_name_kernels("bsr_linear_dx", args)
+    assert_ran(kernels, HOPPER_KERNEL if layout.nnz_blocks > 0 else MMA_SYNC_KERNEL)
+    gemm_cases.assert_close_to_reference("bsr_linear_dx", args, out)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("bs", [64, 128])
+def test_empty_lines_get_the_bias_or_zeros(hopper_switch, bs):
+    shape = (130, 4 * bs, 3 * bs)
+    layout, args = linear_args(shape, bs, 1.0, torch.bfloat16, seed=33, empty_rows=(1,), empty_cols=(2,))
+    y, kernels = run_and_name_kernels("bsr_linear", args)
+    assert_ran(kernels, HOPPER_KERNEL)
+    bias = args[-1]
+    assert torch.equal(y[:, bs:2 * bs], bias[bs:2 * bs].expand(shape[0], bs))
+    _, dx_case = dx_args(shape, bs, 1.0, torch.bfloat16, seed=34, empty_rows=(1,), empty_cols=(2,))
+    dx, _ = run_and_name_kernels("bsr_linear_dx", dx_case)
+    assert torch.count_nonzero(dx[:, 2 * bs:3 * bs]) == 0
+    gemm_cases.assert_close_to_reference("bsr_linear_dx", dx_case, dx)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("case", ["padded blocks", "fp32", "block 32", "unaligned rows"])
+def test_calls_it_does_not_take_run_the_mma_sync_kernel(hopper_switch, case):
+    shape, bs, dtype = (200, 256, 384), 64, torch.bfloat16
+    if case == "padded blocks":
+        shape = (200, 250, 380)
+    elif case == "fp32":
+        dtype = torch.float32
+    elif case == "block 32":
+        bs = 32
+    layout, args = linear_args(shape, bs, 0.5, dtype, seed=35)
+    if case == "unaligned rows":  # rows 3 elements apart from a 16-byte boundary: TMA cannot read them
+        wide = torch.zeros(shape[0], shape[2] + 3, dtype=dtype, device="cuda")
+        wide[:, :shape[2]] = args[0]
+        args = (wide[:, :shape[2]], *args[1:])
+    out, kernels = run_and_name_kernels("bsr_linear", args)
+    assert_ran(kernels, MMA_SYNC_KERNEL)
+    assert not any(HOPPER_KERNEL in k for k in kernels)
+    gemm_cases.assert_close_to_reference("bsr_linear", args, out)
+
+
+@pytest.mark.cuda
+@needs_hopper
+def test_off_without_the_switch(monkeypatch):
+    monkeypatch.delenv("SPARSEKERN_CUDA_SM90", raising=False)
+    _, args = linear_args((200, 256, 384), 64, 0.5, torch.bfloat16, seed=36)
+    _, kernels = run_and_name_kernels("bsr_linear", args)
+    assert_ran(kernels, MMA_SYNC_KERNEL)
