@@ -2,15 +2,18 @@
 
     python3 benchmarks/gpu_check.py --out DIR [--deadline 540]      (or: make gpu-check OUT=DIR)
 
-Made for a short lease on a bare GPU machine with its own python3, torch and triton and no network. Steps, in
+Made for a short lease on a bare GPU machine with its own python3, torch and triton and no network; wheels it needs
+travel in .whl/ (CUTLASS's headers for the Hopper GEMMs, stk for a column of gpu-linear). Steps, in
 order, each given what is left of the deadline (minus a reserve for the summary):
 
 1. build: `pip install --no-build-isolation --no-deps -e .` for the GPU's own architecture, with all cores;
 2. tests: `pytest -m cuda` under pytest-xdist (-n 8: a crash takes down one worker, not the run), with a
-   per-test timeout when pytest-timeout is installed, results in junit XML;
+   per-test timeout when pytest-timeout is installed, results in junit XML; the tests of the Hopper GEMMs on CuTe
+   (tests/test_cuda_sm90.py, never run on a GPU before: a hung kernel would hold a worker) wait for step 4;
 3. the GPU suites at the README's sizes (gpu-linear, gpu-conv, gpu-e2e, gpu-optim), CSVs only;
-4. the Triton TMA kernels (SPARSEKERN_TRITON_TMA) beside the pointer kernels in gpu-linear and gpu-conv, each in a
-   process of its own (tables in the log);
+4. the kernels not yet run on a GPU, each in a process of its own: the Hopper GEMMs' tests (sm90-tests, under a short
+   limit), then the Triton TMA kernels (SPARSEKERN_TRITON_TMA) beside the pointer kernels in gpu-linear and
+   gpu-conv, and the Hopper GEMMs (SPARSEKERN_CUDA_SM90) beside the mma.sync ones in gpu-linear (tables in the log);
 5. benchmarks/profile_layer.py: SparseLinear and SparseConv2d called eagerly beside the dense layers, with a
    torch.profiler table (profile_layer_cuda.txt);
 6. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
@@ -40,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_RESERVE_S = 15  # kept back from every step so the summary is always written inside the deadline
 # Each step's own limit (s); a step gets the smaller of this and what is left of the deadline.
 STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-e2e": 150, "gpu-optim": 60,
-               "tma-linear": 120, "tma-conv": 120, "layers": 60, "memcheck": 90}
+               "sm90-tests": 60, "tma-linear": 120, "tma-conv": 120, "layers": 60, "memcheck": 90}
 # The suites at the README's sizes, trimmed to the cases the issues' goals name so that all fit one lease.
 SUITE_ARGS = {
     "gpu-linear": ["--sparsities", "0.9", "--blocks", "32,64,128", "--reps", "10"],
@@ -48,11 +51,15 @@ SUITE_ARGS = {
     "gpu-e2e": ["--sparsities", "0.9", "--reps", "3"],
     "gpu-optim": ["--reps", "10"],
 }
-# The Triton kernels with TMA (never run on a GPU before), beside the pointer kernels, in processes of their own: a
-# kernel fault is sticky and would fail every later row of its process. Their CSVs stay out of DIR (8 files at most);
-# their tables and goal lines are in gpu_check.log.
+# The tests of the Hopper GEMMs, in a step of their own after the suites (see step 4).
+SM90_TESTS = "tests/test_cuda_sm90.py"
+# The kernels never run on a GPU before (bench.common.VARIANTS), each beside the kernel it would replace, in processes
+# of their own: a kernel fault is sticky and would fail every later row of its process. Their CSVs stay out of DIR
+# (8 files at most); their tables and goal lines are in gpu_check.log.
+VARIANT_PAIRS = (("triton", "triton-tma"), ("cuda", "cuda-sm90"))
 TMA_SUITE_ARGS = {
-    "tma-linear": ["--suite", "gpu-linear", "--backends", "triton,triton-tma", *SUITE_ARGS["gpu-linear"]],
+    "tma-linear": ["--suite", "gpu-linear", "--backends", "triton,triton-tma,cuda,cuda-sm90",
+                   *SUITE_ARGS["gpu-linear"]],
     "tma-conv": ["--suite", "gpu-conv", "--backends", "triton,triton-tma", *SUITE_ARGS["gpu-conv"]],
 }
 MEMCHECK_TESTS = "tests/test_cuda_kernels.py"
@@ -176,7 +183,8 @@ class Check:
         variant_csvs = sorted(glob.glob(os.path.join(self.variant_dir, "*.csv"))) if self.variant_dir else []
         variants = [line for path in variant_csvs for line in variant_comparison(path)]
         if variants:
-            lines.append("the Triton TMA kernels beside the pointer ones (speedup over dense; gpu-conv: model totals):")
+            lines.append("the kernels not yet run on a GPU beside the ones they would replace (speedup over dense; "
+                         "gpu-conv: model totals):")
             lines += variants
         first = self.first_calls()
         if first:
@@ -190,23 +198,27 @@ class Check:
 
 
 def variant_comparison(path: str) -> list:
-    """From a suite CSV run with --backends triton,triton-tma: per op (gpu-linear) or per pass and model total
-    (gpu-conv), sparsity and block, the two kernels' speedups over dense and statuses side by side."""
-    pairs = {}
+    """From a suite CSV run with variants (VARIANT_PAIRS): per op (gpu-linear) or per pass and model total
+    (gpu-conv), sparsity and block, each variant's speedup over dense (or status) beside its kernel's."""
+    names = [name for pair in VARIANT_PAIRS for name in pair]
+    cases = {}
     with open(path) as f:
         for row in csv.DictReader(f):
-            if row["impl"] not in ("triton", "triton-tma") or row.get("layer", "total") != "total":
+            if row["impl"] not in names or row.get("layer", "total") != "total":
                 continue
             what = " ".join(v for v in (row.get("op") or row.get("pass"), row.get("model")) if v)
-            pairs.setdefault((what, row["sparsity"], row["block"]), {})[row["impl"]] = row
+            cases.setdefault((what, row["sparsity"], row["block"]), {})[row["impl"]] = row
 
     def cell(row) -> str:
-        if row is None:
-            return "-"
         return f"{float(row['speedup']):.2f}x" if row["speedup"] else row["status"]
 
-    return [f"  {what}, sparsity {sparsity or '-'}, block {block}: triton {cell(pair.get('triton'))}, "
-            f"triton-tma {cell(pair.get('triton-tma'))}" for (what, sparsity, block), pair in pairs.items()]
+    lines = []
+    for (what, sparsity, block), rows in cases.items():
+        pairs = [f"{base} {cell(rows[base]) if base in rows else '-'}, {variant} {cell(rows[variant])}"
+                 for base, variant in VARIANT_PAIRS if variant in rows]
+        if pairs:
+            lines.append(f"  {what}, sparsity {sparsity or '-'}, block {block}: " + "; ".join(pairs))
+    return lines
 
 
 def _node_id(junit_name: str) -> str:
@@ -251,18 +263,19 @@ def _gpu_facts(python: str):
     return name, arch + "a" if arch == "9.0" else arch
 
 
-def _install_stk(python: str, check: Check):
-    """stk (pure Python + Triton) for the gpu-linear suite's stk column, from a stanford_stk-*.whl in .whl/ (the
-    GPU machine has no network: `pip download --no-deps stanford-stk==0.7.1`, then `pip wheel --no-deps` here).
-    Returns the folder to put on PYTHONPATH, or None (the column then says why it is skipped)."""
-    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "stanford_stk-*.whl")))
+def _install_wheel(python: str, check: Check, pattern: str, what: str):
+    """Installs the newest .whl/<pattern> (the GPU machine has no network: `pip download --no-deps`, and for a
+    source-only package `pip wheel --no-deps`, on a machine with one) into a folder of its own, without its
+    dependencies. Returns the folder, or None (then says why)."""
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", pattern)))
     if not wheels:
-        check.say("stk: no .whl/stanford_stk-*.whl: the stk column will be skipped")
+        check.say(f"{what}: no .whl/{pattern}")
         return None
-    site = "/tmp/stk-site"
+    site = os.path.join(tempfile.gettempdir(), f"gpu-check-{pattern.split('-')[0]}")
     done = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
                            wheels[-1]], capture_output=True, text=True)
-    check.say(f"stk: {'installed ' + wheels[-1] if done.returncode == 0 else 'install failed: ' + done.stderr[-200:]}")
+    outcome = "installed " + wheels[-1] if done.returncode == 0 else "install failed: " + done.stderr[-200:]
+    check.say(f"{what}: {outcome}")
     return site if done.returncode == 0 else None
 
 
@@ -275,8 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for the at most 8 result files")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole check (default 540)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter with torch and triton")
-    parser.add_argument("--skip", default="", help="comma-separated steps to leave out (build, tests, suites, tma, "
-                                                   "layers, memcheck)")
+    parser.add_argument("--skip", default="", help="comma-separated steps to leave out (build, tests, suites, tma: "
+                                                   "the kernels not yet run on a GPU, layers, memcheck)")
     parser.add_argument("-k", dest="keyword", default=None, help="only the tests pytest -k selects")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -286,9 +299,14 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     check.say(f"GPU {check.gpu}, arch {arch}, python {args.python}")
-    stk_site = _install_stk(args.python, check)
+    # stk (pure Python + Triton) for gpu-linear's stk column; without it the column says why it is empty.
+    stk_site = _install_wheel(args.python, check, "stanford_stk-*.whl", "stk (gpu-linear's stk column)")
     if stk_site:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (stk_site, env.get("PYTHONPATH")) if p)
+    # CUTLASS's headers for the Hopper GEMMs; without them the build leaves those out (python -m sparsekern.info).
+    cutlass_site = _install_wheel(args.python, check, "nvidia_cutlass-*.whl", "CUTLASS headers (Hopper GEMMs)")
+    if cutlass_site:
+        env["CUTLASS_INCLUDE"] = os.path.join(cutlass_site, "cutlass_library", "source", "include")
 
     if "build" not in skip:
         build_env = dict(env, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(max(1, (os.cpu_count() or 2) - 2)))
@@ -301,7 +319,7 @@ def main(argv=None) -> int:
     if "tests" not in skip:
         junit = os.path.join(args.out, "junit.xml")
         command = [args.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rN",
-                   "--tb=line", f"--junitxml={junit}", "tests"]
+                   "--tb=line", f"--junitxml={junit}", "tests", f"--ignore={SM90_TESTS}"]
         if _has_module(args.python, "xdist"):
             command += ["-n", "8"]
         if _has_module(args.python, "pytest_timeout"):
@@ -319,6 +337,12 @@ def main(argv=None) -> int:
                               "--no-plots", "--out", args.out, *extra], env=env)
 
     if "tma" not in skip:
+        junit = os.path.join(tempfile.mkdtemp(prefix="gpu_check_sm90_"), "junit.xml")
+        command = [args.python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rN", "--tb=line",
+                   f"--junitxml={junit}", SM90_TESTS]
+        check.run("sm90-tests", command + (["-n", "4"] if _has_module(args.python, "xdist") else []), env=env)
+        check.read_junit(junit)
+        check.write_summary()
         check.variant_dir = tempfile.mkdtemp(prefix="gpu_check_tma_")
         for step, extra in TMA_SUITE_ARGS.items():
             check.run(step, [args.python, "-m", "sparsekern.bench", "--device", "cuda", "--no-plots", "--out",

@@ -30,6 +30,10 @@ AWAITING_GPU = (
     "image sizes the stride divides)",
     "the triton backend's launchers run them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands "
     "(compute capability 9.0+, 16-byte aligned rows); the GPU suites measure them with --backends triton,triton-tma",
+    "csrc/cuda/bsr_gemm_sm90.cu (cuda backend, on CUTLASS's CuTe): bsr_linear and bsr_linear_dx with TMA loads, "
+    "wgmma and a warp-specialised pipeline (fp16/bf16, block 64 or 128, N and K multiples of the block); run only "
+    "with SPARSEKERN_CUDA_SM90=1 on compute capability 9.0, else the mma.sync kernel; measured with --backends "
+    "cuda,cuda-sm90",
 )
 
 
@@ -51,6 +55,7 @@ def report() -> str:
         f"SPARSEKERN_BACKEND={os.environ.get('SPARSEKERN_BACKEND', 'auto')}",
         f"SPARSEKERN_AUTOTUNE={os.environ.get('SPARSEKERN_AUTOTUNE', '1')}",
         f"SPARSEKERN_TRITON_TMA={os.environ.get('SPARSEKERN_TRITON_TMA', '0')}",
+        f"SPARSEKERN_CUDA_SM90={os.environ.get('SPARSEKERN_CUDA_SM90', '0')}",
         "",
     ]
     if _native.LOADED:
@@ -58,6 +63,9 @@ def report() -> str:
         cuda = (f"yes, CUDA {info.get('cuda_version')} for {', '.join(info.get('cuda_archs', []))}"
                 if info.get("cuda") else "no")
         lines += [f"sparsekern._C     built against torch {info.get('torch_version')}; CUDA kernels: {cuda}"]
+        if info.get("cuda"):
+            lines += ["                  Hopper GEMMs (CuTe): " + ("built" if info.get("cuda_sm90_gemms") else
+                                                               "not built (no CUTLASS headers at build time)")]
     else:
         lines += [f"sparsekern._C     NOT LOADED: {_native.LOAD_ERROR}"]
     lines += ["", "verified on GPUs:"] + [f"  {line}" for line in GPU_VERIFIED]

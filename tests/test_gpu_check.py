@@ -79,23 +79,32 @@ def test_the_check_writes_at_most_eight_files(tmp_path):
     assert (tmp_path / files[1]).read_text().splitlines()[-1] == "0 passed, 0 failed, 0 crashed"
 
 
-def test_the_tma_kernels_run_in_processes_of_their_own_outside_dir(tmp_path, monkeypatch):
-    """The TMA steps (kernels never run on a GPU) come after the main suites, one process each, and write their CSVs
-    outside DIR, which keeps its 8 files."""
+def test_the_kernels_not_yet_run_on_a_gpu_run_in_processes_of_their_own_outside_dir(tmp_path, monkeypatch):
+    """The steps of the kernels never run on a GPU come after the main suites, one process each: the Hopper GEMMs'
+    tests, which the main test step leaves out, then the suites with the variants, which write their CSVs outside
+    DIR, which keeps its 8 files."""
     commands = []
     monkeypatch.setattr(gpu_check.Check, "run",
                         lambda self, name, command, env=None: commands.append((name, command)) or 0)
     monkeypatch.setattr(gpu_check, "_gpu_facts", lambda python: ("fake-gpu", "9.0a"))
-    monkeypatch.setattr(gpu_check, "_install_stk", lambda python, check: None)
-    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,tests,layers,memcheck"]) == 0
+    monkeypatch.setattr(gpu_check, "_install_wheel", lambda python, check, pattern, what: None)
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "build,layers,memcheck"]) == 0
     names = [name for name, _ in commands]
-    assert names == [*gpu_check.SUITE_ARGS, *gpu_check.TMA_SUITE_ARGS]
+    assert names == ["tests", *gpu_check.SUITE_ARGS, "sm90-tests", *gpu_check.TMA_SUITE_ARGS]
     for name, command in commands:
+        if name == "tests":
+            assert f"--ignore={gpu_check.SM90_TESTS}" in command
+            continue
+        if name == "sm90-tests":
+            assert gpu_check.SM90_TESTS in command
+            continue
         out = command[command.index("--out") + 1]
         if name in gpu_check.TMA_SUITE_ARGS:
             assert "triton-tma" in command[command.index("--backends") + 1] and out != str(tmp_path)
         else:
             assert out == str(tmp_path) and "--backends" not in command
+    linear = gpu_check.TMA_SUITE_ARGS["tma-linear"]
+    assert set(linear[linear.index("--backends") + 1].split(",")) == {name for pair in gpu_check.VARIANT_PAIRS for name in pair}
 
 
 def test_the_summary_sets_the_tma_kernels_beside_the_pointer_ones(tmp_path):
@@ -103,7 +112,8 @@ def test_the_summary_sets_the_tma_kernels_beside_the_pointer_ones(tmp_path):
     variants.mkdir()
     linear = (["op", "sparsity", "block", "impl", "speedup", "status"],  # the suites' own columns, in part
               [["linear_fwd", "0.9", "64", "dense", "1.0", "ok"], ["linear_fwd", "0.9", "64", "triton", "3.61", "ok"],
-               ["linear_fwd", "0.9", "64", "triton-tma", "4.80", "ok"]])
+               ["linear_fwd", "0.9", "64", "triton-tma", "4.80", "ok"],
+               ["linear_fwd", "0.9", "64", "cuda", "1.30", "ok"], ["linear_fwd", "0.9", "64", "cuda-sm90", "3.90", "ok"]])
     conv = (["model", "layer", "sparsity", "block", "pass", "impl", "speedup", "status"],
             [["resnet50", "64->64 k3 s1 56x56", "0.9", "32", "forward", "triton-tma", "1.9", "ok"],
              ["resnet50", "total", "0.9", "32", "forward", "triton", "1.18", "ok"],
@@ -118,5 +128,6 @@ def test_the_summary_sets_the_tma_kernels_beside_the_pointer_ones(tmp_path):
     check.variant_dir = str(variants)
     text = open(check.write_summary()).read()
     assert "  forward resnet50, sparsity 0.9, block 32: triton 1.18x, triton-tma MISMATCH" in text
-    assert "  linear_fwd, sparsity 0.9, block 64: triton 3.61x, triton-tma 4.80x" in text
+    assert ("  linear_fwd, sparsity 0.9, block 64: triton 3.61x, triton-tma 4.80x; cuda 1.30x, cuda-sm90 3.90x"
+            in text)
     assert "56x56" not in text  # layers other than the totals stay in the log

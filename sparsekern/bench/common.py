@@ -71,30 +71,50 @@ def time_interleaved(candidates: Dict[str, Callable[[], object]], device: torch.
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _tma_unsupported(device: torch.device) -> Optional[str]:
+    from sparsekern.triton_kernels import _tma
+    return _tma.device_unsupported(device)
+
+
+def _hopper_gemms_unsupported(device: torch.device) -> Optional[str]:
+    if not sk._native.BUILD_INFO.get("cuda_sm90_gemms"):
+        return "sparsekern._C was built without the Hopper GEMMs (no CUTLASS headers at build time)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability != (9, 0):
+        return f"the Hopper GEMMs' sm_90a code runs on compute capability 9.0 only, this GPU is {capability}"
+    return None
+
+
 @dataclass(frozen=True)
 class Variant:
-    """Kernels of a backend that it uses only when ``switches`` (environment variables) are set, for ``ops``."""
+    """Kernels of a backend that it uses only when ``switches`` (environment variables) are set, for ``ops`` (its
+    rows of other ops are n/a: they would time the backend's usual kernels); ``unsupported(device)`` says why they
+    cannot run on a device, beyond what the backend needs."""
     backend: str
     switches: Dict[str, str]
     ops: Tuple[str, ...]
+    unsupported: Callable[[torch.device], Optional[str]]
 
 
 # Kernel variants measured in rows of their own beside the backends, which no backend uses by default because they
 # have not run on a GPU yet.
-VARIANTS = {"triton-tma": Variant("triton", {"SPARSEKERN_TRITON_TMA": "1"},
-                                  ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
-                                   "bsr_conv2d_dgrad", "bsr_conv2d_wgrad"))}
+VARIANTS = {
+    "triton-tma": Variant("triton", {"SPARSEKERN_TRITON_TMA": "1"},
+                          ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
+                           "bsr_conv2d_dgrad", "bsr_conv2d_wgrad"), _tma_unsupported),
+    "cuda-sm90": Variant("cuda", {"SPARSEKERN_CUDA_SM90": "1"}, ("bsr_linear", "bsr_linear_dx"),
+                         _hopper_gemms_unsupported),
+}
 OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
 
 
 def variant_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
-    """Why a VARIANTS entry cannot run on ``device`` beyond what its backend needs: the TMA kernels' own device check
-    (asked only once the triton backend is available). Without a visible GPU a CUDA device is left to the suites,
-    as for the backends, so that the choices can be listed without one."""
+    """Why a VARIANTS entry cannot run on ``device`` beyond what its backend needs (asked only once the backend is
+    available). Without a visible GPU a CUDA device is left to the suites, as for the backends, so that the choices
+    can be listed without one."""
     if device.type == "cuda" and not torch.cuda.is_available():
         return None
-    from sparsekern.triton_kernels import _tma
-    return _tma.device_unsupported(device)
+    return VARIANTS[name].unsupported(device)
 
 
 @contextlib.contextmanager
@@ -150,6 +170,12 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
 
     def lacks(name: str) -> Optional[str]:
+        variant = VARIANTS.get(name)
+        if variant is not None:
+            missing = next((op for op in ops if op not in variant.ops), None)
+            if missing is not None:
+                return f"no {missing} kernel in {name}"
+            name = variant.backend
         missing = next((op for op in ops if not sk.ops.backend_has_op(name, op, dtype)), None)
         if missing is None:
             return None
@@ -168,7 +194,7 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
             choices.append((name, None))
             continue
         base = VARIANTS[name].backend if name in VARIANTS else name
-        why = sk.ops.backend_unavailable_reason(base, device.type) or lacks(base)
+        why = sk.ops.backend_unavailable_reason(base, device.type) or lacks(name)
         if name in VARIANTS and why is None:
             why = variant_unavailable_reason(name, device)
         choices.append((name, why))
