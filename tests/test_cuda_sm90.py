@@ -1,5 +1,5 @@
 """The Hopper GEMMs of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu: TMA loads, wgmma, CUTLASS's CuTe), which
-bsr_linear and bsr_linear_dx run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
+bsr_linear, bsr_linear_dx and bsr_sddmm run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
 
 Without a GPU (CI) only the build fact runs; tests/test_cuda_static.py checks their SASS (HGMMA, UTMALDG, no
 spills). On an H100/H200 each case checks, with the profiler, which kernel ran (the Hopper one where it takes the
@@ -23,8 +23,10 @@ needs_hopper = pytest.mark.skipif(not (BUILT and ON_HOPPER),
 
 linear_args = functools.partial(gemm_cases.linear_args, device="cuda")
 dx_args = functools.partial(gemm_cases.dx_args, device="cuda")
+sddmm_args = functools.partial(gemm_cases.sddmm_args, device="cuda")
 
 HOPPER_KERNEL, MMA_SYNC_KERNEL = "bsr_gemm_sm90_kernel", "bsr_gemm_kernel<"
+HOPPER_SDDMM, MMA_SYNC_SDDMM, SUM_PARTIALS = "bsr_sddmm_sm90_kernel", "weight_grad_kernel<", "sum_partials_kernel"
 
 
 @pytest.mark.skipif(not _native.BUILD_INFO.get("cuda"), reason="sparsekern._C was built without CUDA kernels")
@@ -50,7 +52,8 @@ def assert_ran(kernels, name):
     assert any(name in k for k in kernels), f"expected {name} among the launched kernels {kernels}"
 
 
-# (M, N, K): N and K multiples of both block sizes (no padded blocks), M never a multiple of the 128-row tile.
+# (M, N, K): N and K multiples of both block sizes (no padded blocks), M never a multiple of the 128-row tile; the
+# SDDMM splits M = 1000 into chunks of 384 rows (sddmm_plan, few blocks) and M = 37 and 300 not at all.
 SHAPES = [(37, 256, 384), (300, 128, 640), (1000, 384, 256)]
 hopper_cases = gemm_cases.stacked(
     pytest.mark.cuda, needs_hopper, pytest.mark.parametrize("shape", SHAPES, ids=str),
@@ -74,6 +77,17 @@ def test_bsr_linear_dx(hopper_switch, dtype, bs, density, shape):
     out, kernels = run_and_name_kernels("bsr_linear_dx", args)
     assert_ran(kernels, HOPPER_KERNEL if layout.nnz_blocks > 0 else MMA_SYNC_KERNEL)
     gemm_cases.assert_close_to_reference("bsr_linear_dx", args, out)
+
+
+@hopper_cases
+def test_bsr_sddmm(hopper_switch, dtype, bs, density, shape):
+    layout, args = sddmm_args(shape, bs, density, dtype, seed=37)
+    out, kernels = run_and_name_kernels("bsr_sddmm", args)
+    if layout.nnz_blocks > 0:  # none: nothing to compute, no kernel
+        assert_ran(kernels, HOPPER_SDDMM)
+        assert not any(MMA_SYNC_SDDMM in k for k in kernels)
+        assert any(SUM_PARTIALS in k for k in kernels) == (shape[0] == 1000)
+    gemm_cases.assert_close_to_reference("bsr_sddmm", args, out)
 
 
 @pytest.mark.cuda
@@ -116,8 +130,29 @@ def test_calls_it_does_not_take_run_the_mma_sync_kernel(hopper_switch, case):
 
 @pytest.mark.cuda
 @needs_hopper
+@pytest.mark.parametrize("case", ["padded blocks", "fp32", "unaligned rows"])
+def test_sddmm_calls_it_does_not_take_run_the_mma_sync_kernel(hopper_switch, case):
+    shape, dtype = ((200, 250, 380) if case == "padded blocks" else (200, 256, 384)), torch.bfloat16
+    if case == "fp32":
+        dtype = torch.float32
+    layout, args = sddmm_args(shape, 64, 0.5, dtype, seed=38)
+    if case == "unaligned rows":
+        wide = torch.zeros(shape[0], shape[2] + 3, dtype=dtype, device="cuda")
+        wide[:, :shape[2]] = args[1]
+        args = (args[0], wide[:, :shape[2]], *args[2:])
+    out, kernels = run_and_name_kernels("bsr_sddmm", args)
+    assert_ran(kernels, MMA_SYNC_SDDMM)
+    assert not any(HOPPER_SDDMM in k for k in kernels)
+    gemm_cases.assert_close_to_reference("bsr_sddmm", args, out)
+
+
+@pytest.mark.cuda
+@needs_hopper
 def test_off_without_the_switch(monkeypatch):
     monkeypatch.delenv("SPARSEKERN_CUDA_SM90", raising=False)
     _, args = linear_args((200, 256, 384), 64, 0.5, torch.bfloat16, seed=36)
     _, kernels = run_and_name_kernels("bsr_linear", args)
     assert_ran(kernels, MMA_SYNC_KERNEL)
+    _, args = sddmm_args((200, 256, 384), 64, 0.5, torch.bfloat16, seed=39)
+    _, kernels = run_and_name_kernels("bsr_sddmm", args)
+    assert_ran(kernels, MMA_SYNC_SDDMM)

@@ -4,7 +4,8 @@ sm_80 (A100) with the flags the build uses, then read ptxas' resource report and
 - no kernel spills registers (0 bytes spill stores/loads, no stack frame, no local loads/stores in the SASS);
 - the fp16/bf16 GEMMs run on tensor cores (HMMA) fed by ldmatrix (LDSM) from cp.async copies (LDGSTS);
 - the fp32 GEMMs use FFMA, also fed by cp.async, and no tensor cores;
-- the Hopper GEMMs (bsr_gemm_sm90.cu, CuTe, sm_90a only) run on wgmma (HGMMA) fed by TMA loads (UTMALDG);
+- the Hopper GEMMs (bsr_gemm_sm90.cu, CuTe, sm_90a only) run on wgmma (HGMMA) fed by TMA loads (UTMALDG) and
+  keep their TMA descriptors in the parameter space (no local memory: a copy there would break the loads);
 - every expected kernel instantiation is there (nothing silently compiled out);
 - the integer helpers (FastDivmod) give plain division's results, run on the host (tests/cuda_host_checks.cu).
 
@@ -31,9 +32,10 @@ DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32", "N7cutlass6
 # Instantiations per architecture, 3 dtypes x 4 block sizes times: bsr_gemm_kernel 3 (linear forward and input
 # gradient on a plain matrix, the convolution forward on the implicit im2col); weight_grad_kernel 4 ((sddmm,
 # scores) x (plain matrix, im2col)); conv_dgrad_kernel 1. Plus the 3 partial-sum kernels of the split SDDMM.
-# On sm_90a, the Hopper GEMMs: 2 dtypes x 2 block sizes x (forward, input gradient).
+# On sm_90a, the Hopper GEMMs, 2 dtypes x 2 block sizes times: bsr_gemm_sm90_kernel 2 (forward, input gradient),
+# bsr_sddmm_sm90_kernel 1.
 EXPECTED = {"bsr_gemm_kernel": 36, "weight_grad_kernel": 48, "conv_dgrad_kernel": 12, "sum_partials_kernel": 3}
-EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8}
+EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8, "bsr_sddmm_sm90_kernel": 4}
 SASS_OPS = ("HMMA", "LDSM", "LDGSTS", "FFMA", "HGMMA", "UTMALDG", "LDL", "STL")
 
 
@@ -72,7 +74,8 @@ def _nvcc_flags():
 
 def _kernel_kind(name):
     """(kernel, dtype) of a mangled name, or None for anything else."""
-    m = re.search(r"(bsr_gemm_kernel|bsr_gemm_sm90_kernel|weight_grad_kernel|conv_dgrad_kernel|sum_partials_kernel)"
+    m = re.search(r"(bsr_gemm_kernel|bsr_gemm_sm90_kernel|bsr_sddmm_sm90_kernel|weight_grad_kernel|conv_dgrad_kernel|"
+                  r"sum_partials_kernel)"
                   r"I(6__half|13__nv_bfloat16|f|N7cutlass6half_t|N7cutlass10bfloat16_t)", name)
     return (m.group(1), DTYPES[m.group(2)]) if m else None
 
@@ -180,7 +183,7 @@ def test_tensor_cores_and_async_copies(report, arch):
     for r in report:
         if r["arch"] != arch or r["kernel"] == "sum_partials_kernel":
             continue
-        if r["kernel"] == "bsr_gemm_sm90_kernel":
+        if r["kernel"] in EXPECTED_HOPPER:
             ok = r["HGMMA"] > 0 and r["UTMALDG"] > 0 and r["HMMA"] == 0 and r["LDGSTS"] == 0
         elif r["dtype"] in ("fp16", "bf16"):
             ok = r["HMMA"] > 0 and r["LDSM"] > 0 and r["LDGSTS"] > 0

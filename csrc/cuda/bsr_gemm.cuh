@@ -113,6 +113,15 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count);
 
 LaunchStatus bsr_sddmm(const SddmmArgs& args, cudaStream_t stream);
 
+// The split SDDMM's second pass: out = the sum of the `splits` fp32 partials, in order (bsr_sddmm runs it; so does
+// bsr_sddmm_sm90).
+LaunchStatus sum_sddmm_partials(const SddmmArgs& args, cudaStream_t stream);
+
+// bsr_sddmm on Hopper (bsr_gemm_sm90.cu, as bsr_gemm_sm90 above): the same plan, partials and second pass; takes
+// 16-bit types, bs 64 or 128, N and K multiples of bs, no convolution, TMA-friendly addresses, chunks of whole
+// 64-row steps.
+bool bsr_sddmm_sm90(const SddmmArgs& args, cudaStream_t stream, LaunchStatus* status);
+
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = Frobenius norm of every block of the dense dYᵀX, computed tile by tile
 // in registers; the dense gradient never reaches memory. Requires M > 0.
 struct BlockScoresArgs {

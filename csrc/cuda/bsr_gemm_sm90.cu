@@ -1,54 +1,75 @@
-// The forward and input-gradient GEMMs of a block-sparse W on Hopper (sm_90a), built on CUTLASS's CuTe:
+// The block-sparse GEMMs on Hopper (sm_90a), built on CUTLASS's CuTe:
 //   bsr_linear     Y [M, N]  = X [M, K] Wᵀ (+ bias), walking the block-rows of W;
-//   bsr_linear_dx  dX [M, K] = dY [M, N] W, walking the block-columns of W through perm.
-// The mma.sync kernel of bsr_gemm_linear.cu computes the same tile (BM = 128 dense rows x one line of W) with
-// cp.async and ldmatrix; here the tensor-memory accelerator loads the tiles and wgmma reads them from shared
-// memory, in a warp-specialised CTA:
-//   - warp group 0, the producer, gives up registers; one thread walks the line and, per stored block, loads the
-//     dense operand's [BM, bs] tile at the block's coordinate (the block-sparse gather along the reduction is
-//     just a TMA box at a block-aligned column) and the block's [bs, bs] values, into one stage of a ring that
-//     CUTLASS's PipelineTmaAsync guards with transaction barriers;
-//   - warp groups 1 and 2, the consumers, each own 64 of the BM rows and run one 64 x bs x 16 wgmma per 16
-//     reduction entries, keeping one stage's MMAs in flight while they wait for the next stage.
-// The block values are read in their storage order in both directions: W[n][k] is the MMA's B K-major in the
-// forward pass and MN-major in the input gradient (wgmma reads both from shared memory), never transposed in
-// memory. Taken only where no block has padding (N and K multiples of bs), the rows' addresses suit TMA, the
-// type is 16-bit and bs is 64 or 128 (bsr_gemm_sm90_takes); every other call runs the mma.sync kernel.
+//   bsr_linear_dx  dX [M, K] = dY [M, N] W, walking the block-columns of W through perm;
+//   bsr_sddmm      dW blocks = (dYᵀ X) at the stored blocks, M split into chunks as bsr_sddmm plans it.
+// The mma.sync kernels (bsr_gemm_linear.cu, bsr_gemm_wgrad.cu) compute the same tiles with cp.async and ldmatrix;
+// here the tensor-memory accelerator loads the tiles and wgmma reads them from shared memory, in a warp-specialised
+// CTA (run_mainloop):
+//   - warp group 0, the producer, gives up registers; one thread issues the TMA copies of every pipeline step into
+//     a ring of stages that CUTLASS's PipelineTmaAsync guards with transaction barriers;
+//   - warp groups 1 and 2, the consumers, run the step's wgmmas, keeping one stage's MMAs in flight while they wait
+//     for the next stage, and then write the accumulators.
+// A step of the linear GEMMs is one stored block: the dense operand's [128, bs] tile at the block's reduction
+// coordinate (the block-sparse gather along the reduction is just a TMA box at a block-aligned column) and the
+// block's [bs, bs] values. A step of the SDDMM is 64 rows of M: the [64, bs] tiles of dY and X at the block's
+// row and column. The block values are read in their storage order: W[n][k] is the MMA's B K-major in the forward
+// pass and MN-major in the input gradient, never transposed in memory.
+// Taken only where no block has padding (N and K multiples of bs), the rows' addresses suit TMA, the type is
+// 16-bit and bs is 64 or 128 (the *_takes functions); every other call runs the mma.sync kernels.
 #include "bsr_gemm.cuh"
 
+#include <atomic>
+
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 namespace sparsekern {
 namespace cuda {
+
+// 1 in the sm_90a image of this file, 0 in every other: which image the device loaded, asked before any launch.
+__device__ int sm90a_image =
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    1;
+#else
+    0;
+#endif
+
 namespace {
 
 using namespace cute;
 
-constexpr int kBM = 128;
 constexpr int kThreads = 384;  // one producer and two consumer warp groups
-constexpr int kSmemAlign = 1024;  // a 128-byte-swizzled tile repeats every 1024 bytes: its base must be aligned so
+[[maybe_unused]] constexpr int kConsumerThreads = kThreads - cutlass::NumThreadsPerWarpGroup;
+constexpr int kSmemAlign = 1024;  // a 128-byte-swizzled tile repeats every 1024 bytes: tiles start on that grid
+constexpr int kSmemBudget = 192 * 1024;
+constexpr int kMaxStages = 8;
 
-template <typename T, int BS, bool TRANS>
-struct Sm90Config {
-  // As many stages as fit in 192 KB: 8 of 24 KB at bs = 64, 3 of 64 KB at bs = 128.
-  static constexpr int kStageBytes = (kBM * BS + BS * BS) * static_cast<int>(sizeof(T));
-  static constexpr int kStages = (192 * 1024) / kStageBytes < 8 ? (192 * 1024) / kStageBytes : 8;
-  using BlockTile = Shape<Int<BS>, Int<BS>>;
-  using ATile = Shape<Int<kBM>, Int<BS>>;
-  using SmemLayoutA =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBM>, Int<BS>, Int<kStages>>{}));
-  // B is (the MMA's N, its reduction): W's block as stored, [n][k] forward (reduction contiguous: K-major) and
-  // read as [k][n] for the input gradient (the MMA's N contiguous: MN-major).
-  using SmemLayoutB = conditional_t<
-      TRANS, decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<BS>, Int<BS>, Int<kStages>>{})),
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<BS>, Int<BS>, Int<kStages>>{}))>;
-  static constexpr GMMA::Major kMajorB = TRANS ? GMMA::Major::MN : GMMA::Major::K;
+// MN-major tiles are laid out along the reduction first, so that each TMA box spans the whole reduction extent of a
+// stage instead of one 8-wide slice of it (CUTLASS's collectives do the same).
+template <typename T, GMMA::Major MAJOR, int ROWS, int COLS, int STAGES>
+using SwizzledTiles = conditional_t<
+    MAJOR == GMMA::Major::K,
+    decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<ROWS>, Int<COLS>, Int<STAGES>>{})),
+    decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<ROWS>, Int<COLS>, Int<STAGES>>{},
+                           Step<_2, _1, _3>{}))>;
+
+// A pipeline of A tiles [TM, TK] and B tiles [TN, TK] (the MMA's (rows, reduction) and (columns, reduction)),
+// accumulated into a [TM, TN] fp32 tile by the two consumer warp groups laid out as WG_M x WG_N.
+template <typename T, int TM, int TN, int TK, GMMA::Major MAJOR_A, GMMA::Major MAJOR_B, int WG_M, int WG_N>
+struct MainloopConfig {
+  static constexpr int kStageBytes = (TM + TN) * TK * static_cast<int>(sizeof(T));
+  static constexpr int kStages = kSmemBudget / kStageBytes < kMaxStages ? kSmemBudget / kStageBytes : kMaxStages;
+  using ATile = Shape<Int<TM>, Int<TK>>;
+  using BTile = Shape<Int<TN>, Int<TK>>;
+  using CTile = Shape<Int<TM>, Int<TN>>;
+  using SmemLayoutA = SwizzledTiles<T, MAJOR_A, TM, TK, kStages>;
+  using SmemLayoutB = SwizzledTiles<T, MAJOR_B, TN, TK, kStages>;
   using TiledMma = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<BS>, _16>, GMMA::Major::K, kMajorB>(),
-      Layout<Shape<_2, _1, _1>>{}));
+      GMMA::ss_op_selector<T, T, float, Shape<Int<TM / WG_M>, Int<TN / WG_N>, _16>, MAJOR_A, MAJOR_B>(),
+      Layout<Shape<Int<WG_M>, Int<WG_N>, _1>>{}));
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
   struct SharedStorage {
@@ -58,87 +79,40 @@ struct Sm90Config {
   };
   // The dynamic shared memory's base is only 16-byte aligned for sure: the kernel aligns it itself.
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + kSmemAlign;
+  static_assert(kStages >= 3, "the consumers hold two stages at a time");
 };
 
-// The dense operand A [M, a_cols] and the blocks' values, as TMA tensors; out [M, out_cols].
-template <typename T, class TmaA, class TmaB>
-struct Sm90Params {
-  TmaA tma_a;
-  TmaB tma_b;
-  const T* bias;
-  T* out;
-  const int32_t* line_ptr;
-  const int32_t* line_idx;
-  const int32_t* perm;
-  int M, a_cols, out_cols, n_lines, nnz;
-};
-
-template <typename T, int BS, bool TRANS>
-CUTE_HOST_DEVICE auto values_shape(int nnz) {
-  // values [nnz, bs, bs] as one matrix whose (N, reduction) tiles are the blocks: [nnz * bs, bs] read
-  // row by row forward, its transpose [bs, nnz * bs] for the input gradient.
-  if constexpr (TRANS) {
-    return make_shape(Int<BS>{}, nnz * BS);
-  } else {
-    return make_shape(nnz * BS, Int<BS>{});
-  }
-}
-
-// The values matrix of values_shape cut into its blocks: (bs, bs, block).
-template <int BS, bool TRANS, class ValuesTensor>
-CUTE_DEVICE auto block_tiles(const ValuesTensor& values) {
-  if constexpr (TRANS) {
-    return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(0, _));
-  } else {
-    return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(_, 0));
-  }
-}
-
-template <typename T, int BS, bool TRANS, class Params>
-__global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Sm90Config<T, BS, TRANS>;
+// The warp-specialised main loop. `make_loader(sA, sB)` runs in the one producer thread and returns
+// `load(step, stage, barrier)`, which issues the TMA copies of a step into a stage; `epilogue(acc, coords)` runs in
+// the consumer threads with the fp32 sums and each one's (row, column) in the [TM, TN] tile.
+template <class C, class MakeLoader, class Epilogue>
+CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLoader& make_loader,
+                              const Epilogue& epilogue) {
   using Pipeline = typename C::Pipeline;
   using PipelineState = typename Pipeline::PipelineState;
-  extern __shared__ unsigned char smem_raw[];
   auto& shared = *reinterpret_cast<typename C::SharedStorage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + kSmemAlign - 1) & ~uintptr_t(kSmemAlign - 1));
-
-  // Line fastest: consecutive CTAs share the dense operand's M-tile while it is in L2.
-  const int line = static_cast<int>(blockIdx.x % p.n_lines);
-  const int m_tile = static_cast<int>(blockIdx.x / p.n_lines);
-  const int first = p.line_ptr[line];
-  const int n_blocks = p.line_ptr[line + 1] - first;
   const int warp_group = threadIdx.x / cutlass::NumThreadsPerWarpGroup;
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = C::kStageBytes;
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
-  pipe_params.num_consumers = kThreads - cutlass::NumThreadsPerWarpGroup;
+  pipe_params.num_consumers = kConsumerThreads;
   Pipeline pipeline(shared.pipeline, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
-  Tensor sA = make_tensor(make_smem_ptr(shared.a.begin()), typename C::SmemLayoutA{});  // (BM, bs, stage)
-  Tensor sB = make_tensor(make_smem_ptr(shared.b.begin()), typename C::SmemLayoutB{});  // (bs, bs, stage)
+  Tensor sA = make_tensor(make_smem_ptr(shared.a.begin()), typename C::SmemLayoutA{});  // (TM, TK, stage)
+  Tensor sB = make_tensor(make_smem_ptr(shared.b.begin()), typename C::SmemLayoutB{});  // (TN, TK, stage)
 
   if (warp_group == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<40>();
+    cutlass::arch::warpgroup_reg_dealloc<40>();  // the whole warp group, before its idle threads leave
     if (threadIdx.x != 0) return;
-    Tensor mA = p.tma_a.get_tma_tensor(make_shape(p.M, p.a_cols));
-    Tensor gA = local_tile(mA, typename C::ATile{}, make_coord(m_tile, _));  // (BM, bs, block-column)
-    Tensor mB = p.tma_b.get_tma_tensor(values_shape<T, BS, TRANS>(p.nnz));
-    Tensor gB = block_tiles<BS, TRANS>(mB);  // (bs, bs, block)
-    auto [tAgA, tAsA] = tma_partition(p.tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
-    auto [tBgB, tBsB] = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    auto load = make_loader(sA, sB);
     PipelineState state = cutlass::make_producer_start_state<Pipeline>();
-    for (int j = first; j < first + n_blocks; ++j) {
-      const int reduction_block = p.line_idx[j];
-      const int block = TRANS ? p.perm[j] : j;
+    for (int step = 0; step < n_steps; ++step) {
       pipeline.producer_acquire(state);
-      auto* full = pipeline.producer_get_barrier(state);
-      copy(p.tma_a.with(*full), tAgA(_, reduction_block), tAsA(_, state.index()));
-      copy(p.tma_b.with(*full), tBgB(_, block), tBsB(_, state.index()));
+      load(step, state.index(), *pipeline.producer_get_barrier(state));
       ++state;
     }
     pipeline.producer_tail(state);  // the CTA's shared memory outlives every copy in flight
@@ -150,15 +124,13 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CO
   auto thread_mma = mma.get_thread_slice(threadIdx.x - cutlass::NumThreadsPerWarpGroup);
   Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // wgmma descriptors, per stage
   Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));
-  Tensor cC = make_identity_tensor(Shape<Int<kBM>, Int<BS>>{});  // (row, column) in the CTA's tile
-  Tensor tCcC = thread_mma.partition_C(cC);
-  Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<BS>>{});
+  Tensor acc = partition_fragment_C(mma, typename C::CTile{});
   clear(acc);
   mma.accumulate_ = GMMA::ScaleOut::One;
 
   PipelineState read;
   PipelineState release;
-  for (int j = 0; j < n_blocks; ++j) {
+  for (int step = 0; step < n_steps; ++step) {
     pipeline.consumer_wait(read);
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
@@ -167,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CO
     // One stage's MMAs stay in flight; the stage before it is read by now and goes back to the producer.
     warpgroup_wait<1>();
     warpgroup_fence_operand(acc);
-    if (j > 0) {
+    if (step > 0) {
       pipeline.consumer_release(release);
       ++release;
     }
@@ -175,117 +147,327 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CO
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
-  if (n_blocks > 0) pipeline.consumer_release(release);
+  if (n_steps > 0) pipeline.consumer_release(release);
+  epilogue(acc, thread_mma.partition_C(make_identity_tensor(typename C::CTile{})));
+}
 
-  // Epilogue: bias in fp32 before the one rounding; rows past M are not written (N and K have no padding here).
-  const int rows = min(kBM, p.M - m_tile * kBM);
-  const int64_t col0 = static_cast<int64_t>(line) * BS;
-  T* out = p.out + static_cast<int64_t>(m_tile) * kBM * p.out_cols + col0;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    const int row = get<0>(tCcC(i));
-    const int col = get<1>(tCcC(i));
-    if (row < rows) {
-      float v = acc(i);
-      if (p.bias != nullptr) v += static_cast<float>(p.bias[col0 + col]);
-      out[static_cast<int64_t>(row) * p.out_cols + col] = T(v);
-    }
+// Two adjacent columns of a row in one 4-byte store: wgmma's accumulator fragment holds each thread's values in
+// pairs of adjacent columns (PTX ISA, wgmma .m64nNk16 D layout), so value i is column c and value i + 1 column c + 1
+// for even i; rows of N or K (multiples of bs) elements keep the pair 4-byte aligned.
+template <typename T>
+CUTE_DEVICE void store_pair(T* at, float v0, float v1) {
+  cutlass::AlignedArray<T, 2> pair;
+  pair[0] = T(v0);
+  pair[1] = T(v1);
+  *reinterpret_cast<cutlass::AlignedArray<T, 2>*>(at) = pair;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bsr_linear and bsr_linear_dx
+
+constexpr int kBM = 128;
+
+template <typename T, int BS, bool TRANS>
+using LinearConfig = MainloopConfig<T, kBM, BS, BS, GMMA::Major::K, TRANS ? GMMA::Major::MN : GMMA::Major::K, 2, 1>;
+
+// The dense operand A [M, a_cols] and the blocks' values, as TMA atoms; out [M, out_cols].
+template <typename T, class TmaA, class TmaB>
+struct LinearParams {
+  TmaA tma_a;
+  TmaB tma_b;
+  const T* bias;
+  T* out;
+  const int32_t* line_ptr;
+  const int32_t* line_idx;
+  const int32_t* perm;
+  int M, a_cols, out_cols, n_lines, nnz;
+};
+
+// values [nnz, bs, bs] as one matrix whose (the MMA's N, reduction) tiles are the blocks: [nnz * bs, bs] read row
+// by row forward (reduction contiguous), its transpose [bs, nnz * bs] for the input gradient (N contiguous).
+template <int BS, bool TRANS>
+CUTE_HOST_DEVICE auto values_matrix_shape(int nnz) {
+  if constexpr (TRANS) {
+    return make_shape(Int<BS>{}, nnz * BS);
+  } else {
+    return make_shape(nnz * BS, Int<BS>{});
   }
+}
+
+template <int BS, bool TRANS>
+CUTE_HOST_DEVICE auto values_matrix_stride() {
+  if constexpr (TRANS) {
+    return make_stride(Int<1>{}, Int<BS>{});
+  } else {
+    return make_stride(Int<BS>{}, Int<1>{});
+  }
+}
+
+// The values matrix cut into its blocks: (bs, bs, block).
+template <int BS, bool TRANS, class ValuesMatrix>
+CUTE_DEVICE auto block_tiles(const ValuesMatrix& values) {
+  if constexpr (TRANS) {
+    return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(0, _));
+  } else {
+    return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(_, 0));
+  }
+}
+
+template <typename T, int BS, bool TRANS, class Params>
+__global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = LinearConfig<T, BS, TRANS>;
+  extern __shared__ unsigned char smem_raw[];
+  // Line fastest: consecutive CTAs share the dense operand's M-tile while it is in L2.
+  const int line = static_cast<int>(blockIdx.x % p.n_lines);
+  const int m_tile = static_cast<int>(blockIdx.x / p.n_lines);
+  const int first = p.line_ptr[line];
+  const int n_blocks = p.line_ptr[line + 1] - first;
+
+  const auto make_loader = [&](auto& sA, auto& sB) {
+    prefetch_tma_descriptor(p.tma_a.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_b.get_tma_descriptor());
+    Tensor gA = local_tile(p.tma_a.get_tma_tensor(make_shape(p.M, p.a_cols)), typename C::ATile{},
+                           make_coord(m_tile, _));  // (BM, bs, block-column)
+    Tensor gB = block_tiles<BS, TRANS>(p.tma_b.get_tma_tensor(values_matrix_shape<BS, TRANS>(p.nnz)));
+    auto a_parts = tma_partition(p.tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+    auto b_parts = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
+    return [&p, first, a_parts, b_parts](int step, int stage, uint64_t& barrier) {
+      const int j = first + step;
+      copy(p.tma_a.with(barrier), get<0>(a_parts)(_, p.line_idx[j]), get<1>(a_parts)(_, stage));
+      copy(p.tma_b.with(barrier), get<0>(b_parts)(_, TRANS ? p.perm[j] : j), get<1>(b_parts)(_, stage));
+    };
+  };
+
+  // Bias in fp32 before the one rounding; rows past M are not written (N and K have no padding here). An empty
+  // line writes zeros or the bias.
+  const auto epilogue = [&](const auto& acc, const auto& coords) {
+    const int rows = min(kBM, p.M - m_tile * kBM);
+    const int64_t col0 = static_cast<int64_t>(line) * BS;
+    T* out = p.out + static_cast<int64_t>(m_tile) * kBM * p.out_cols + col0;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      const int row = get<0>(coords(i));
+      const int col = get<1>(coords(i));
+      if (row < rows) {
+        float v0 = acc(i), v1 = acc(i + 1);
+        if (p.bias != nullptr) {
+          v0 += static_cast<float>(p.bias[col0 + col]);
+          v1 += static_cast<float>(p.bias[col0 + col + 1]);
+        }
+        store_pair(out + static_cast<int64_t>(row) * p.out_cols + col, v0, v1);
+      }
+    }
+  };
+  run_mainloop<C>(smem_raw, n_blocks, make_loader, epilogue);
 #else
-  // Never launched: bsr_gemm_sm90 checks that the binary for the device holds the sm_90a code above.
-  __trap();
+  __trap();  // never launched: the launchers check that the device loaded the sm_90a image (sm90a_image)
 #endif
 }
 
-// The kernel as compiled for the current device: sm_90a code, or (no 9.0a in TORCH_CUDA_ARCH_LIST) the empty
-// body of another architecture, which must never run. One answer per kernel: the glue only calls here on
-// compute capability 9.0 devices, which all load the same image.
-template <class Kernel>
-bool has_sm90a_code(Kernel kernel) {
-  static const bool has = [&] {
-    cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
+// ---------------------------------------------------------------------------------------------
+// bsr_sddmm
+
+constexpr int kStepRows = 64;  // rows of M per pipeline step
+
+// dYᵀ X: A is dY's [bs, 64] column tile read as (block-row features, M) and B is X's as (block-column features, M):
+// both N/K-contiguous (MN-major). bs = 128: each warp group owns 64 of the block's rows; bs = 64: 32 of its columns.
+template <typename T, int BS>
+using SddmmConfig = MainloopConfig<T, BS, BS, kStepRows, GMMA::Major::MN, GMMA::Major::MN, BS == 128 ? 2 : 1,
+                                   BS == 128 ? 1 : 2>;
+
+template <typename T, class TmaA, class TmaB>
+struct SddmmParams {
+  TmaA tma_dy;  // dY as (N, M)
+  TmaB tma_x;   // X as (K, M)
+  const int32_t* coo_row;
+  const int32_t* col_idx;
+  T* out;         // [nnz, bs, bs] (one split)
+  float* partial;  // [splits, nnz, bs, bs] (several)
+  int M, N, K, chunk;
+  int64_t nnz;
+};
+
+template <typename T, int BS, class Params>
+__global__ void __launch_bounds__(kThreads, 1) bsr_sddmm_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = SddmmConfig<T, BS>;
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t block = blockIdx.x;
+  const int split = blockIdx.y;
+  const int m_begin = split * p.chunk;  // chunks are whole steps (bsr_sddmm_sm90_takes)
+  const int m_end = min(p.M, m_begin + p.chunk);
+  const int n_steps = (m_end - m_begin + kStepRows - 1) / kStepRows;
+
+  const auto make_loader = [&](auto& sA, auto& sB) {
+    prefetch_tma_descriptor(p.tma_dy.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_x.get_tma_descriptor());
+    const int first_step = m_begin / kStepRows;
+    Tensor gA = local_tile(p.tma_dy.get_tma_tensor(make_shape(p.N, p.M)), typename C::ATile{},
+                           make_coord(p.coo_row[block], _));  // (bs, 64, step)
+    Tensor gB = local_tile(p.tma_x.get_tma_tensor(make_shape(p.K, p.M)), typename C::BTile{},
+                           make_coord(p.col_idx[block], _));
+    auto a_parts = tma_partition(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+    auto b_parts = tma_partition(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    return [&p, first_step, a_parts, b_parts](int step, int stage, uint64_t& barrier) {
+      copy(p.tma_dy.with(barrier), get<0>(a_parts)(_, first_step + step), get<1>(a_parts)(_, stage));
+      copy(p.tma_x.with(barrier), get<0>(b_parts)(_, first_step + step), get<1>(b_parts)(_, stage));
+    };
+  };
+
+  // The block [bs, bs] row-major (no padding here), or this chunk's fp32 partial of it.
+  const auto epilogue = [&](const auto& acc, const auto& coords) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      const int64_t at = block * (BS * BS) + get<0>(coords(i)) * BS + get<1>(coords(i));
+      if (p.partial == nullptr) {
+        store_pair(p.out + at, acc(i), acc(i + 1));
+      } else {
+        *reinterpret_cast<float2*>(p.partial + split * p.nnz * (BS * BS) + at) = make_float2(acc(i), acc(i + 1));
+      }
     }
-    return attributes.binaryVersion == 90;
-  }();
-  return has;
+  };
+  run_mainloop<C>(smem_raw, n_steps, make_loader, epilogue);
+#else
+  __trap();  // never launched: the launchers check that the device loaded the sm_90a image (sm90a_image)
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+
+// Whether the device loaded this file's sm_90a image: a build without 9.0a in TORCH_CUDA_ARCH_LIST (or with plain
+// 9.0, or PTX to JIT) has only bodies that trap. Asked once, outside stream capture (the copy would break it);
+// until it was answered the mma.sync kernels run. The glue calls here on compute capability 9.0 devices only, which
+// all load the same image.
+bool device_runs_sm90a(cudaStream_t stream) {
+  static std::atomic<int> known{-1};
+  const int answer = known.load();
+  if (answer >= 0) return answer == 1;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return false;
+  }
+  int flag = 0;
+  if (cudaMemcpyFromSymbol(&flag, sm90a_image, sizeof(flag)) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  known.store(flag);
+  return flag == 1;
+}
+
+template <class Kernel, class Params>
+LaunchStatus launch(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const Params& p) {
+  LaunchStatus status{cudaSuccess, true, grid, dim3(kThreads), smem_bytes};
+  status.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (status.error != cudaSuccess) return status;
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  status.error = cudaGetLastError();
+  return status;
 }
 
 template <typename T, int BS, bool TRANS>
-bool launch_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status) {
-  using C = Sm90Config<T, BS, TRANS>;
+LaunchStatus launch_linear(const BsrGemmArgs& a, cudaStream_t stream) {
+  using C = LinearConfig<T, BS, TRANS>;
   const int M = static_cast<int>(a.M), a_cols = static_cast<int>(a.a_cols), nnz = static_cast<int>(a.nnz);
-  Tensor gA = make_tensor(make_gmem_ptr(static_cast<const T*>(a.a)), make_shape(M, a_cols),
-                          make_stride(a.lda, Int<1>{}));
-  const auto values_stride = [] {
-    if constexpr (TRANS) {
-      return make_stride(Int<1>{}, Int<BS>{});
-    } else {
-      return make_stride(Int<BS>{}, Int<1>{});
-    }
-  }();
-  Tensor gB = make_tensor(make_gmem_ptr(static_cast<const T*>(a.values)), values_shape<T, BS, TRANS>(nnz),
-                          values_stride);
-  auto tma_a = make_tma_atom(SM90_TMA_LOAD{}, gA, typename C::SmemLayoutA{}(_, _, 0), typename C::ATile{});
-  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, gB, typename C::SmemLayoutB{}(_, _, 0), typename C::BlockTile{});
-
-  using Params = Sm90Params<T, decltype(tma_a), decltype(tma_b)>;
-  const auto kernel = bsr_gemm_sm90_kernel<T, BS, TRANS, Params>;
-  if (!has_sm90a_code(kernel)) return false;
-  Params p{tma_a,
-           tma_b,
-           static_cast<const T*>(a.bias),
-           static_cast<T*>(a.out),
-           a.line_ptr,
-           a.line_idx,
-           a.perm,
-           M,
-           a_cols,
-           static_cast<int>(a.out_cols),
-           static_cast<int>(a.n_lines),
-           nnz};
-  // One CTA per (M-tile, line), all in grid.x (the line fastest).
+  Tensor dense = make_tensor(make_gmem_ptr(static_cast<const T*>(a.a)), make_shape(M, a_cols),
+                             make_stride(a.lda, Int<1>{}));
+  Tensor values = make_tensor(make_gmem_ptr(static_cast<const T*>(a.values)), values_matrix_shape<BS, TRANS>(nnz),
+                              values_matrix_stride<BS, TRANS>());
+  auto tma_a = make_tma_atom(SM90_TMA_LOAD{}, dense, typename C::SmemLayoutA{}(_, _, 0), typename C::ATile{});
+  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, values, typename C::SmemLayoutB{}(_, _, 0), typename C::BTile{});
+  using Params = LinearParams<T, decltype(tma_a), decltype(tma_b)>;
+  const Params p{tma_a, tma_b, static_cast<const T*>(a.bias), static_cast<T*>(a.out), a.line_ptr, a.line_idx,
+                 a.perm, M, a_cols, static_cast<int>(a.out_cols), static_cast<int>(a.n_lines), nnz};
+  // One CTA per (M-tile, line), all in grid.x (the line fastest); bsr_gemm_sm90_takes keeps it under 2^31.
   const int64_t ctas = (a.M + kBM - 1) / kBM * a.n_lines;
-  if (ctas > INT32_MAX) return false;
-  *status = LaunchStatus{cudaSuccess, true, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), C::kSmemBytes};
-  status->error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-  if (status->error != cudaSuccess) return true;
-  kernel<<<status->grid, status->block, C::kSmemBytes, stream>>>(p);
-  status->error = cudaGetLastError();
-  return true;
+  return launch(bsr_gemm_sm90_kernel<T, BS, TRANS, Params>, dim3(static_cast<unsigned>(ctas)), C::kSmemBytes,
+                stream, p);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+template <typename T, int BS>
+LaunchStatus launch_sddmm(const SddmmArgs& a, cudaStream_t stream) {
+  using C = SddmmConfig<T, BS>;
+  const WeightGradOperands& in = a.in;
+  const int M = static_cast<int>(in.M), N = static_cast<int>(in.N), K = static_cast<int>(in.K);
+  Tensor dy = make_tensor(make_gmem_ptr(static_cast<const T*>(in.dy)), make_shape(N, M),
+                          make_stride(Int<1>{}, in.ld_dy));
+  Tensor x = make_tensor(make_gmem_ptr(static_cast<const T*>(in.x)), make_shape(K, M), make_stride(Int<1>{}, in.ld_x));
+  auto tma_dy = make_tma_atom(SM90_TMA_LOAD{}, dy, typename C::SmemLayoutA{}(_, _, 0), typename C::ATile{});
+  auto tma_x = make_tma_atom(SM90_TMA_LOAD{}, x, typename C::SmemLayoutB{}(_, _, 0), typename C::BTile{});
+  using Params = SddmmParams<T, decltype(tma_dy), decltype(tma_x)>;
+  const Params p{tma_dy, tma_x, a.coo_row, a.col_idx, static_cast<T*>(a.out), a.splits > 1 ? a.partial : nullptr,
+                 M, N, K, static_cast<int>(a.chunk), a.nnz};
+  const LaunchStatus status = launch(bsr_sddmm_sm90_kernel<T, BS, Params>,
+                                     dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)),
+                                     C::kSmemBytes, stream, p);
+  if (status.error != cudaSuccess || a.splits == 1) return status;
+  return sum_sddmm_partials(a, stream);
+}
 
 template <typename T>
 struct TypeTag {
   using type = T;
 };
 
+// f(TypeTag<T>{}, std::integral_constant<int, BS>{}) for the 16-bit types and bs 64 or 128 (checked by the callers).
+template <class F>
+LaunchStatus dispatch(ElementType type, int block_size, const F& f) {
+  const auto with_type = [&](auto tag) {
+    return block_size == 64 ? f(tag, std::integral_constant<int, 64>{}) : f(tag, std::integral_constant<int, 128>{});
+  };
+  return type == ElementType::kBFloat16 ? with_type(TypeTag<cutlass::bfloat16_t>{})
+                                        : with_type(TypeTag<cutlass::half_t>{});
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// TMA reads 16-bit rows from 16-byte aligned addresses 16-byte multiples apart; a row stride under the row's width
+// (an expanded operand's 0) is no matrix TMA can describe.
+bool tma_rows(const void* base, int64_t stride, int64_t width) {
+  return aligned16(base) && (stride * 2) % 16 == 0 && stride >= width;
+}
+
+bool tensor_core_case(ElementType type, int block_size) {
+  return (type == ElementType::kBFloat16 || type == ElementType::kFloat16) && (block_size == 64 || block_size == 128);
+}
+
 }  // namespace
 
 bool bsr_gemm_sm90_takes(const BsrGemmArgs& a) {
-  const bool half_type = a.type == ElementType::kBFloat16 || a.type == ElementType::kFloat16;
-  return a.conv == nullptr && half_type && (a.block_size == 64 || a.block_size == 128) && a.nnz > 0 &&
-         a.M > 0 && a.M <= INT32_MAX && a.a_cols % a.block_size == 0 && a.out_cols % a.block_size == 0 &&
-         a.a_cols <= INT32_MAX && a.nnz * a.block_size <= INT32_MAX &&
-         // TMA: 16-byte aligned bases and row strides
-         aligned16(a.a) && aligned16(a.values) && (a.lda * 2) % 16 == 0;
+  return a.conv == nullptr && tensor_core_case(a.type, a.block_size) && a.nnz > 0 && a.M > 0 &&
+         a.M <= INT32_MAX && a.a_cols <= INT32_MAX && a.nnz * a.block_size <= INT32_MAX &&
+         a.a_cols % a.block_size == 0 && a.out_cols % a.block_size == 0 &&
+         (a.M + kBM - 1) / kBM * a.n_lines <= INT32_MAX && tma_rows(a.a, a.lda, a.a_cols) &&
+         aligned16(a.values);
 }
 
 bool bsr_gemm_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status) {
-  if (!bsr_gemm_sm90_takes(a)) return false;
-  const bool bf16 = a.type == ElementType::kBFloat16;
-  const auto with_type = [&](auto tag) {
+  if (!bsr_gemm_sm90_takes(a) || !device_runs_sm90a(stream)) return false;
+  *status = dispatch(a.type, a.block_size, [&](auto tag, auto block_size) {
     using T = typename decltype(tag)::type;
-    if (a.block_size == 64) {
-      return a.transposed ? launch_sm90<T, 64, true>(a, stream, status) : launch_sm90<T, 64, false>(a, stream, status);
-    }
-    return a.transposed ? launch_sm90<T, 128, true>(a, stream, status) : launch_sm90<T, 128, false>(a, stream, status);
-  };
-  return bf16 ? with_type(TypeTag<cutlass::bfloat16_t>{}) : with_type(TypeTag<cutlass::half_t>{});
+    constexpr int BS = decltype(block_size)::value;
+    return a.transposed ? launch_linear<T, BS, true>(a, stream) : launch_linear<T, BS, false>(a, stream);
+  });
+  return true;
+}
+
+bool bsr_sddmm_sm90(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  const WeightGradOperands& in = a.in;
+  const bool takes = in.conv == nullptr && tensor_core_case(in.type, in.block_size) && a.nnz > 0 &&
+                     a.nnz <= INT32_MAX && in.M > 0 && in.M <= INT32_MAX && in.N <= INT32_MAX &&
+                     in.K <= INT32_MAX && in.N % in.block_size == 0 && in.K % in.block_size == 0 &&
+                     a.chunk % kStepRows == 0 && a.splits <= 65535 && a.splits * a.chunk >= in.M &&
+                     (a.splits == 1 || a.partial != nullptr) && tma_rows(in.dy, in.ld_dy, in.N) &&
+                     tma_rows(in.x, in.ld_x, in.K);
+  if (!takes || !device_runs_sm90a(stream)) return false;
+  *status = dispatch(in.type, in.block_size, [&](auto tag, auto block_size) {
+    return launch_sddmm<typename decltype(tag)::type, decltype(block_size)::value>(a, stream);
+  });
+  return true;
 }
 
 }  // namespace cuda

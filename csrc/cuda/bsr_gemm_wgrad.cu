@@ -212,10 +212,7 @@ LaunchStatus sddmm(const SddmmArgs& a, const XSrc& x, cudaStream_t stream) {
   const LaunchStatus status = launch_weight_grad<T, BS, BS, false>(
       p, dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)), stream);
   if (status.error != cudaSuccess || a.splits == 1) return status;
-  const int64_t total = a.nnz * BS * BS;
-  const int64_t blocks = cdiv(total, 256) < 65536 ? cdiv(total, 256) : 65536;
-  return launch_kernel(sum_partials_kernel<T>, dim3(static_cast<unsigned>(blocks)), 256, 0, stream, a.partial,
-                       a.splits, total, p.out);
+  return sum_sddmm_partials(a, stream);
 }
 
 template <typename T, int BS, class XSrc>
@@ -255,6 +252,22 @@ SddmmPlan sddmm_plan(int64_t M, int64_t nnz, int sm_count) {
   splits = splits < 1 ? 1 : (splits > 65535 ? 65535 : splits);
   const int64_t chunk = cdiv(cdiv(M, splits), kGranule) * kGranule;
   return {cdiv(M, chunk), chunk};
+}
+
+LaunchStatus sum_sddmm_partials(const SddmmArgs& a, cudaStream_t stream) {
+  const int64_t total = a.nnz * a.in.block_size * a.in.block_size;
+  const int64_t blocks = cdiv(total, 256) < 65536 ? cdiv(total, 256) : 65536;
+  const auto launch = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_kernel(sum_partials_kernel<T>, dim3(static_cast<unsigned>(blocks)), 256, 0, stream, a.partial,
+                         a.splits, total, static_cast<T*>(a.out));
+  };
+  switch (a.in.type) {
+    case ElementType::kFloat32: return launch(TypeTag<float>{});
+    case ElementType::kFloat16: return launch(TypeTag<__half>{});
+    case ElementType::kBFloat16: return launch(TypeTag<__nv_bfloat16>{});
+    default: return LaunchStatus{cudaErrorInvalidValue};
+  }
 }
 
 LaunchStatus bsr_sddmm(const SddmmArgs& args, cudaStream_t stream) {

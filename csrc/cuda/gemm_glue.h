@@ -136,8 +136,8 @@ inline void check_launch(const cuda::LaunchStatus& status, const char* op, const
               ", ", problem.blocks, " blocks, ", type_name(problem.type), ", ", where.str());
 }
 
-// The Hopper GEMMs (bsr_gemm_sm90.cu, built where CUTLASS's headers were found) have not run on a GPU yet: they
-// run only when SPARSEKERN_CUDA_SM90=1 asks for them (read at every call, like the Triton kernels' switch), on a
+// The Hopper GEMMs (bsr_gemm_sm90.cu: bsr_linear, bsr_linear_dx, bsr_sddmm; built where CUTLASS's headers were
+// found) have not run on a GPU yet: they run only when SPARSEKERN_CUDA_SM90=1 asks for them (read at every call, like the Triton kernels' switch), on a
 // compute capability 9.0 device (their sm_90a code runs on no other).
 inline bool hopper_gemms_requested(const Tensor& on) {
 #ifdef SPARSEKERN_WITH_CUTE
@@ -185,7 +185,13 @@ inline void launch_sddmm(const cuda::WeightGradOperands& in, const Tensor& coo_r
   args.chunk = plan.chunk;
   args.partial = partial.defined() ? partial.data_ptr<float>() : nullptr;
   args.out = out.data_ptr();
-  check_launch(cuda::bsr_sddmm(args, current_stream()), op, {in.type, in.M, in.N, in.K, bs, nnz});
+  cuda::LaunchStatus status;
+#ifdef SPARSEKERN_WITH_CUTE
+  // The Hopper kernel where it was asked for and takes the call (a plain matrix X only), else the mma.sync one.
+  if (!(hopper_gemms_requested(out) && cuda::bsr_sddmm_sm90(args, current_stream(), &status)))
+#endif
+    status = cuda::bsr_sddmm(args, current_stream());
+  check_launch(status, op, {in.type, in.M, in.N, in.K, bs, nnz});
 }
 
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = block norms of the dense dYᵀX; M > 0.
