@@ -1,5 +1,6 @@
 """The Hopper GEMMs of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu: TMA loads, wgmma, CUTLASS's CuTe), which
-bsr_linear, bsr_linear_dx and bsr_sddmm run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
+bsr_linear, bsr_linear_dx, bsr_sddmm and block_grad_scores run under SPARSEKERN_CUDA_SM90=1 on a compute capability
+9.0 GPU.
 
 Without a GPU (CI) only the build fact runs; tests/test_cuda_static.py checks their SASS (HGMMA, UTMALDG, no
 spills). On an H100/H200 each case checks, with the profiler, which kernel ran (the Hopper one where it takes the
@@ -27,6 +28,7 @@ sddmm_args = functools.partial(gemm_cases.sddmm_args, device="cuda")
 
 HOPPER_KERNEL, MMA_SYNC_KERNEL = "bsr_gemm_sm90_kernel", "bsr_gemm_kernel<"
 HOPPER_SDDMM, MMA_SYNC_SDDMM, SUM_PARTIALS = "bsr_sddmm_sm90_kernel", "weight_grad_kernel<", "sum_partials_kernel"
+HOPPER_SCORES = "block_scores_sm90_kernel"
 
 
 @pytest.mark.skipif(not _native.BUILD_INFO.get("cuda"), reason="sparsekern._C was built without CUDA kernels")
@@ -88,6 +90,25 @@ def test_bsr_sddmm(hopper_switch, dtype, bs, density, shape):
         assert not any(MMA_SYNC_SDDMM in k for k in kernels)
         assert any(SUM_PARTIALS in k for k in kernels) == (shape[0] == 1000)
     gemm_cases.assert_close_to_reference("bsr_sddmm", args, out)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("shape", SHAPES + [(2000, 128, 256)], ids=str)
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_block_grad_scores(hopper_switch, dtype, bs, shape):
+    """fp32 norms of the dense gradient's blocks: the rule holds only if the sums round to nearest (M = 2000: a long
+    reduction, where truncating accumulation missed it on the H200)."""
+    m, n, k = shape
+    dy = gemm_cases.randn(m, n, seed=40, dtype=dtype, device="cuda")
+    x = gemm_cases.randn(m, k, seed=41, dtype=dtype, device="cuda")
+    out, kernels = run_and_name_kernels("block_grad_scores", (dy, x, bs))
+    assert_ran(kernels, HOPPER_SCORES)
+    assert out.dtype == torch.float32 and out.shape == (n // bs, k // bs)
+    gemm_cases.assert_close_to_reference("block_grad_scores", (dy, x, bs), out)
+    again, _ = run_and_name_kernels("block_grad_scores", (dy, x, bs))
+    assert torch.equal(out, again)  # a fixed summation order
 
 
 @pytest.mark.cuda
@@ -156,3 +177,6 @@ def test_off_without_the_switch(monkeypatch):
     _, args = sddmm_args((200, 256, 384), 64, 0.5, torch.bfloat16, seed=39)
     _, kernels = run_and_name_kernels("bsr_sddmm", args)
     assert_ran(kernels, MMA_SYNC_SDDMM)
+    _, kernels = run_and_name_kernels("block_grad_scores", (args[0], args[1], 64))
+    assert_ran(kernels, MMA_SYNC_SDDMM)
+    assert not any(HOPPER_SCORES in k for k in kernels)

@@ -33,9 +33,9 @@ DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32", "N7cutlass6
 # gradient on a plain matrix, the convolution forward on the implicit im2col); weight_grad_kernel 4 ((sddmm,
 # scores) x (plain matrix, im2col)); conv_dgrad_kernel 1. Plus the 3 partial-sum kernels of the split SDDMM.
 # On sm_90a, the Hopper GEMMs, 2 dtypes x 2 block sizes times: bsr_gemm_sm90_kernel 2 (forward, input gradient),
-# bsr_sddmm_sm90_kernel 1.
+# bsr_sddmm_sm90_kernel 1, block_scores_sm90_kernel 1.
 EXPECTED = {"bsr_gemm_kernel": 36, "weight_grad_kernel": 48, "conv_dgrad_kernel": 12, "sum_partials_kernel": 3}
-EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8, "bsr_sddmm_sm90_kernel": 4}
+EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8, "bsr_sddmm_sm90_kernel": 4, "block_scores_sm90_kernel": 4}
 SASS_OPS = ("HMMA", "LDSM", "LDGSTS", "FFMA", "HGMMA", "UTMALDG", "LDL", "STL")
 
 
@@ -74,8 +74,8 @@ def _nvcc_flags():
 
 def _kernel_kind(name):
     """(kernel, dtype) of a mangled name, or None for anything else."""
-    m = re.search(r"(bsr_gemm_kernel|bsr_gemm_sm90_kernel|bsr_sddmm_sm90_kernel|weight_grad_kernel|conv_dgrad_kernel|"
-                  r"sum_partials_kernel)"
+    m = re.search(r"(bsr_gemm_kernel|bsr_gemm_sm90_kernel|bsr_sddmm_sm90_kernel|block_scores_sm90_kernel|"
+                  r"weight_grad_kernel|conv_dgrad_kernel|sum_partials_kernel)"
                   r"I(6__half|13__nv_bfloat16|f|N7cutlass6half_t|N7cutlass10bfloat16_t)", name)
     return (m.group(1), DTYPES[m.group(2)]) if m else None
 

@@ -131,6 +131,10 @@ struct BlockScoresArgs {
 
 LaunchStatus block_grad_scores(const BlockScoresArgs& args, cudaStream_t stream);
 
+// block_grad_scores on Hopper (bsr_gemm_sm90.cu, as bsr_gemm_sm90 above): one CTA per block of the grid; takes
+// 16-bit types, bs 64 or 128, N and K multiples of bs, no convolution, TMA-friendly addresses.
+bool block_grad_scores_sm90(const BlockScoresArgs& args, cudaStream_t stream, LaunchStatus* status);
+
 // The convolution's input gradient dx [batch, height, width, channels] from dy [batch, out_h, out_w, N] (both NHWC,
 // contiguous) and the filter walked through its transposed index (col_ptr, row_idx, perm, as in BsrGemmArgs).
 // Every element of dx is written once (no atomics, deterministic). Any channel count.

@@ -1,7 +1,8 @@
 // The block-sparse GEMMs on Hopper (sm_90a), built on CUTLASS's CuTe:
 //   bsr_linear     Y [M, N]  = X [M, K] Wᵀ (+ bias), walking the block-rows of W;
 //   bsr_linear_dx  dX [M, K] = dY [M, N] W, walking the block-columns of W through perm;
-//   bsr_sddmm      dW blocks = (dYᵀ X) at the stored blocks, M split into chunks as bsr_sddmm plans it.
+//   bsr_sddmm      dW blocks = (dYᵀ X) at the stored blocks, M split into chunks as bsr_sddmm plans it;
+//   block_grad_scores  the Frobenius norm of every block of the dense dYᵀ X, its sums rounded as fp32's.
 // The mma.sync kernels (bsr_gemm_linear.cu, bsr_gemm_wgrad.cu) compute the same tiles with cp.async and ldmatrix;
 // here the tensor-memory accelerator loads the tiles and wgmma reads them from shared memory, in a warp-specialised
 // CTA (run_mainloop):
@@ -47,17 +48,20 @@ constexpr int kSmemAlign = 1024;  // a 128-byte-swizzled tile repeats every 1024
 constexpr int kSmemBudget = 192 * 1024;
 constexpr int kMaxStages = 8;
 
-// MN-major tiles are laid out along the reduction first, so that each TMA box spans the whole reduction extent of a
-// stage instead of one 8-wide slice of it (CUTLASS's collectives do the same).
-template <typename T, GMMA::Major MAJOR, int ROWS, int COLS, int STAGES>
+// Stage tiles of ROWS x COLS (the MMA's M or N, the reduction), 128-byte swizzled, or (MN-major, WIDE = false)
+// 64-byte swizzled in 32-wide atoms: where two warp groups split a tile's 64 columns, each one's wgmma descriptor
+// then starts on an atom of its own. MN-major tiles are laid out along the reduction first, so that each TMA box
+// spans the whole reduction extent of a stage instead of one 8-wide slice of it (CUTLASS's collectives do the same).
+template <typename T, GMMA::Major MAJOR, int ROWS, int COLS, int STAGES, bool WIDE = true>
 using SwizzledTiles = conditional_t<
     MAJOR == GMMA::Major::K,
     decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<ROWS>, Int<COLS>, Int<STAGES>>{})),
-    decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<ROWS>, Int<COLS>, Int<STAGES>>{},
-                           Step<_2, _1, _3>{}))>;
+    decltype(tile_to_shape(conditional_t<WIDE, GMMA::Layout_MN_SW128_Atom<T>, GMMA::Layout_MN_SW64_Atom<T>>{},
+                           Shape<Int<ROWS>, Int<COLS>, Int<STAGES>>{}, Step<_2, _1, _3>{}))>;
 
 // A pipeline of A tiles [TM, TK] and B tiles [TN, TK] (the MMA's (rows, reduction) and (columns, reduction)),
-// accumulated into a [TM, TN] fp32 tile by the two consumer warp groups laid out as WG_M x WG_N.
+// accumulated into a [TM, TN] fp32 tile by the two consumer warp groups laid out as WG_M x WG_N (WG_N = 2 only
+// with an MN-major B of 64 columns, each warp group's 32 in an atom of their own).
 template <typename T, int TM, int TN, int TK, GMMA::Major MAJOR_A, GMMA::Major MAJOR_B, int WG_M, int WG_N>
 struct MainloopConfig {
   static constexpr int kStageBytes = (TM + TN) * TK * static_cast<int>(sizeof(T));
@@ -66,7 +70,8 @@ struct MainloopConfig {
   using BTile = Shape<Int<TN>, Int<TK>>;
   using CTile = Shape<Int<TM>, Int<TN>>;
   using SmemLayoutA = SwizzledTiles<T, MAJOR_A, TM, TK, kStages>;
-  using SmemLayoutB = SwizzledTiles<T, MAJOR_B, TN, TK, kStages>;
+  static_assert(WG_N == 1 || (MAJOR_B == GMMA::Major::MN && TN == 64), "see SwizzledTiles");
+  using SmemLayoutB = SwizzledTiles<T, MAJOR_B, TN, TK, kStages, WG_N == 1>;
   using TiledMma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<TM / WG_M>, Int<TN / WG_N>, _16>, MAJOR_A, MAJOR_B>(),
       Layout<Shape<Int<WG_M>, Int<WG_N>, _1>>{}));
@@ -82,10 +87,53 @@ struct MainloopConfig {
   static_assert(kStages >= 3, "the consumers hold two stages at a time");
 };
 
+// How the consumers add a stage's products to their sums. CHAINED: the wgmmas accumulate in place, one stage's
+// MMAs kept in flight across stages (fp16/bf16 outputs, whose one rounding hides the tensor cores' truncating
+// accumulation). NEAREST: each 16-deep product starts from zero and is added to the sums with FADD, so the sums
+// round to nearest as an fp32 GEMM's do (fp32 outputs: the block norms), at the cost of waiting on every stage.
+enum class Accumulation { kChained, kNearest };
+
+// acc += the stage's products, each k16 step from zero into one of two alternating scratch tiles, added with FADD
+// once it lands; the next step's wgmma runs meanwhile.
+template <class TiledMma, class FragA, class FragB, class Acc>
+CUTE_DEVICE void accumulate_nearest(TiledMma& mma, const FragA& a, const FragB& b, Acc& acc) {
+  Tensor scratch0 = make_fragment_like(acc);
+  Tensor scratch1 = make_fragment_like(acc);
+  constexpr int kSteps = decltype(size<2>(a))::value;
+  static_assert(kSteps % 2 == 0, "the scratch tiles alternate");
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  const auto issue = [&](int k, auto& scratch) {
+    warpgroup_fence_operand(scratch);
+    warpgroup_arrive();  // also orders the FADDs that read this scratch tile before the wgmma rewrites it
+    gemm(mma, a(_, _, k), b(_, _, k), scratch);
+    warpgroup_commit_batch();
+  };
+  const auto add = [&](auto& scratch) {
+    warpgroup_fence_operand(scratch);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) acc(i) += scratch(i);
+  };
+  issue(0, scratch0);
+  CUTE_UNROLL
+  for (int k = 1; k < kSteps; ++k) {
+    if (k % 2 == 1) {
+      issue(k, scratch1);
+      warpgroup_wait<1>();
+      add(scratch0);
+    } else {
+      issue(k, scratch0);
+      warpgroup_wait<1>();
+      add(scratch1);
+    }
+  }
+  warpgroup_wait<0>();
+  add(kSteps % 2 == 0 ? scratch1 : scratch0);
+}
+
 // The warp-specialised main loop. `make_loader(sA, sB)` runs in the one producer thread and returns
 // `load(step, stage, barrier)`, which issues the TMA copies of a step into a stage; `epilogue(acc, coords)` runs in
 // the consumer threads with the fp32 sums and each one's (row, column) in the [TM, TN] tile.
-template <class C, class MakeLoader, class Epilogue>
+template <class C, Accumulation ACCUMULATION = Accumulation::kChained, class MakeLoader, class Epilogue>
 CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLoader& make_loader,
                               const Epilogue& epilogue) {
   using Pipeline = typename C::Pipeline;
@@ -129,6 +177,16 @@ CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLo
   mma.accumulate_ = GMMA::ScaleOut::One;
 
   PipelineState read;
+  if constexpr (ACCUMULATION == Accumulation::kNearest) {
+    for (int step = 0; step < n_steps; ++step) {
+      pipeline.consumer_wait(read);
+      accumulate_nearest(mma, tCrA(_, _, _, read.index()), tCrB(_, _, _, read.index()), acc);
+      pipeline.consumer_release(read);
+      ++read;
+    }
+    epilogue(acc, thread_mma.partition_C(make_identity_tensor(typename C::CTile{})));
+    return;
+  }
   PipelineState release;
   for (int step = 0; step < n_steps; ++step) {
     pipeline.consumer_wait(read);
@@ -272,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CO
 constexpr int kStepRows = 64;  // rows of M per pipeline step
 
 // dYᵀ X: A is dY's [bs, 64] column tile read as (block-row features, M) and B is X's as (block-column features, M):
-// both N/K-contiguous (MN-major). bs = 128: each warp group owns 64 of the block's rows; bs = 64: 32 of its columns.
+// both N/K-contiguous (MN-major). bs = 128: each warp group owns 64 of the block's rows; bs = 64: 32 of its columns
+// (X's tile then in 64-byte swizzled atoms of 32 columns, one per warp group).
 template <typename T, int BS>
 using SddmmConfig = MainloopConfig<T, BS, BS, kStepRows, GMMA::Major::MN, GMMA::Major::MN, BS == 128 ? 2 : 1,
                                    BS == 128 ? 1 : 2>;
@@ -335,23 +394,94 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_sddmm_sm90_kernel(CUTE_GRID_C
 }
 
 // ---------------------------------------------------------------------------------------------
+// block_grad_scores
+
+template <typename T, class TmaA, class TmaB>
+struct ScoresParams {
+  TmaA tma_dy;  // dY as (N, M)
+  TmaB tma_x;   // X as (K, M)
+  float* scores;  // [N / bs, K / bs]
+  int M, N, K, n_block_cols;
+};
+
+// The Frobenius norm of one block of the dense dYᵀX per CTA, over all of M: the SDDMM's tile and loads at every
+// block of the grid, its sums rounded to nearest (Accumulation::kNearest), squared and reduced in a fixed order
+// (each thread's values in order, a butterfly in each warp, then the 8 warps' sums in order: deterministic).
+template <typename T, int BS, class Params>
+__global__ void __launch_bounds__(kThreads, 1) block_scores_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = SddmmConfig<T, BS>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ float warp_sums[kConsumerThreads / 32];
+  const int block_row = static_cast<int>(blockIdx.x / p.n_block_cols);
+  const int block_col = static_cast<int>(blockIdx.x % p.n_block_cols);
+  const int n_steps = (p.M + kStepRows - 1) / kStepRows;
+
+  const auto make_loader = [&](auto& sA, auto& sB) {
+    prefetch_tma_descriptor(p.tma_dy.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_x.get_tma_descriptor());
+    Tensor gA = local_tile(p.tma_dy.get_tma_tensor(make_shape(p.N, p.M)), typename C::ATile{},
+                           make_coord(block_row, _));  // (bs, 64, step)
+    Tensor gB = local_tile(p.tma_x.get_tma_tensor(make_shape(p.K, p.M)), typename C::BTile{},
+                           make_coord(block_col, _));
+    auto a_parts = tma_partition(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+    auto b_parts = tma_partition(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    return [&p, a_parts, b_parts](int step, int stage, uint64_t& barrier) {
+      copy(p.tma_dy.with(barrier), get<0>(a_parts)(_, step), get<1>(a_parts)(_, stage));
+      copy(p.tma_x.with(barrier), get<0>(b_parts)(_, step), get<1>(b_parts)(_, stage));
+    };
+  };
+
+  const auto epilogue = [&](const auto& acc, const auto&) {
+    float sum = 0.0f;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) sum = fmaf(acc(i), acc(i), sum);
+    CUTE_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const int consumer = threadIdx.x - cutlass::NumThreadsPerWarpGroup;
+    if (consumer % 32 == 0) warp_sums[consumer / 32] = sum;
+    // The consumers only: the producer warp group has left.
+    asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+    if (consumer == 0) {
+      float total = 0.0f;
+      CUTE_UNROLL
+      for (int w = 0; w < kConsumerThreads / 32; ++w) total += warp_sums[w];
+      p.scores[blockIdx.x] = sqrtf(total);
+    }
+  };
+  run_mainloop<C, Accumulation::kNearest>(smem_raw, n_steps, make_loader, epilogue);
+#else
+  __trap();  // never launched: the launchers check that the device loaded the sm_90a image (sm90a_image)
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 
 // Whether the device loaded this file's sm_90a image: a build without 9.0a in TORCH_CUDA_ARCH_LIST (or with plain
-// 9.0, or PTX to JIT) has only bodies that trap. Asked once, outside stream capture (the copy would break it);
-// until it was answered the mma.sync kernels run. The glue calls here on compute capability 9.0 devices only, which
-// all load the same image.
-bool device_runs_sm90a(cudaStream_t stream) {
+// 9.0, or PTX to JIT) has only bodies that trap. Asked once, on a stream of its own and in relaxed capture mode, so
+// that neither a capture on the caller's stream nor one in another thread is disturbed; until it was answered the
+// mma.sync kernels run. The glue calls here on compute capability 9.0 devices only, which all load the same image.
+bool device_runs_sm90a() {
   static std::atomic<int> known{-1};
   const int answer = known.load();
   if (answer >= 0) return answer == 1;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  int flag = 0;
-  if (cudaMemcpyFromSymbol(&flag, sm90a_image, sizeof(flag)) != cudaSuccess) {
+  int flag = -1;
+  cudaStream_t probe = nullptr;
+  if (cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking) == cudaSuccess) {
+    if (cudaMemcpyFromSymbolAsync(&flag, sm90a_image, sizeof(flag), 0, cudaMemcpyDeviceToHost, probe) != cudaSuccess ||
+        cudaStreamSynchronize(probe) != cudaSuccess) {
+      flag = -1;
+    }
+    cudaStreamDestroy(probe);
+  }
+  cudaThreadExchangeStreamCaptureMode(&mode);  // the caller's mode back
+  if (flag < 0) {
     cudaGetLastError();
     return false;
   }
@@ -408,6 +538,24 @@ LaunchStatus launch_sddmm(const SddmmArgs& a, cudaStream_t stream) {
   return sum_sddmm_partials(a, stream);
 }
 
+template <typename T, int BS>
+LaunchStatus launch_scores(const BlockScoresArgs& a, cudaStream_t stream) {
+  using C = SddmmConfig<T, BS>;
+  const WeightGradOperands& in = a.in;
+  const int M = static_cast<int>(in.M), N = static_cast<int>(in.N), K = static_cast<int>(in.K);
+  Tensor dy = make_tensor(make_gmem_ptr(static_cast<const T*>(in.dy)), make_shape(N, M),
+                          make_stride(Int<1>{}, in.ld_dy));
+  Tensor x = make_tensor(make_gmem_ptr(static_cast<const T*>(in.x)), make_shape(K, M), make_stride(Int<1>{}, in.ld_x));
+  auto tma_dy = make_tma_atom(SM90_TMA_LOAD{}, dy, typename C::SmemLayoutA{}(_, _, 0), typename C::ATile{});
+  auto tma_x = make_tma_atom(SM90_TMA_LOAD{}, x, typename C::SmemLayoutB{}(_, _, 0), typename C::BTile{});
+  using Params = ScoresParams<T, decltype(tma_dy), decltype(tma_x)>;
+  const Params p{tma_dy, tma_x, a.scores, M, N, K, K / BS};
+  // One CTA per block of the grid, the block-column fastest (bsr_block_scores_sm90 keeps them under 2^31).
+  const int64_t ctas = static_cast<int64_t>(N / BS) * (K / BS);
+  return launch(block_scores_sm90_kernel<T, BS, Params>, dim3(static_cast<unsigned>(ctas)), C::kSmemBytes, stream,
+                p);
+}
+
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -446,7 +594,7 @@ bool bsr_gemm_sm90_takes(const BsrGemmArgs& a) {
 }
 
 bool bsr_gemm_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status) {
-  if (!bsr_gemm_sm90_takes(a) || !device_runs_sm90a(stream)) return false;
+  if (!bsr_gemm_sm90_takes(a) || !device_runs_sm90a()) return false;
   *status = dispatch(a.type, a.block_size, [&](auto tag, auto block_size) {
     using T = typename decltype(tag)::type;
     constexpr int BS = decltype(block_size)::value;
@@ -455,15 +603,30 @@ bool bsr_gemm_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* stat
   return true;
 }
 
+// The weight-gradient operands the Hopper kernels take: 16-bit, bs 64 or 128, no padded blocks, plain TMA-friendly
+// matrices, 32-bit sizes.
+bool weight_grad_takes(const WeightGradOperands& in) {
+  return in.conv == nullptr && tensor_core_case(in.type, in.block_size) && in.M > 0 && in.M <= INT32_MAX &&
+         in.N <= INT32_MAX && in.K <= INT32_MAX && in.N % in.block_size == 0 && in.K % in.block_size == 0 &&
+         tma_rows(in.dy, in.ld_dy, in.N) && tma_rows(in.x, in.ld_x, in.K);
+}
+
+bool block_grad_scores_sm90(const BlockScoresArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  const WeightGradOperands& in = a.in;
+  const int64_t blocks = in.block_size > 0 ? (in.N / in.block_size) * (in.K / in.block_size) : 0;
+  if (!weight_grad_takes(in) || blocks == 0 || blocks > INT32_MAX || !device_runs_sm90a()) return false;
+  *status = dispatch(in.type, in.block_size, [&](auto tag, auto block_size) {
+    return launch_scores<typename decltype(tag)::type, decltype(block_size)::value>(a, stream);
+  });
+  return true;
+}
+
 bool bsr_sddmm_sm90(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status) {
   const WeightGradOperands& in = a.in;
-  const bool takes = in.conv == nullptr && tensor_core_case(in.type, in.block_size) && a.nnz > 0 &&
-                     a.nnz <= INT32_MAX && in.M > 0 && in.M <= INT32_MAX && in.N <= INT32_MAX &&
-                     in.K <= INT32_MAX && in.N % in.block_size == 0 && in.K % in.block_size == 0 &&
-                     a.chunk % kStepRows == 0 && a.splits <= 65535 && a.splits * a.chunk >= in.M &&
-                     (a.splits == 1 || a.partial != nullptr) && tma_rows(in.dy, in.ld_dy, in.N) &&
-                     tma_rows(in.x, in.ld_x, in.K);
-  if (!takes || !device_runs_sm90a(stream)) return false;
+  const bool takes = weight_grad_takes(in) && a.nnz > 0 && a.nnz <= INT32_MAX && a.chunk % kStepRows == 0 &&
+                     a.splits <= 65535 && a.splits * a.chunk >= in.M && a.splits * a.chunk <= INT32_MAX &&
+                     (a.splits == 1 || a.partial != nullptr);
+  if (!takes || !device_runs_sm90a()) return false;
   *status = dispatch(in.type, in.block_size, [&](auto tag, auto block_size) {
     return launch_sddmm<typename decltype(tag)::type, decltype(block_size)::value>(a, stream);
   });

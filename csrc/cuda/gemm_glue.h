@@ -136,9 +136,10 @@ inline void check_launch(const cuda::LaunchStatus& status, const char* op, const
               ", ", problem.blocks, " blocks, ", type_name(problem.type), ", ", where.str());
 }
 
-// The Hopper GEMMs (bsr_gemm_sm90.cu: bsr_linear, bsr_linear_dx, bsr_sddmm; built where CUTLASS's headers were
-// found) have not run on a GPU yet: they run only when SPARSEKERN_CUDA_SM90=1 asks for them (read at every call, like the Triton kernels' switch), on a
-// compute capability 9.0 device (their sm_90a code runs on no other).
+// The Hopper GEMMs (bsr_gemm_sm90.cu: bsr_linear, bsr_linear_dx, bsr_sddmm, block_grad_scores; built where CUTLASS's
+// headers were found) have not run on a GPU yet: they run only when SPARSEKERN_CUDA_SM90=1 asks for them (read at
+// every call, like the Triton kernels' switch), on a compute capability 9.0 device (their sm_90a code runs on no
+// other).
 inline bool hopper_gemms_requested(const Tensor& on) {
 #ifdef SPARSEKERN_WITH_CUTE
   const char* flag = std::getenv("SPARSEKERN_CUDA_SM90");
@@ -197,8 +198,12 @@ inline void launch_sddmm(const cuda::WeightGradOperands& in, const Tensor& coo_r
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = block norms of the dense dYᵀX; M > 0.
 inline void launch_block_scores(const cuda::WeightGradOperands& in, Tensor& scores, const char* op) {
   cuda::BlockScoresArgs args{in, scores.data_ptr<float>()};
-  check_launch(cuda::block_grad_scores(args, current_stream()), op,
-               {in.type, in.M, in.N, in.K, in.block_size, scores.numel()});
+  cuda::LaunchStatus status;
+#ifdef SPARSEKERN_WITH_CUTE
+  if (!(hopper_gemms_requested(scores) && cuda::block_grad_scores_sm90(args, current_stream(), &status)))
+#endif
+    status = cuda::block_grad_scores(args, current_stream());
+  check_launch(status, op, {in.type, in.M, in.N, in.K, in.block_size, scores.numel()});
 }
 
 }  // namespace cuda_glue
