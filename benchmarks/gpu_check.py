@@ -13,7 +13,8 @@ order, each given what is left of the deadline (minus a reserve for the summary)
 3. the GPU suites at the README's sizes (gpu-linear, gpu-conv, gpu-e2e, gpu-optim), CSVs only;
 4. the kernels not yet run on a GPU, each in a process of its own: the Hopper GEMMs' tests (sm90-tests, under a short
    limit), then the Triton TMA kernels (SPARSEKERN_TRITON_TMA) beside the pointer kernels in gpu-linear and
-   gpu-conv, and the Hopper GEMMs (SPARSEKERN_CUDA_SM90) beside the mma.sync ones in gpu-linear (tables in the log);
+   gpu-conv, and the cuda backend's Hopper kernels (SPARSEKERN_CUDA_SM90) beside its mma.sync ones in both (tables in
+   the log);
 5. benchmarks/profile_layer.py: SparseLinear and SparseConv2d called eagerly beside the dense layers, with a
    torch.profiler table (profile_layer_cuda.txt);
 6. compute-sanitizer memcheck over a small subset of the CUDA kernel tests, when time is left.
@@ -43,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_RESERVE_S = 15  # kept back from every step so the summary is always written inside the deadline
 # Each step's own limit (s); a step gets the smaller of this and what is left of the deadline.
 STEP_LIMITS = {"build": 300, "tests": 240, "gpu-linear": 150, "gpu-conv": 150, "gpu-e2e": 150, "gpu-optim": 60,
-               "sm90-tests": 60, "tma-linear": 120, "tma-conv": 120, "layers": 60, "memcheck": 90}
+               "sm90-tests": 60, "tma-linear": 120, "tma-conv": 150, "layers": 60, "memcheck": 90}
 # The suites at the README's sizes, trimmed to the cases the issues' goals name so that all fit one lease.
 SUITE_ARGS = {
     "gpu-linear": ["--sparsities", "0.9", "--blocks", "32,64,128", "--reps", "10"],
@@ -60,7 +61,7 @@ VARIANT_PAIRS = (("triton", "triton-tma"), ("cuda", "cuda-sm90"))
 TMA_SUITE_ARGS = {
     "tma-linear": ["--suite", "gpu-linear", "--backends", "triton,triton-tma,cuda,cuda-sm90",
                    *SUITE_ARGS["gpu-linear"]],
-    "tma-conv": ["--suite", "gpu-conv", "--backends", "triton,triton-tma", *SUITE_ARGS["gpu-conv"]],
+    "tma-conv": ["--suite", "gpu-conv", "--backends", "triton,triton-tma,cuda,cuda-sm90", *SUITE_ARGS["gpu-conv"]],
 }
 MEMCHECK_TESTS = "tests/test_cuda_kernels.py"
 MEMCHECK_FILTER = "errors_name_the_tensor or (bsr_linear and 37) or (sddmm and 37)"

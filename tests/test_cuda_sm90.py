@@ -1,6 +1,6 @@
-"""The Hopper GEMMs of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu: TMA loads, wgmma, CUTLASS's CuTe), which
-bsr_linear, bsr_linear_dx, bsr_sddmm and block_grad_scores run under SPARSEKERN_CUDA_SM90=1 on a compute capability
-9.0 GPU.
+"""The Hopper kernels of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu and bsr_conv_sm90.cu: TMA loads, wgmma,
+CUTLASS's CuTe), which bsr_linear, bsr_linear_dx, bsr_sddmm, block_grad_scores and the convolution's forward pass
+run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
 
 Without a GPU (CI) only the build fact runs; tests/test_cuda_static.py checks their SASS (HGMMA, UTMALDG, no
 spills). On an H100/H200 each case checks, with the profiler, which kernel ran (the Hopper one where it takes the
@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from sparsekern import _native
 from sparsekern._build_paths import cutlass_include
 
+import conv_cases
 import gemm_cases
 
 BUILT = bool(_native.BUILD_INFO.get("cuda_sm90_gemms"))
@@ -29,6 +30,7 @@ sddmm_args = functools.partial(gemm_cases.sddmm_args, device="cuda")
 HOPPER_KERNEL, MMA_SYNC_KERNEL = "bsr_gemm_sm90_kernel", "bsr_gemm_kernel<"
 HOPPER_SDDMM, MMA_SYNC_SDDMM, SUM_PARTIALS = "bsr_sddmm_sm90_kernel", "weight_grad_kernel<", "sum_partials_kernel"
 HOPPER_SCORES = "block_scores_sm90_kernel"
+HOPPER_CONV = "bsr_conv2d_sm90_kernel"
 
 
 @pytest.mark.skipif(not _native.BUILD_INFO.get("cuda"), reason="sparsekern._C was built without CUDA kernels")
@@ -109,6 +111,45 @@ def test_block_grad_scores(hopper_switch, dtype, bs, shape):
     gemm_cases.assert_close_to_reference("block_grad_scores", (dy, x, bs), out)
     again, _ = run_and_name_kernels("block_grad_scores", (dy, x, bs))
     assert torch.equal(out, again)  # a fixed summation order
+
+
+# Stride-1 convolutions with channels multiples of the block: the image patches' TMA boxes overhang the image on
+# every side (padding 1 and 2, dilation 2, odd sizes, 7x7 output smaller than one 8 x 16 patch), empty block-rows.
+CONV_CASES = {
+    "3x3_p1_odd": dict(batch=2, size=(9, 19), cin=128, cout=128, kernel=3, padding=1, bs=64, density=0.5),
+    "3x3_p2_d2": dict(batch=2, size=(13, 11), cin=128, cout=256, kernel=3, padding=2, dilation=2, bs=128,
+                      density=0.6),
+    "resnet_7x7_256": dict(batch=4, size=(7, 7), cin=256, cout=256, kernel=3, padding=1, bs=64, density=0.3),
+    "3x1_p0_empty_rows": dict(batch=1, size=(20, 33), cin=64, cout=192, kernel=(3, 1), bs=64, density=1.0,
+                              empty_rows=(1,)),
+}
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_bsr_conv2d(hopper_switch, case, dtype):
+    problem = conv_cases.Conv(**CONV_CASES[case], dtype=dtype, seed=42, device="cuda")
+    out, kernels = run_and_name_kernels("bsr_conv2d", problem.args("bsr_conv2d"))
+    assert_ran(kernels, HOPPER_CONV)
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("case", ["stride 2", "channels not a multiple of the block"])
+def test_convolutions_it_does_not_take_run_the_mma_sync_kernel(hopper_switch, case):
+    geometry = dict(batch=2, size=(9, 11), cin=64, cout=64, kernel=3, padding=1, bs=64, density=0.5)
+    if case == "stride 2":
+        geometry["stride"] = 2
+    else:
+        geometry["cin"] = 96
+    problem = conv_cases.Conv(**geometry, dtype=torch.bfloat16, seed=43, device="cuda")
+    out, kernels = run_and_name_kernels("bsr_conv2d", problem.args("bsr_conv2d"))
+    assert_ran(kernels, MMA_SYNC_KERNEL)
+    assert not any(HOPPER_CONV in k for k in kernels)
+    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
 
 
 @pytest.mark.cuda

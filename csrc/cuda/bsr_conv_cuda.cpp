@@ -130,7 +130,7 @@ Tensor bsr_conv2d_cuda(const Tensor& x_in, const Tensor& values_in, const Tensor
   args.n_lines = cdiv(N, bs);
   args.nnz = values.size(0);
   args.conv = &shape;
-  check_launch(cuda::bsr_gemm(args, current_stream()), "native_bsr_conv2d",
+  check_launch(launch_bsr_gemm(args, x), "native_bsr_conv2d",
                {args.type, M, N, K, bs, values.size(0)});
   return y;
 }

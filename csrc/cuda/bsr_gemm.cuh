@@ -75,6 +75,10 @@ LaunchStatus bsr_gemm(const BsrGemmArgs& args, cudaStream_t stream);
 bool bsr_gemm_sm90_takes(const BsrGemmArgs& args);
 bool bsr_gemm_sm90(const BsrGemmArgs& args, cudaStream_t stream, LaunchStatus* status);
 
+// The convolution's forward pass (args.conv set) on Hopper (bsr_conv_sm90.cu, as bsr_gemm_sm90): takes stride 1,
+// in_channels and out_channels multiples of bs, 16-bit types, bs 64 or 128.
+bool bsr_conv2d_sm90(const BsrGemmArgs& args, cudaStream_t stream, LaunchStatus* status);
+
 // The operands of the weight-gradient GEMMs (dYᵀX [N, K], reduced over M): dy [M, N] with row stride ld_dy, and
 // x a plain [M, K] matrix with row stride ld_x, or (conv != null) the NHWC image whose implicit im2col is X
 // (ld_x unused; dY is then the NHWC output gradient [M, N] and dYᵀX the filter gradient).

@@ -152,11 +152,16 @@ inline bool hopper_gemms_requested(const Tensor& on) {
 #endif
 }
 
-// bsr_linear and bsr_linear_dx: the Hopper kernel where it was asked for and takes the call, else the mma.sync one.
+// bsr_linear, bsr_linear_dx and the convolution's forward pass: the Hopper kernel where it was asked for and takes
+// the call, else the mma.sync one.
 inline cuda::LaunchStatus launch_bsr_gemm(const cuda::BsrGemmArgs& args, const Tensor& on) {
 #ifdef SPARSEKERN_WITH_CUTE
   cuda::LaunchStatus status;
-  if (hopper_gemms_requested(on) && cuda::bsr_gemm_sm90(args, current_stream(), &status)) return status;
+  if (hopper_gemms_requested(on) &&
+      (args.conv != nullptr ? cuda::bsr_conv2d_sm90(args, current_stream(), &status)
+                            : cuda::bsr_gemm_sm90(args, current_stream(), &status))) {
+    return status;
+  }
 #endif
   return cuda::bsr_gemm(args, current_stream());
 }

@@ -1,0 +1,180 @@
+// The convolution's forward pass on Hopper (sm_90a): Y = conv(X, W) + b over NHWC images, the implicit GEMM of
+// bsr_gemm_linear.cu's forward with the image's patches as TMA boxes (sm90_mainloop.cuh: the warp-specialised
+// TMA/wgmma main loop it shares with the GEMMs).
+// A CTA owns a patch of 8 x 16 output pixels of one image (the MMA's 128 rows) and one block-row of W (bs output
+// channels), and walks the block-row's blocks. With in_channels a multiple of bs, a block's reduction range is one
+// tap (kh, kw) and one chunk of bs input channels, and at stride 1 the input pixels that tap reads for the patch are
+// an 8 x 16 patch of the image shifted by the tap: one 4-D TMA box [1, 8, 16, bs] of the NHWC image, at coordinates
+// that may lie outside the image (the padding), where TMA writes zeros. So there is no im2col, no per-pixel address
+// arithmetic and no mask. The box lands pixel by pixel, bs channels each, 128-byte swizzled: exactly the K-major
+// [128, bs] tile that wgmma reads. The block's values are the forward GEMM's B (bsr_gemm_sm90.cu).
+// Taken only at stride 1 with in_channels and out_channels multiples of bs, 16-bit types and bs 64 or 128
+// (bsr_conv2d_sm90); every other call runs the mma.sync kernel over the implicit im2col.
+#include "sm90_mainloop.cuh"
+
+#include <cuda.h>
+
+namespace sparsekern {
+namespace cuda {
+namespace {
+
+using namespace cute;
+using namespace sm90;
+
+constexpr int kPatchH = 8, kPatchW = 16;  // output pixels of a CTA: kBM of one image
+constexpr int kBoxChannels = 64;          // channels of one TMA box: 128 bytes, the swizzle's span
+static_assert(kPatchH * kPatchW == kBM, "a patch is the MMA's rows");
+
+template <typename T, class TmaB>
+struct ConvParams {
+  CUtensorMap image;  // x as (C, W, H, B): boxes of 64 channels x 16 x 8 x 1, 128-byte swizzled, zeros outside
+  TmaB tma_b;         // the blocks' values, as the forward GEMM reads them
+  const T* bias;
+  T* out;  // y [batch, out_h, out_w, N]
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  int out_h, out_w, N, n_lines, nnz;
+  int patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+};
+
+template <typename T, int BS, class Params>
+__global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = LinearConfig<T, BS, false>;
+  extern __shared__ unsigned char smem_raw[];
+  // Block-row fastest: consecutive CTAs read the same image patch while it is in L2.
+  const int line = static_cast<int>(blockIdx.x % p.n_lines);
+  const int patch = static_cast<int>(blockIdx.x / p.n_lines);
+  const int ow0 = patch % p.patches_w * kPatchW;
+  const int oh0 = patch / p.patches_w % p.patches_h * kPatchH;
+  const int image = patch / (p.patches_w * p.patches_h);
+  const int first = p.row_ptr[line];
+  const int n_blocks = p.row_ptr[line + 1] - first;
+
+  const auto make_loader = [&](auto& sA, auto& sB) {
+    prefetch_tma_descriptor(&p.image);
+    prefetch_tma_descriptor(p.tma_b.get_tma_descriptor());
+    Tensor gB = block_tiles<BS, false>(p.tma_b.get_tma_tensor(values_matrix_shape<BS, false>(p.nnz)));
+    auto b_parts = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    T* a_stages = raw_pointer_cast(sA.data());
+    // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
+    return [&p, first, oh0, ow0, image, a_stages, b_parts](int step, int stage, uint64_t& barrier) {
+      const int j = first + step;
+      const int block_col = p.col_idx[j];
+      const int tap = block_col / p.chunks_per_tap;
+      const int channel0 = block_col % p.chunks_per_tap * BS;
+      const int h = oh0 + tap / p.kernel_w * p.dil_h - p.pad_top;
+      const int w = ow0 + tap % p.kernel_w * p.dil_w - p.pad_left;
+      // The stage's [128, bs] tile: bs / 64 column slabs of 128 pixel rows (the tiles' layout, SwizzledTiles).
+      T* a = a_stages + stage * (kBM * BS);
+      CUTE_UNROLL
+      for (int slab = 0; slab < BS / kBoxChannels; ++slab) {
+        SM90_TMA_LOAD_4D::copy(&p.image, &barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                               a + slab * (kBM * kBoxChannels), channel0 + slab * kBoxChannels, w, h, image);
+      }
+      copy(p.tma_b.with(barrier), get<0>(b_parts)(_, j), get<1>(b_parts)(_, stage));
+    };
+  };
+
+  // Bias in fp32 before the one rounding; pixels outside the output are not written; an empty block-row writes
+  // zeros or the bias.
+  const auto epilogue = [&](const auto& acc, const auto& coords) {
+    const int64_t col0 = static_cast<int64_t>(line) * BS;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      const int row = get<0>(coords(i));
+      const int col = get<1>(coords(i));
+      const int oh = oh0 + row / kPatchW;
+      const int ow = ow0 + row % kPatchW;
+      if (oh < p.out_h && ow < p.out_w) {
+        float v0 = acc(i), v1 = acc(i + 1);
+        if (p.bias != nullptr) {
+          v0 += static_cast<float>(p.bias[col0 + col]);
+          v1 += static_cast<float>(p.bias[col0 + col + 1]);
+        }
+        const int64_t pixel = (static_cast<int64_t>(image) * p.out_h + oh) * p.out_w + ow;
+        store_pair(p.out + pixel * p.N + col0 + col, v0, v1);
+      }
+    }
+  };
+  run_mainloop<C>(smem_raw, n_blocks, make_loader, epilogue);
+#else
+  __trap();  // never launched: the launcher checks that the device loaded the sm_90a image (device_runs_sm90a)
+#endif
+}
+
+// The image's TMA descriptor, or false where the driver refuses it (the caller then runs the mma.sync kernel).
+template <typename T>
+bool encode_image(CUtensorMap* map, const void* x, const ConvShape& s) {
+  constexpr int kBytes = static_cast<int>(sizeof(T));
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(s.channels), static_cast<cuuint64_t>(s.width),
+                              static_cast<cuuint64_t>(s.height), static_cast<cuuint64_t>(s.batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(s.channels) * kBytes,
+                                 static_cast<cuuint64_t>(s.width * s.channels) * kBytes,
+                                 static_cast<cuuint64_t>(s.height * s.width * s.channels) * kBytes};
+  const cuuint32_t box[4] = {kBoxChannels, kPatchW, kPatchH, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+      map, type, 4, const_cast<void*>(x), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS;
+}
+
+template <typename T, int BS>
+bool launch_conv(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  using C = LinearConfig<T, BS, false>;
+  const ConvShape& s = *a.conv;
+  const int nnz = static_cast<int>(a.nnz);
+  Tensor values = make_tensor(make_gmem_ptr(static_cast<const T*>(a.values)), values_matrix_shape<BS, false>(nnz),
+                              values_matrix_stride<BS, false>());
+  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, values, typename C::SmemLayoutB{}(_, _, 0), typename C::BTile{});
+  using Params = ConvParams<T, decltype(tma_b)>;
+  Params p{};
+  if (!encode_image<T>(&p.image, a.a, s)) return false;
+  p.tma_b = tma_b;
+  p.bias = static_cast<const T*>(a.bias);
+  p.out = static_cast<T*>(a.out);
+  p.row_ptr = a.line_ptr;
+  p.col_idx = a.line_idx;
+  p.out_h = static_cast<int>(s.out_h);
+  p.out_w = static_cast<int>(s.out_w);
+  p.N = static_cast<int>(a.out_cols);
+  p.n_lines = static_cast<int>(a.n_lines);
+  p.nnz = nnz;
+  p.patches_h = static_cast<int>((s.out_h + kPatchH - 1) / kPatchH);
+  p.patches_w = static_cast<int>((s.out_w + kPatchW - 1) / kPatchW);
+  p.chunks_per_tap = static_cast<int>(s.channels / BS);
+  p.kernel_w = s.kernel_w;
+  p.dil_h = s.dil_h;
+  p.dil_w = s.dil_w;
+  p.pad_top = s.pad_top;
+  p.pad_left = s.pad_left;
+  const int64_t ctas = s.batch * p.patches_h * p.patches_w * a.n_lines;
+  if (ctas > INT32_MAX) return false;
+  *status = launch(bsr_conv2d_sm90_kernel<T, BS, Params>, dim3(static_cast<unsigned>(ctas)), C::kSmemBytes, stream,
+                   p);
+  return true;
+}
+
+}  // namespace
+
+bool bsr_conv2d_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  if (a.conv == nullptr) return false;
+  const ConvShape& s = *a.conv;
+  const bool takes = tensor_core_case(a.type, a.block_size) && a.nnz > 0 && a.nnz * a.block_size <= INT32_MAX &&
+                     s.stride_h == 1 && s.stride_w == 1 && s.channels % a.block_size == 0 &&
+                     a.out_cols % a.block_size == 0 && a.out_cols <= INT32_MAX && aligned16(a.a) &&
+                     aligned16(a.values) && s.batch <= INT32_MAX && s.out_h * s.out_w <= INT32_MAX;
+  if (!takes || !device_runs_sm90a()) return false;
+  bool launched = false;
+  dispatch(a.type, a.block_size, [&](auto tag, auto block_size) {
+    launched = launch_conv<typename decltype(tag)::type, decltype(block_size)::value>(a, stream, status);
+    return LaunchStatus{};
+  });
+  return launched;
+}
+
+}  // namespace cuda
+}  // namespace sparsekern
