@@ -187,9 +187,12 @@ def test_kernel_variants_run_only_when_requested(tmp_path):
     assert {r["op"] for r in variant} == {"linear_fwd", "linear_dx", "linear_sddmm", "block_grad_scores"}
     assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in variant)
     assert "triton-tma" not in dict(common.backend_choices("bsr_linear", CPU, torch.float32))
-    # An op the variant does not change would time the backend's usual kernel under the variant's name: n/a instead.
+    # An op the variant does not change would time the backend's usual kernel under the variant's name: n/a instead;
+    # a pass with some of its ops runs them.
     why = dict(common.backend_choices("bsr_conv2d_grad_scores", CPU, torch.float32, ["triton-tma"]))["triton-tma"]
     assert why == "no bsr_conv2d_grad_scores kernel in triton-tma"
+    mixed = ("bsr_conv2d", "bsr_conv2d_grad_scores")
+    assert dict(common.backend_choices(mixed, CPU, torch.float32, ["triton-tma"]))["triton-tma"] is None
 
 
 def test_gpu_linear_marks_a_backend_that_loses_a_block(tmp_path, monkeypatch, capsys):

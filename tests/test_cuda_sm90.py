@@ -1,6 +1,6 @@
 """The Hopper kernels of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu and bsr_conv_sm90.cu: TMA loads, wgmma,
-CUTLASS's CuTe), which bsr_linear, bsr_linear_dx, bsr_sddmm, block_grad_scores and the convolution's forward pass
-run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
+CUTLASS's CuTe), which bsr_linear, bsr_linear_dx, bsr_sddmm, block_grad_scores and the convolution's forward and
+input-gradient passes run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
 
 Without a GPU (CI) only the build fact runs; tests/test_cuda_static.py checks their SASS (HGMMA, UTMALDG, no
 spills). On an H100/H200 each case checks, with the profiler, which kernel ran (the Hopper one where it takes the
@@ -30,7 +30,8 @@ sddmm_args = functools.partial(gemm_cases.sddmm_args, device="cuda")
 HOPPER_KERNEL, MMA_SYNC_KERNEL = "bsr_gemm_sm90_kernel", "bsr_gemm_kernel<"
 HOPPER_SDDMM, MMA_SYNC_SDDMM, SUM_PARTIALS = "bsr_sddmm_sm90_kernel", "weight_grad_kernel<", "sum_partials_kernel"
 HOPPER_SCORES = "block_scores_sm90_kernel"
-HOPPER_CONV = "bsr_conv2d_sm90_kernel"
+HOPPER_CONV, HOPPER_CONV_DGRAD, MMA_SYNC_CONV_DGRAD = ("bsr_conv2d_sm90_kernel", "bsr_conv2d_dgrad_sm90_kernel",
+                                                     "conv_dgrad_kernel")
 
 
 @pytest.mark.skipif(not _native.BUILD_INFO.get("cuda"), reason="sparsekern._C was built without CUDA kernels")
@@ -125,31 +126,39 @@ CONV_CASES = {
 }
 
 
+# The forward pass and the input gradient: (op, the Hopper kernel, the mma.sync kernel).
+CONV_KERNELS = {"bsr_conv2d": (HOPPER_CONV, MMA_SYNC_KERNEL),
+                "bsr_conv2d_dgrad": (HOPPER_CONV_DGRAD, MMA_SYNC_CONV_DGRAD)}
+
+
 @pytest.mark.cuda
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_bsr_conv2d(hopper_switch, case, dtype):
+@pytest.mark.parametrize("op", CONV_KERNELS)
+def test_convolution(hopper_switch, op, case, dtype):
     problem = conv_cases.Conv(**CONV_CASES[case], dtype=dtype, seed=42, device="cuda")
-    out, kernels = run_and_name_kernels("bsr_conv2d", problem.args("bsr_conv2d"))
-    assert_ran(kernels, HOPPER_CONV)
-    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
+    out, kernels = run_and_name_kernels(op, problem.args(op))
+    assert_ran(kernels, CONV_KERNELS[op][0])
+    conv_cases.assert_close_to_oracle(problem, op, problem.oracle()[op], None, out=out)
 
 
 @pytest.mark.cuda
 @needs_hopper
 @pytest.mark.parametrize("case", ["stride 2", "channels not a multiple of the block"])
-def test_convolutions_it_does_not_take_run_the_mma_sync_kernel(hopper_switch, case):
+@pytest.mark.parametrize("op", CONV_KERNELS)
+def test_convolutions_it_does_not_take_run_the_mma_sync_kernel(hopper_switch, op, case):
     geometry = dict(batch=2, size=(9, 11), cin=64, cout=64, kernel=3, padding=1, bs=64, density=0.5)
     if case == "stride 2":
         geometry["stride"] = 2
     else:
         geometry["cin"] = 96
     problem = conv_cases.Conv(**geometry, dtype=torch.bfloat16, seed=43, device="cuda")
-    out, kernels = run_and_name_kernels("bsr_conv2d", problem.args("bsr_conv2d"))
-    assert_ran(kernels, MMA_SYNC_KERNEL)
-    assert not any(HOPPER_CONV in k for k in kernels)
-    conv_cases.assert_close_to_oracle(problem, "bsr_conv2d", problem.oracle()["bsr_conv2d"], None, out=out)
+    out, kernels = run_and_name_kernels(op, problem.args(op))
+    hopper, mma_sync = CONV_KERNELS[op]
+    assert_ran(kernels, mma_sync)
+    assert not any(hopper in k for k in kernels)
+    conv_cases.assert_close_to_oracle(problem, op, problem.oracle()[op], None, out=out)
 
 
 @pytest.mark.cuda

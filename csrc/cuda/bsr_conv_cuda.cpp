@@ -168,9 +168,15 @@ Tensor bsr_conv2d_dgrad_cuda(const Tensor& dy_in, const Tensor& values_in, const
   args.row_idx = row_idx.data_ptr<int32_t>();
   args.perm = perm.data_ptr<int32_t>();
   args.out_channels = N;
+  args.nnz = values.size(0);
   args.shape = shape;
-  check_launch(cuda::bsr_conv2d_dgrad(args, current_stream()), "native_bsr_conv2d_dgrad",
-               {args.type, M, N, K, bs, values.size(0)});
+  cuda::LaunchStatus status;
+#ifdef SPARSEKERN_WITH_CUTE
+  // The Hopper kernel where it was asked for and takes the call, else the mma.sync one.
+  if (!(hopper_gemms_requested(dy) && cuda::bsr_conv2d_dgrad_sm90(args, current_stream(), &status)))
+#endif
+    status = cuda::bsr_conv2d_dgrad(args, current_stream());
+  check_launch(status, "native_bsr_conv2d_dgrad", {args.type, M, N, K, bs, values.size(0)});
   return dx;
 }
 

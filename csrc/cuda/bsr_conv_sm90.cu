@@ -1,6 +1,6 @@
-// The convolution's forward pass on Hopper (sm_90a): Y = conv(X, W) + b over NHWC images, the implicit GEMM of
-// bsr_gemm_linear.cu's forward with the image's patches as TMA boxes (sm90_mainloop.cuh: the warp-specialised
-// TMA/wgmma main loop it shares with the GEMMs).
+// The convolution's forward and input-gradient passes on Hopper (sm_90a), at stride 1: Y = conv(X, W) + b and dX
+// over NHWC images, implicit GEMMs with the images' patches as TMA boxes (sm90_mainloop.cuh: the warp-specialised
+// TMA/wgmma main loop they share with the GEMMs).
 // A CTA owns a patch of 8 x 16 output pixels of one image (the MMA's 128 rows) and one block-row of W (bs output
 // channels), and walks the block-row's blocks. With in_channels a multiple of bs, a block's reduction range is one
 // tap (kh, kw) and one chunk of bs input channels, and at stride 1 the input pixels that tap reads for the patch are
@@ -8,8 +8,12 @@
 // that may lie outside the image (the padding), where TMA writes zeros. So there is no im2col, no per-pixel address
 // arithmetic and no mask. The box lands pixel by pixel, bs channels each, 128-byte swizzled: exactly the K-major
 // [128, bs] tile that wgmma reads. The block's values are the forward GEMM's B (bsr_gemm_sm90.cu).
+// The input gradient is the same walk mirrored: a CTA owns a patch of 8 x 16 input pixels and one chunk of bs input
+// channels; every tap's block-column for that chunk holds the blocks it needs (through the transposed index), and
+// each block's dY pixels are the patch shifted back by the tap, again one box per 64 output channels; the block
+// is the MMA's B MN-major, as bsr_linear_dx reads it. Every dX element is written once, no atomics.
 // Taken only at stride 1 with in_channels and out_channels multiples of bs, 16-bit types and bs 64 or 128
-// (bsr_conv2d_sm90); every other call runs the mma.sync kernel over the implicit im2col.
+// (bsr_conv2d_sm90, bsr_conv2d_dgrad_sm90); every other call runs the mma.sync kernels.
 #include "sm90_mainloop.cuh"
 
 #include <cuda.h>
@@ -65,13 +69,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
       const int channel0 = block_col % p.chunks_per_tap * BS;
       const int h = oh0 + tap / p.kernel_w * p.dil_h - p.pad_top;
       const int w = ow0 + tap % p.kernel_w * p.dil_w - p.pad_left;
-      // The stage's [128, bs] tile: bs / 64 column slabs of 128 pixel rows (the tiles' layout, SwizzledTiles).
-      T* a = a_stages + stage * (kBM * BS);
-      CUTE_UNROLL
-      for (int slab = 0; slab < BS / kBoxChannels; ++slab) {
-        SM90_TMA_LOAD_4D::copy(&p.image, &barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                               a + slab * (kBM * kBoxChannels), channel0 + slab * kBoxChannels, w, h, image);
-      }
+      load_patch<T, BS>(&p.image, barrier, a_stages + stage * (kBM * BS), channel0, w, h, image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, j), get<1>(b_parts)(_, stage));
     };
   };
@@ -103,23 +101,37 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
 #endif
 }
 
-// The image's TMA descriptor, or false where the driver refuses it (the caller then runs the mma.sync kernel).
+// An NHWC image [batch, height, width, channels]'s TMA descriptor: boxes of 64 channels x 16 x 8 pixels of one image,
+// 128-byte swizzled, zeros outside the image; or false where the driver refuses it (then the mma.sync kernel runs).
 template <typename T>
-bool encode_image(CUtensorMap* map, const void* x, const ConvShape& s) {
-  constexpr int kBytes = static_cast<int>(sizeof(T));
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(s.channels), static_cast<cuuint64_t>(s.width),
-                              static_cast<cuuint64_t>(s.height), static_cast<cuuint64_t>(s.batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(s.channels) * kBytes,
-                                 static_cast<cuuint64_t>(s.width * s.channels) * kBytes,
-                                 static_cast<cuuint64_t>(s.height * s.width * s.channels) * kBytes};
+bool encode_image(CUtensorMap* map, const void* image, int64_t batch, int64_t height, int64_t width,
+                  int64_t channels) {
+  constexpr int64_t kBytes = static_cast<int64_t>(sizeof(T));
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(channels), static_cast<cuuint64_t>(width),
+                              static_cast<cuuint64_t>(height), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(channels * kBytes),
+                                 static_cast<cuuint64_t>(width * channels * kBytes),
+                                 static_cast<cuuint64_t>(height * width * channels * kBytes)};
   const cuuint32_t box[4] = {kBoxChannels, kPatchW, kPatchH, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUtensorMapDataType type = std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
-      map, type, 4, const_cast<void*>(x), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      map, type, 4, const_cast<void*>(image), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return result == CUDA_SUCCESS;
+}
+
+// A patch's [128, bs] stage tile from bs / 64 boxes of the image at (channel0, w, h, image): column slabs of 128
+// pixel rows, as the tiles are laid out (SwizzledTiles).
+template <typename T, int BS>
+CUTE_DEVICE void load_patch(const CUtensorMap* image_map, uint64_t& barrier, T* tile, int channel0, int w, int h,
+                            int image) {
+  CUTE_UNROLL
+  for (int slab = 0; slab < BS / kBoxChannels; ++slab) {
+    SM90_TMA_LOAD_4D::copy(image_map, &barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                           tile + slab * (kBM * kBoxChannels), channel0 + slab * kBoxChannels, w, h, image);
+  }
 }
 
 template <typename T, int BS>
@@ -132,7 +144,7 @@ bool launch_conv(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status
   auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, values, typename C::SmemLayoutB{}(_, _, 0), typename C::BTile{});
   using Params = ConvParams<T, decltype(tma_b)>;
   Params p{};
-  if (!encode_image<T>(&p.image, a.a, s)) return false;
+  if (!encode_image<T>(&p.image, a.a, s.batch, s.height, s.width, s.channels)) return false;
   p.tma_b = tma_b;
   p.bias = static_cast<const T*>(a.bias);
   p.out = static_cast<T*>(a.out);
@@ -158,7 +170,132 @@ bool launch_conv(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status
   return true;
 }
 
+template <typename T, class TmaB>
+struct DgradParams {
+  CUtensorMap grad;  // dy as (N, out_w, out_h, B), boxes as encode_image's
+  TmaB tma_b;        // the blocks' values, as the input-gradient GEMM reads them
+  T* dx;             // [batch, height, width, channels]
+  const int32_t* col_ptr;
+  const int32_t* row_idx;
+  const int32_t* perm;
+  int height, width, channels, nnz, taps;
+  int patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+};
+
+template <typename T, int BS, class Params>
+__global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = LinearConfig<T, BS, true>;
+  extern __shared__ unsigned char smem_raw[];
+  // Channel chunk fastest: consecutive CTAs read the same dY patches while they are in L2.
+  const int chunk = static_cast<int>(blockIdx.x % p.chunks_per_tap);
+  const int patch = static_cast<int>(blockIdx.x / p.chunks_per_tap);
+  const int iw0 = patch % p.patches_w * kPatchW;
+  const int ih0 = patch / p.patches_w % p.patches_h * kPatchH;
+  const int image = patch / (p.patches_w * p.patches_h);
+  // The steps: the blocks of the chunk's block-column at every tap, tap by tap.
+  int n_steps = 0;
+  for (int tap = 0; tap < p.taps; ++tap) {
+    const int column = tap * p.chunks_per_tap + chunk;
+    n_steps += p.col_ptr[column + 1] - p.col_ptr[column];
+  }
+
+  const auto make_loader = [&](auto& sA, auto& sB) {
+    prefetch_tma_descriptor(&p.grad);
+    prefetch_tma_descriptor(p.tma_b.get_tma_descriptor());
+    Tensor gB = block_tiles<BS, true>(p.tma_b.get_tma_tensor(values_matrix_shape<BS, true>(p.nnz)));
+    auto b_parts = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    T* a_stages = raw_pointer_cast(sA.data());
+    // The walk's cursor: position q in the block-column of `tap` (the producer calls this once per step, in order).
+    // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
+    return [&p, chunk, ih0, iw0, image, a_stages, b_parts, tap = -1, q = 0, end = 0](int, int stage,
+                                                                                      uint64_t& barrier) mutable {
+      while (q == end) {
+        ++tap;
+        q = p.col_ptr[tap * p.chunks_per_tap + chunk];
+        end = p.col_ptr[tap * p.chunks_per_tap + chunk + 1];
+      }
+      // dX at (ih, iw) takes dY at (ih + pad - kh * dil, iw + pad - kw * dil) through this tap (stride 1).
+      const int h = ih0 + p.pad_top - tap / p.kernel_w * p.dil_h;
+      const int w = iw0 + p.pad_left - tap % p.kernel_w * p.dil_w;
+      load_patch<T, BS>(&p.grad, barrier, a_stages + stage * (kBM * BS), p.row_idx[q] * BS, w, h, image);
+      copy(p.tma_b.with(barrier), get<0>(b_parts)(_, p.perm[q]), get<1>(b_parts)(_, stage));
+      ++q;
+    };
+  };
+
+  // Pixels outside the image are not written; a chunk no block reaches gets zeros.
+  const auto epilogue = [&](const auto& acc, const auto& coords) {
+    const int64_t channel0 = static_cast<int64_t>(chunk) * BS;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      const int row = get<0>(coords(i));
+      const int ih = ih0 + row / kPatchW;
+      const int iw = iw0 + row % kPatchW;
+      if (ih < p.height && iw < p.width) {
+        const int64_t pixel = (static_cast<int64_t>(image) * p.height + ih) * p.width + iw;
+        store_pair(p.dx + pixel * p.channels + channel0 + get<1>(coords(i)), acc(i), acc(i + 1));
+      }
+    }
+  };
+  run_mainloop<C>(smem_raw, n_steps, make_loader, epilogue);
+#else
+  __trap();  // never launched: the launcher checks that the device loaded the sm_90a image (device_runs_sm90a)
+#endif
+}
+
+template <typename T, int BS>
+bool launch_dgrad(const ConvDgradArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  using C = LinearConfig<T, BS, true>;
+  const ConvShape& s = a.shape;
+  const int nnz = static_cast<int>(a.nnz);
+  Tensor values = make_tensor(make_gmem_ptr(static_cast<const T*>(a.values)), values_matrix_shape<BS, true>(nnz),
+                              values_matrix_stride<BS, true>());
+  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, values, typename C::SmemLayoutB{}(_, _, 0), typename C::BTile{});
+  using Params = DgradParams<T, decltype(tma_b)>;
+  Params p{};
+  if (!encode_image<T>(&p.grad, a.dy, s.batch, s.out_h, s.out_w, a.out_channels)) return false;
+  p.tma_b = tma_b;
+  p.dx = static_cast<T*>(a.dx);
+  p.col_ptr = a.col_ptr;
+  p.row_idx = a.row_idx;
+  p.perm = a.perm;
+  p.height = static_cast<int>(s.height);
+  p.width = static_cast<int>(s.width);
+  p.channels = static_cast<int>(s.channels);
+  p.nnz = nnz;
+  p.taps = s.kernel_h * s.kernel_w;
+  p.patches_h = static_cast<int>((s.height + kPatchH - 1) / kPatchH);
+  p.patches_w = static_cast<int>((s.width + kPatchW - 1) / kPatchW);
+  p.chunks_per_tap = static_cast<int>(s.channels / BS);
+  p.kernel_w = s.kernel_w;
+  p.dil_h = s.dil_h;
+  p.dil_w = s.dil_w;
+  p.pad_top = s.pad_top;
+  p.pad_left = s.pad_left;
+  const int64_t ctas = s.batch * p.patches_h * p.patches_w * p.chunks_per_tap;
+  if (ctas > INT32_MAX) return false;
+  *status = launch(bsr_conv2d_dgrad_sm90_kernel<T, BS, Params>, dim3(static_cast<unsigned>(ctas)), C::kSmemBytes,
+                   stream, p);
+  return true;
+}
+
 }  // namespace
+
+bool bsr_conv2d_dgrad_sm90(const ConvDgradArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  const ConvShape& s = a.shape;
+  const bool takes = tensor_core_case(a.type, a.block_size) && a.nnz > 0 && a.nnz * a.block_size <= INT32_MAX &&
+                     s.stride_h == 1 && s.stride_w == 1 && s.channels % a.block_size == 0 &&
+                     a.out_channels % a.block_size == 0 && aligned16(a.dy) && aligned16(a.values) &&
+                     s.batch <= INT32_MAX && s.height * s.width <= INT32_MAX && s.channels <= INT32_MAX;
+  if (!takes || !device_runs_sm90a()) return false;
+  bool launched = false;
+  dispatch(a.type, a.block_size, [&](auto tag, auto block_size) {
+    launched = launch_dgrad<typename decltype(tag)::type, decltype(block_size)::value>(a, stream, status);
+    return LaunchStatus{};
+  });
+  return launched;
+}
 
 bool bsr_conv2d_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status) {
   if (a.conv == nullptr) return false;

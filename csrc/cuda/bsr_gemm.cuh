@@ -152,10 +152,15 @@ struct ConvDgradArgs {
   const int32_t* row_idx;
   const int32_t* perm;
   int64_t out_channels;  // N
+  int64_t nnz;           // stored blocks
   ConvShape shape;
 };
 
 LaunchStatus bsr_conv2d_dgrad(const ConvDgradArgs& args, cudaStream_t stream);
+
+// The same on Hopper (bsr_conv_sm90.cu, as bsr_gemm_sm90): takes stride 1, in_channels and out_channels multiples
+// of bs, 16-bit types, bs 64 or 128, at least one block.
+bool bsr_conv2d_dgrad_sm90(const ConvDgradArgs& args, cudaStream_t stream, LaunchStatus* status);
 
 }  // namespace cuda
 }  // namespace sparsekern

@@ -88,8 +88,8 @@ def _hopper_gemms_unsupported(device: torch.device) -> Optional[str]:
 @dataclass(frozen=True)
 class Variant:
     """Kernels of a backend that it uses only when ``switches`` (environment variables) are set, for ``ops`` (its
-    rows of other ops are n/a: they would time the backend's usual kernels); ``unsupported(device)`` says why they
-    cannot run on a device, beyond what the backend needs."""
+    rows of ops, or passes, with none of them are n/a: they would time the backend's usual kernels only);
+    ``unsupported(device)`` says why they cannot run on a device, beyond what the backend needs."""
     backend: str
     switches: Dict[str, str]
     ops: Tuple[str, ...]
@@ -103,7 +103,8 @@ VARIANTS = {
                           ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
                            "bsr_conv2d_dgrad", "bsr_conv2d_wgrad"), _tma_unsupported),
     "cuda-sm90": Variant("cuda", {"SPARSEKERN_CUDA_SM90": "1"},
-                         ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d"),
+                         ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
+                          "bsr_conv2d_dgrad"),
                          _hopper_gemms_unsupported),
 }
 OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
@@ -173,9 +174,10 @@ def backend_choices(ops: Union[str, Sequence[str]], device: torch.device, dtype:
     def lacks(name: str) -> Optional[str]:
         variant = VARIANTS.get(name)
         if variant is not None:
-            missing = next((op for op in ops if op not in variant.ops), None)
-            if missing is not None:
-                return f"no {missing} kernel in {name}"
+            # A pass that has some of the variant's ops runs them and the backend's usual kernels for the others,
+            # as the backend under the switch does; one with none of them would only time the usual kernels.
+            if not any(op in variant.ops for op in ops):
+                return f"no {' or '.join(ops)} kernel in {name}"
             name = variant.backend
         missing = next((op for op in ops if not sk.ops.backend_has_op(name, op, dtype)), None)
         if missing is None:
