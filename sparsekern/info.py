@@ -31,10 +31,10 @@ AWAITING_GPU = (
     "the triton backend's launchers run them only with SPARSEKERN_TRITON_TMA=1, where TMA can take the operands "
     "(compute capability 9.0+, 16-byte aligned rows); the GPU suites measure them with --backends triton,triton-tma",
     "csrc/cuda/bsr_gemm_sm90.cu, bsr_conv_sm90.cu (cuda backend, on CUTLASS's CuTe): bsr_linear, bsr_linear_dx, "
-    "bsr_sddmm, block_grad_scores, and the stride-1 bsr_conv2d and bsr_conv2d_dgrad with TMA loads (image patches as "
-    "4-D boxes), wgmma and a warp-specialised pipeline (fp16/bf16, block 64 or 128, no padded blocks); run only "
-    "with SPARSEKERN_CUDA_SM90=1 on compute capability 9.0, else the mma.sync kernels; measured with --backends "
-    "cuda,cuda-sm90",
+    "bsr_sddmm, block_grad_scores, and the stride-1 bsr_conv2d, bsr_conv2d_dgrad and bsr_conv2d_wgrad with TMA "
+    "loads (image patches as 4-D boxes), wgmma and a warp-specialised pipeline (fp16/bf16, block 64 or 128, no padded "
+    "blocks); run only with SPARSEKERN_CUDA_SM90=1 on compute capability 9.0, else the mma.sync kernels; measured "
+    "with --backends cuda,cuda-sm90",
 )
 
 

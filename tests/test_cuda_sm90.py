@@ -1,6 +1,6 @@
 """The Hopper kernels of the cuda backend (csrc/cuda/bsr_gemm_sm90.cu and bsr_conv_sm90.cu: TMA loads, wgmma,
-CUTLASS's CuTe), which bsr_linear, bsr_linear_dx, bsr_sddmm, block_grad_scores and the convolution's forward and
-input-gradient passes run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
+CUTLASS's CuTe), which bsr_linear, bsr_linear_dx, bsr_sddmm, block_grad_scores and the convolution's three passes
+run under SPARSEKERN_CUDA_SM90=1 on a compute capability 9.0 GPU.
 
 Without a GPU (CI) only the build fact runs; tests/test_cuda_static.py checks their SASS (HGMMA, UTMALDG, no
 spills). On an H100/H200 each case checks, with the profiler, which kernel ran (the Hopper one where it takes the
@@ -30,8 +30,9 @@ sddmm_args = functools.partial(gemm_cases.sddmm_args, device="cuda")
 HOPPER_KERNEL, MMA_SYNC_KERNEL = "bsr_gemm_sm90_kernel", "bsr_gemm_kernel<"
 HOPPER_SDDMM, MMA_SYNC_SDDMM, SUM_PARTIALS = "bsr_sddmm_sm90_kernel", "weight_grad_kernel<", "sum_partials_kernel"
 HOPPER_SCORES = "block_scores_sm90_kernel"
-HOPPER_CONV, HOPPER_CONV_DGRAD, MMA_SYNC_CONV_DGRAD = ("bsr_conv2d_sm90_kernel", "bsr_conv2d_dgrad_sm90_kernel",
-                                                     "conv_dgrad_kernel")
+HOPPER_CONV, HOPPER_CONV_DGRAD, HOPPER_CONV_WGRAD = ("bsr_conv2d_sm90_kernel", "bsr_conv2d_dgrad_sm90_kernel",
+                                                   "bsr_conv2d_wgrad_sm90_kernel")
+MMA_SYNC_CONV_DGRAD = "conv_dgrad_kernel"
 
 
 @pytest.mark.skipif(not _native.BUILD_INFO.get("cuda"), reason="sparsekern._C was built without CUDA kernels")
@@ -115,7 +116,8 @@ def test_block_grad_scores(hopper_switch, dtype, bs, shape):
 
 
 # Stride-1 convolutions with channels multiples of the block: the image patches' TMA boxes overhang the image on
-# every side (padding 1 and 2, dilation 2, odd sizes, 7x7 output smaller than one 8 x 16 patch), empty block-rows.
+# every side (padding 1 and 2, dilation 2, odd sizes, 7x7 output smaller than one 8 x 16 patch), empty block-rows;
+# the filter gradient splits the output pixels of the larger ones (sddmm_plan: few blocks, over 256 pixels).
 CONV_CASES = {
     "3x3_p1_odd": dict(batch=2, size=(9, 19), cin=128, cout=128, kernel=3, padding=1, bs=64, density=0.5),
     "3x3_p2_d2": dict(batch=2, size=(13, 11), cin=128, cout=256, kernel=3, padding=2, dilation=2, bs=128,
@@ -126,9 +128,10 @@ CONV_CASES = {
 }
 
 
-# The forward pass and the input gradient: (op, the Hopper kernel, the mma.sync kernel).
+# The three passes: op -> (the Hopper kernel, the mma.sync kernel).
 CONV_KERNELS = {"bsr_conv2d": (HOPPER_CONV, MMA_SYNC_KERNEL),
-                "bsr_conv2d_dgrad": (HOPPER_CONV_DGRAD, MMA_SYNC_CONV_DGRAD)}
+                "bsr_conv2d_dgrad": (HOPPER_CONV_DGRAD, MMA_SYNC_CONV_DGRAD),
+                "bsr_conv2d_wgrad": (HOPPER_CONV_WGRAD, MMA_SYNC_SDDMM)}
 
 
 @pytest.mark.cuda

@@ -1,5 +1,5 @@
-// The convolution's forward and input-gradient passes on Hopper (sm_90a), at stride 1: Y = conv(X, W) + b and dX
-// over NHWC images, implicit GEMMs with the images' patches as TMA boxes (sm90_mainloop.cuh: the warp-specialised
+// The convolution's three passes on Hopper (sm_90a), at stride 1: Y = conv(X, W) + b, dX and dW at the blocks, over
+// NHWC images: implicit GEMMs with the images' patches as TMA boxes (sm90_mainloop.cuh: the warp-specialised
 // TMA/wgmma main loop they share with the GEMMs).
 // A CTA owns a patch of 8 x 16 output pixels of one image (the MMA's 128 rows) and one block-row of W (bs output
 // channels), and walks the block-row's blocks. With in_channels a multiple of bs, a block's reduction range is one
@@ -12,8 +12,10 @@
 // channels; every tap's block-column for that chunk holds the blocks it needs (through the transposed index), and
 // each block's dY pixels are the patch shifted back by the tap, again one box per 64 output channels; the block
 // is the MMA's B MN-major, as bsr_linear_dx reads it. Every dX element is written once, no atomics.
+// The filter gradient is the SDDMM of bsr_gemm_sm90.cu with a step's 64 rows a 4 x 16 patch of output pixels: dY's
+// box at the block's output channels and X's box at its input channels, shifted by its tap.
 // Taken only at stride 1 with in_channels and out_channels multiples of bs, 16-bit types and bs 64 or 128
-// (bsr_conv2d_sm90, bsr_conv2d_dgrad_sm90); every other call runs the mma.sync kernels.
+// (bsr_conv2d_sm90, bsr_conv2d_dgrad_sm90, bsr_conv2d_wgrad_sm90); every other call runs the mma.sync kernels.
 #include "sm90_mainloop.cuh"
 
 #include <cuda.h>
@@ -28,6 +30,44 @@ using namespace sm90;
 constexpr int kPatchH = 8, kPatchW = 16;  // output pixels of a CTA: kBM of one image
 constexpr int kBoxChannels = 64;          // channels of one TMA box: 128 bytes, the swizzle's span
 static_assert(kPatchH * kPatchW == kBM, "a patch is the MMA's rows");
+
+// An NHWC image [batch, height, width, channels]'s TMA descriptor, zeros outside the image: boxes of
+// box_channels x 16 x box_h pixels of one image, their rows of box_channels * 2 bytes swizzled over as many bytes
+// (128 or 64: the stage tiles' atoms, SwizzledTiles); or false where the driver refuses it (then the mma.sync kernel
+// runs).
+template <typename T>
+bool encode_image(CUtensorMap* map, const void* image, int64_t batch, int64_t height, int64_t width,
+                  int64_t channels, int box_channels = kBoxChannels, int box_h = kPatchH) {
+  constexpr int64_t kBytes = static_cast<int64_t>(sizeof(T));
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(channels), static_cast<cuuint64_t>(width),
+                              static_cast<cuuint64_t>(height), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(channels * kBytes),
+                                 static_cast<cuuint64_t>(width * channels * kBytes),
+                                 static_cast<cuuint64_t>(height * width * channels * kBytes)};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_channels), kPatchW, static_cast<cuuint32_t>(box_h), 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapSwizzle swizzle = box_channels * kBytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B
+                                                                  : CU_TENSOR_MAP_SWIZZLE_64B;
+  const CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+      map, type, 4, const_cast<void*>(image), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS;
+}
+
+// ROWS pixels x CHANNELS of a stage tile from CHANNELS / BOX boxes of an image at (channel0, w, h, image): column
+// slabs of ROWS pixel rows, as the tiles are laid out (SwizzledTiles: the K-major [128, bs] tiles of the forward and
+// input-gradient passes and the MN-major [bs, 64] tiles of the filter gradient are both pixel-major in memory).
+template <int ROWS, int CHANNELS, int BOX, typename T>
+CUTE_DEVICE void load_pixels(const CUtensorMap* image_map, uint64_t& barrier, T* tile, int channel0, int w, int h,
+                             int image) {
+  CUTE_UNROLL
+  for (int slab = 0; slab < CHANNELS / BOX; ++slab) {
+    SM90_TMA_LOAD_4D::copy(image_map, &barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                           tile + slab * (ROWS * BOX), channel0 + slab * BOX, w, h, image);
+  }
+}
 
 template <typename T, class TmaB>
 struct ConvParams {
@@ -69,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
       const int channel0 = block_col % p.chunks_per_tap * BS;
       const int h = oh0 + tap / p.kernel_w * p.dil_h - p.pad_top;
       const int w = ow0 + tap % p.kernel_w * p.dil_w - p.pad_left;
-      load_patch<T, BS>(&p.image, barrier, a_stages + stage * (kBM * BS), channel0, w, h, image);
+      load_pixels<kBM, BS, kBoxChannels>(&p.image, barrier, a_stages + stage * (kBM * BS), channel0, w, h, image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, j), get<1>(b_parts)(_, stage));
     };
   };
@@ -99,39 +139,6 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
 #else
   __trap();  // never launched: the launcher checks that the device loaded the sm_90a image (device_runs_sm90a)
 #endif
-}
-
-// An NHWC image [batch, height, width, channels]'s TMA descriptor: boxes of 64 channels x 16 x 8 pixels of one image,
-// 128-byte swizzled, zeros outside the image; or false where the driver refuses it (then the mma.sync kernel runs).
-template <typename T>
-bool encode_image(CUtensorMap* map, const void* image, int64_t batch, int64_t height, int64_t width,
-                  int64_t channels) {
-  constexpr int64_t kBytes = static_cast<int64_t>(sizeof(T));
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(channels), static_cast<cuuint64_t>(width),
-                              static_cast<cuuint64_t>(height), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(channels * kBytes),
-                                 static_cast<cuuint64_t>(width * channels * kBytes),
-                                 static_cast<cuuint64_t>(height * width * channels * kBytes)};
-  const cuuint32_t box[4] = {kBoxChannels, kPatchW, kPatchH, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType type = std::is_same_v<T, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
-      map, type, 4, const_cast<void*>(image), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS;
-}
-
-// A patch's [128, bs] stage tile from bs / 64 boxes of the image at (channel0, w, h, image): column slabs of 128
-// pixel rows, as the tiles are laid out (SwizzledTiles).
-template <typename T, int BS>
-CUTE_DEVICE void load_patch(const CUtensorMap* image_map, uint64_t& barrier, T* tile, int channel0, int w, int h,
-                            int image) {
-  CUTE_UNROLL
-  for (int slab = 0; slab < BS / kBoxChannels; ++slab) {
-    SM90_TMA_LOAD_4D::copy(image_map, &barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                           tile + slab * (kBM * kBoxChannels), channel0 + slab * kBoxChannels, w, h, image);
-  }
 }
 
 template <typename T, int BS>
@@ -218,7 +225,8 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE
       // dX at (ih, iw) takes dY at (ih + pad - kh * dil, iw + pad - kw * dil) through this tap (stride 1).
       const int h = ih0 + p.pad_top - tap / p.kernel_w * p.dil_h;
       const int w = iw0 + p.pad_left - tap % p.kernel_w * p.dil_w;
-      load_patch<T, BS>(&p.grad, barrier, a_stages + stage * (kBM * BS), p.row_idx[q] * BS, w, h, image);
+      load_pixels<kBM, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kBM * BS), p.row_idx[q] * BS, w, h,
+                                         image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, p.perm[q]), get<1>(b_parts)(_, stage));
       ++q;
     };
@@ -280,7 +288,127 @@ bool launch_dgrad(const ConvDgradArgs& a, cudaStream_t stream, LaunchStatus* sta
   return true;
 }
 
+constexpr int kWgradPatchH = 4;  // a filter-gradient step: 4 x 16 output pixels of one image (kStepRows)
+static_assert(kWgradPatchH * kPatchW == kStepRows, "a step is the SDDMM's 64 rows");
+
+template <typename T>
+struct WgradParams {
+  CUtensorMap grad;   // dy as (N, out_w, out_h, B): boxes of 64 channels x 16 x 4
+  CUtensorMap image;  // x as (C, W, H, B): boxes of 64 (bs 128) or 32 (bs 64) channels x 16 x 4
+  const int32_t* coo_row;
+  const int32_t* col_idx;
+  T* out;          // [nnz, bs, bs] (one split)
+  float* partial;  // [splits, nnz, bs, bs] (several)
+  int64_t nnz;
+  int patches, patches_per_split, patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+};
+
+// dW at one stored block over one split of the output pixels: the SDDMM of bsr_gemm_sm90.cu with a step's 64 rows
+// a 4 x 16 patch of output pixels (dY's box) and the input pixels that the block's tap pairs with them (X's box,
+// shifted by the tap), both zero outside their images (stride 1).
+template <typename T, int BS, class Params>
+__global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_wgrad_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = SddmmConfig<T, BS>;
+  constexpr int kImageBox = BS == 128 ? kBoxChannels : kBoxChannels / 2;  // X's tiles: 128- or 64-byte atoms
+  extern __shared__ unsigned char smem_raw[];
+  const int64_t block = blockIdx.x;
+  const int split = blockIdx.y;
+  const int first_patch = split * p.patches_per_split;
+  const int n_steps = max(0, min(p.patches, first_patch + p.patches_per_split) - first_patch);
+
+  const auto make_loader = [&](auto& sA, auto& sB) {
+    prefetch_tma_descriptor(&p.grad);
+    prefetch_tma_descriptor(&p.image);
+    const int block_col = p.col_idx[block];
+    const int tap = block_col / p.chunks_per_tap;
+    // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
+    return [&p, first_patch, a_stages = raw_pointer_cast(sA.data()), b_stages = raw_pointer_cast(sB.data()),
+            grad_channel0 = p.coo_row[block] * BS, image_channel0 = block_col % p.chunks_per_tap * BS,
+            dh = tap / p.kernel_w * p.dil_h - p.pad_top,
+            dw = tap % p.kernel_w * p.dil_w - p.pad_left](int step, int stage, uint64_t& barrier) {
+      const int patch = first_patch + step;
+      const int ow0 = patch % p.patches_w * kPatchW;
+      const int oh0 = patch / p.patches_w % p.patches_h * kWgradPatchH;
+      const int image = patch / (p.patches_w * p.patches_h);
+      load_pixels<kStepRows, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kStepRows * BS), grad_channel0,
+                                               ow0, oh0, image);
+      load_pixels<kStepRows, BS, kImageBox>(&p.image, barrier, b_stages + stage * (kStepRows * BS), image_channel0,
+                                            ow0 + dw, oh0 + dh, image);
+    };
+  };
+
+  // The block [bs, bs] row-major, or this split's fp32 partial of it (as bsr_sddmm_sm90_kernel).
+  const auto epilogue = [&](const auto& acc, const auto& coords) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      const int64_t at = block * (BS * BS) + get<0>(coords(i)) * BS + get<1>(coords(i));
+      if (p.partial == nullptr) {
+        store_pair(p.out + at, acc(i), acc(i + 1));
+      } else {
+        *reinterpret_cast<float2*>(p.partial + split * p.nnz * (BS * BS) + at) = make_float2(acc(i), acc(i + 1));
+      }
+    }
+  };
+  run_mainloop<C>(smem_raw, n_steps, make_loader, epilogue);
+#else
+  __trap();  // never launched: the launcher checks that the device loaded the sm_90a image (device_runs_sm90a)
+#endif
+}
+
+template <typename T, int BS>
+bool launch_wgrad(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  using C = SddmmConfig<T, BS>;
+  const ConvShape& s = *a.in.conv;
+  WgradParams<T> p{};
+  if (!encode_image<T>(&p.grad, a.in.dy, s.batch, s.out_h, s.out_w, a.in.N, kBoxChannels, kWgradPatchH) ||
+      !encode_image<T>(&p.image, a.in.x, s.batch, s.height, s.width, s.channels,
+                       BS == 128 ? kBoxChannels : kBoxChannels / 2, kWgradPatchH)) {
+    return false;
+  }
+  p.coo_row = a.coo_row;
+  p.col_idx = a.col_idx;
+  p.out = static_cast<T*>(a.out);
+  p.partial = a.splits > 1 ? a.partial : nullptr;
+  p.nnz = a.nnz;
+  p.patches_h = static_cast<int>((s.out_h + kWgradPatchH - 1) / kWgradPatchH);
+  p.patches_w = static_cast<int>((s.out_w + kPatchW - 1) / kPatchW);
+  const int64_t patches = s.batch * p.patches_h * p.patches_w;
+  if (patches > INT32_MAX) return false;
+  p.patches = static_cast<int>(patches);
+  // sddmm_plan's splits (the partials are allocated for them), each a run of whole patches.
+  p.patches_per_split = static_cast<int>((patches + a.splits - 1) / a.splits);
+  p.chunks_per_tap = static_cast<int>(s.channels / BS);
+  p.kernel_w = s.kernel_w;
+  p.dil_h = s.dil_h;
+  p.dil_w = s.dil_w;
+  p.pad_top = s.pad_top;
+  p.pad_left = s.pad_left;
+  const LaunchStatus launched = launch(bsr_conv2d_wgrad_sm90_kernel<T, BS, WgradParams<T>>,
+                                       dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)),
+                                       C::kSmemBytes, stream, p);
+  *status = launched.error != cudaSuccess || a.splits == 1 ? launched : sum_sddmm_partials(a, stream);
+  return true;
+}
+
 }  // namespace
+
+bool bsr_conv2d_wgrad_sm90(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status) {
+  const WeightGradOperands& in = a.in;
+  if (in.conv == nullptr) return false;
+  const ConvShape& s = *in.conv;
+  const bool takes = tensor_core_case(in.type, in.block_size) && a.nnz > 0 && a.nnz <= INT32_MAX &&
+                     s.stride_h == 1 && s.stride_w == 1 && s.channels % in.block_size == 0 &&
+                     in.N % in.block_size == 0 && aligned16(in.dy) && aligned16(in.x) && a.splits >= 1 &&
+                     a.splits <= 65535 && (a.splits == 1 || a.partial != nullptr) && s.batch <= INT32_MAX;
+  if (!takes || !device_runs_sm90a()) return false;
+  bool launched = false;
+  dispatch(in.type, in.block_size, [&](auto tag, auto block_size) {
+    launched = launch_wgrad<typename decltype(tag)::type, decltype(block_size)::value>(a, stream, status);
+    return LaunchStatus{};
+  });
+  return launched;
+}
 
 bool bsr_conv2d_dgrad_sm90(const ConvDgradArgs& a, cudaStream_t stream, LaunchStatus* status) {
   const ConvShape& s = a.shape;

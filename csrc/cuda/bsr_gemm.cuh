@@ -126,6 +126,10 @@ LaunchStatus sum_sddmm_partials(const SddmmArgs& args, cudaStream_t stream);
 // 64-row steps.
 bool bsr_sddmm_sm90(const SddmmArgs& args, cudaStream_t stream, LaunchStatus* status);
 
+// The convolution's filter gradient (args.in.conv set) on Hopper (bsr_conv_sm90.cu): the same plan, partials and
+// second pass; takes stride 1, in_channels and out_channels multiples of bs, 16-bit types, bs 64 or 128.
+bool bsr_conv2d_wgrad_sm90(const SddmmArgs& args, cudaStream_t stream, LaunchStatus* status);
+
 // scores [ceil(N/bs), ceil(K/bs)] fp32 = Frobenius norm of every block of the dense dYᵀX, computed tile by tile
 // in registers; the dense gradient never reaches memory. Requires M > 0.
 struct BlockScoresArgs {

@@ -141,15 +141,6 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_gemm_sm90_kernel(CUTE_GRID_CO
 // ---------------------------------------------------------------------------------------------
 // bsr_sddmm
 
-constexpr int kStepRows = 64;  // rows of M per pipeline step
-
-// dYᵀ X: A is dY's [bs, 64] column tile read as (block-row features, M) and B is X's as (block-column features, M):
-// both N/K-contiguous (MN-major). bs = 128: each warp group owns 64 of the block's rows; bs = 64: 32 of its columns
-// (X's tile then in 64-byte swizzled atoms of 32 columns, one per warp group).
-template <typename T, int BS>
-using SddmmConfig = MainloopConfig<T, BS, BS, kStepRows, GMMA::Major::MN, GMMA::Major::MN, BS == 128 ? 2 : 1,
-                                   BS == 128 ? 1 : 2>;
-
 template <typename T, class TmaA, class TmaB>
 struct SddmmParams {
   TmaA tma_dy;  // dY as (N, M)

@@ -193,8 +193,9 @@ inline void launch_sddmm(const cuda::WeightGradOperands& in, const Tensor& coo_r
   args.out = out.data_ptr();
   cuda::LaunchStatus status;
 #ifdef SPARSEKERN_WITH_CUTE
-  // The Hopper kernel where it was asked for and takes the call (a plain matrix X only), else the mma.sync one.
-  if (!(hopper_gemms_requested(out) && cuda::bsr_sddmm_sm90(args, current_stream(), &status)))
+  // The Hopper kernel where it was asked for and takes the call, else the mma.sync one.
+  const auto hopper = in.conv != nullptr ? cuda::bsr_conv2d_wgrad_sm90 : cuda::bsr_sddmm_sm90;
+  if (!(hopper_gemms_requested(out) && hopper(args, current_stream(), &status)))
 #endif
     status = cuda::bsr_sddmm(args, current_stream());
   check_launch(status, op, {in.type, in.M, in.N, in.K, bs, nnz});

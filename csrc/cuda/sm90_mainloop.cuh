@@ -22,6 +22,10 @@ using namespace cute;
 
 constexpr int kThreads = 384;  // one producer and two consumer warp groups
 [[maybe_unused]] constexpr int kConsumerThreads = kThreads - cutlass::NumThreadsPerWarpGroup;
+// setmaxnreg's split of the 168 registers per thread that 384 threads have: the producer's one copying thread
+// needs few (CUTLASS gives it 40; the convolution's filter gradient, with two images' coordinates, spilled there),
+// the consumers hold the accumulators (the block scores 3 x 64 at bs = 128). 128 x 56 + 256 x 224 = 384 x 168.
+constexpr int kProducerRegisters = 56, kConsumerRegisters = 224;
 constexpr int kSmemAlign = 1024;  // a 128-byte-swizzled tile repeats every 1024 bytes: tiles start on that grid
 constexpr int kSmemBudget = 192 * 1024;
 constexpr int kMaxStages = 8;
@@ -132,7 +136,7 @@ CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLo
   Tensor sB = make_tensor(make_smem_ptr(shared.b.begin()), typename C::SmemLayoutB{});  // (TN, TK, stage)
 
   if (warp_group == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<40>();  // the whole warp group, before its idle threads leave
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();  // the whole warp group, before its idle threads leave
     if (threadIdx.x != 0) return;
     auto load = make_loader(sA, sB);
     PipelineState state = cutlass::make_producer_start_state<Pipeline>();
@@ -145,7 +149,7 @@ CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLo
     return;
   }
 
-  cutlass::arch::warpgroup_reg_alloc<232>();
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
   typename C::TiledMma mma;
   auto thread_mma = mma.get_thread_slice(threadIdx.x - cutlass::NumThreadsPerWarpGroup);
   Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // wgmma descriptors, per stage
@@ -233,6 +237,17 @@ CUTE_DEVICE auto block_tiles(const ValuesMatrix& values) {
     return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(_, 0));
   }
 }
+
+// The weight-gradient tiles (the SDDMM, the block scores, the convolution's filter gradient): one block x 64 rows
+// of M per step.
+constexpr int kStepRows = 64;  // rows of M per pipeline step
+
+// dYᵀ X: A is dY's [bs, 64] column tile read as (block-row features, M) and B is X's as (block-column features, M):
+// both N/K-contiguous (MN-major). bs = 128: each warp group owns 64 of the block's rows; bs = 64: 32 of its columns
+// (X's tile then in 64-byte swizzled atoms of 32 columns, one per warp group).
+template <typename T, int BS>
+using SddmmConfig = MainloopConfig<T, BS, BS, kStepRows, GMMA::Major::MN, GMMA::Major::MN, BS == 128 ? 2 : 1,
+                                   BS == 128 ? 1 : 2>;
 
 // Whether the device loaded the sm_90a image of these kernels (bsr_gemm_sm90.cu): the other architectures' images
 // hold bodies that trap. Asked once (see there); false until answered.

@@ -104,7 +104,7 @@ VARIANTS = {
                            "bsr_conv2d_dgrad", "bsr_conv2d_wgrad"), _tma_unsupported),
     "cuda-sm90": Variant("cuda", {"SPARSEKERN_CUDA_SM90": "1"},
                          ("bsr_linear", "bsr_linear_dx", "bsr_sddmm", "block_grad_scores", "bsr_conv2d",
-                          "bsr_conv2d_dgrad"),
+                          "bsr_conv2d_dgrad", "bsr_conv2d_wgrad"),
                          _hopper_gemms_unsupported),
 }
 OURS = (*sk.ops.BACKENDS, *VARIANTS)  # the row names that are sparsekern's own
