@@ -1,5 +1,5 @@
-// Host-side checks of the Hopper GEMMs' tiles (csrc/cuda/bsr_gemm_sm90.cu), compiled and run by
-// tests/test_cuda_static.py. The kernels need an H100 to run, but where their TMA copies put each tile in shared
+// Host-side checks of the Hopper GEMMs' tiles (csrc/cuda/bsr_gemm_sm90.cu on sm90_mainloop.cuh), compiled and run
+// by tests/test_cuda_static.py. The kernels need an H100 to run, but where their TMA copies put each tile in shared
 // memory, where their wgmmas read it and which accumulator holds which output are all CuTe layouts and descriptor
 // fields that the host can evaluate. This file includes the kernel file, runs its launchers up to the launch (their
 // tensors, TMA atoms and grid, as in the build) and checks:
@@ -18,9 +18,15 @@
 //
 // Emulated rather than run: cuTensorMapEncodeTiled (the stub below keeps its arguments; CuTe calls it directly with
 // CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL, where the build looks it up through the runtime), the TMA and wgmma
-// address arithmetic, and the producer's loop, restated from the kernels' make_loader (device code) with two device
-// helpers copied for the host (tma_partition, block_tiles).
+// address arithmetic, and the producer's loop, restated from the kernels' make_loader (device code); CuTe's layout
+// helpers that are declared device-only (tma_partition) are made callable here by defining CUTE_DEVICE as
+// host-and-device before CuTe is included.
 #define CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL 1
+
+// CuTe's device-only layout helpers (tma_partition) callable here too.
+#include <cute/config.hpp>
+#undef CUTE_DEVICE
+#define CUTE_DEVICE CUTE_HOST_DEVICE
 
 #include <cuda.h>
 #include <fcntl.h>
@@ -78,7 +84,7 @@ namespace cuda {
 // The split SDDMM's second pass (bsr_gemm_wgrad.cu, not built here), which launch_sddmm runs after its kernel.
 LaunchStatus sum_sddmm_partials(const SddmmArgs&, cudaStream_t) { return {}; }
 
-namespace {  // the kernel file's anonymous namespace (one per translation unit), for its launchers and configs
+namespace {  // the kernel file's anonymous namespace (one per translation unit): its launchers, and sm90's names
 
 int failures = 0;
 
@@ -106,8 +112,8 @@ struct Launched {
 Launched launched;
 
 // The launchers call launch(kernel, grid, smem_bytes, stream, params) with a LinearParams, SddmmParams or
-// ScoresParams: this overload is more specialised than the kernel file's launch(), and argument-dependent lookup finds
-// it where the launchers are instantiated below, so it takes their launches.
+// ScoresParams: this overload is more specialised than sm90::launch, and argument-dependent lookup finds it (in the
+// parameters' namespace) where the launchers are instantiated below, so it takes their launches.
 template <class Kernel, template <typename, class, class> class Params, typename T, class TmaA, class TmaB>
 LaunchStatus launch(Kernel, dim3 grid, int smem_bytes, cudaStream_t, const Params<T, TmaA, TmaB>& p) {
   launched = Launched{p, grid};
@@ -118,7 +124,8 @@ LaunchStatus launch(Kernel, dim3 grid, int smem_bytes, cudaStream_t, const Param
 template <typename T, class Shape, class Stride>
 using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), Shape{}, Stride{}));
 template <class GTensor, class SmemLayout, class Tile>
-using TmaAtom = decltype(make_tma_atom(SM90_TMA_LOAD{}, std::declval<const GTensor&>(), SmemLayout{}(_, _, 0), Tile{}));
+using TmaAtom =
+    decltype(make_tma_atom(SM90_TMA_LOAD{}, std::declval<const GTensor&>(), SmemLayout{}(_, _, 0), Tile{}));
 
 template <typename T, int BS, bool TRANS, class C = LinearConfig<T, BS, TRANS>>
 using LinearParamsOf = LinearParams<
@@ -138,9 +145,10 @@ const Params* run_launcher(const std::string& what, const Launcher& launcher, di
   launched = Launched{};
   const LaunchStatus status = launcher();
   const Params* p = std::any_cast<Params>(&launched.params);
-  if (status.error != cudaSuccess || p == nullptr) {
-    fail("%s: the launcher launched nothing (error %d), or parameters of another type than expected", what.c_str(),
-         static_cast<int>(status.error));
+  if (!launched.params.has_value() || status.error != cudaSuccess) {
+    fail("%s: the launcher launched nothing (error %d)", what.c_str(), static_cast<int>(status.error));
+  } else if (p == nullptr) {
+    fail("%s: the launcher's parameters are of another type than the *ParamsOf here spell out", what.c_str());
   }
   grid = launched.grid;
   return p;
@@ -267,8 +275,9 @@ template <class C>
 void emulate_box(const std::string& what, const TmaRecord& d, const int32_t* coord, int64_t dst,
                  SharedMemory<C>& smem) {
   const int chunks = swizzle_bytes(d.swizzle) / 16;
-  if (dst % (128 * chunks) != 0) fail("%s: a TMA box to shared offset %lld, off its swizzle pattern", what.c_str(),
-                                      static_cast<long long>(dst));
+  if (dst % (128 * chunks) != 0) {
+    fail("%s: a TMA box to shared offset %lld, off its swizzle pattern", what.c_str(), static_cast<long long>(dst));
+  }
   int64_t elements = 1;
   for (int i = 0; i < d.rank; ++i) elements *= d.box[i];
   for (int64_t e = 0; e < elements; ++e) {
@@ -300,9 +309,9 @@ const TmaRecord& record_of(const Atom& atom) {
   return tma_records.at(atom.get_tma_descriptor()->opaque[0]);
 }
 
-// cute::copy(tma.with(barrier), src, dst) as it runs on the device: loops over all modes but the first, peels nested
-// rank-1 modes, until src is one box (copy.hpp, Copy_Atom::call), whose coordinates are src's and destination dst's
-// address (TMA_LOAD_Unpack). Here each box is emulated.
+// cute::copy(tma.with(barrier), src, dst) as it runs on the device: loops over all modes but the first and peels
+// nested rank-1 modes until src is one box (copy.hpp, Copy_Atom::call), then issues the box at src's TMA coordinates
+// into dst's address (TMA_LOAD_Unpack). Here each box is emulated.
 template <class Atom, class Src, class Dst, class C>
 void emulate_copy(const std::string& what, const Atom& atom, const Src& src, const Dst& dst, SharedMemory<C>& smem) {
   constexpr int R = decltype(rank(src))::value;
@@ -314,7 +323,10 @@ void emulate_copy(const std::string& what, const Atom& atom, const Src& src, con
     const TmaRecord& d = record_of(atom);
     int32_t coord[5] = {};
     int n = 0;
-    for_each(src.data().coord_, [&](auto c) { coord[n < 5 ? n++ : n] = static_cast<int32_t>(c); });
+    for_each(src.data().coord_, [&](auto c) {
+      if (n < 5) coord[n] = static_cast<int32_t>(c);
+      ++n;
+    });
     if (n != d.rank) fail("%s: %d TMA coordinates for a rank-%d descriptor", what.c_str(), n, d.rank);
     emulate_box(what, d, coord, smem.offset(raw_pointer_cast(dst.data())), smem);
   } else {
@@ -322,37 +334,6 @@ void emulate_copy(const std::string& what, const Atom& atom, const Src& src, con
   }
 }
 
-// cute::tma_partition (CUTLASS 4.2, cute/atom/copy_traits_sm90_tma.hpp), which is device code: the same steps.
-template <class... Args, class CtaCoord, class TShape, class TStride, class SEngine, class SLayout, class GEngine,
-          class GLayout>
-auto tma_partition_on_host(const Copy_Atom<Args...>&, const CtaCoord& cta_coord,
-                           const Layout<TShape, TStride>& cta_layout, const Tensor<SEngine, SLayout>& stensor,
-                           const Tensor<GEngine, GLayout>& gtensor) {
-  CUTE_STATIC_ASSERT_V(size<0>(stensor) == size<0>(gtensor));
-  Layout inv_smem_layout = right_inverse(get_nonswizzle_portion(layout<0>(stensor)));
-  Layout layout_v = tile_to_shape(make_layout(inv_smem_layout), size<0>(stensor));
-  Layout tma_layout_v = make_layout(Int<Copy_Atom<Args...>::NumValSrc>{});
-  auto layout_V = make_tile(logical_divide(layout_v, tma_layout_v));
-  auto glayout_V = append<GLayout::rank>(layout_V, _);
-  auto slayout_V = append<SLayout::rank>(layout_V, _);
-  Tensor gtensor_v = coalesce(gtensor.compose(glayout_V), Shape<Shape<_1, _1>>{});
-  Tensor stensor_v = coalesce(stensor.compose(slayout_V), Shape<Shape<_1, _1>>{});
-  auto multicast_offset = cta_layout(cta_coord) * (size(tma_layout_v) / cosize(cta_layout));
-  auto multicast_coord = make_coord(make_coord(multicast_offset, Int<0>{}));
-  auto gcoord = append<GLayout::rank>(multicast_coord, Int<0>{});
-  auto scoord = append<SLayout::rank>(multicast_coord, Int<0>{});
-  return cute::make_tuple(domain_offset(gcoord, gtensor_v), domain_offset(scoord, stensor_v));
-}
-
-// The kernel file's block_tiles (device code): the values matrix cut into its blocks.
-template <int BS, bool TRANS, class ValuesMatrix>
-auto block_tiles_on_host(const ValuesMatrix& values) {
-  if constexpr (TRANS) {
-    return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(0, _));
-  } else {
-    return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(_, 0));
-  }
-}
 
 // Every element (row, column) of a stage's tile against want(row, column).
 template <class C, class Tile, class Want>
@@ -423,10 +404,10 @@ void check_linear(const char* type, int M, int block_rows, int block_cols, int p
     const int n_blocks = p->line_ptr[line + 1] - first;
     Tensor gA = local_tile(p->tma_a.get_tma_tensor(make_shape(p->M, p->a_cols)), typename C::ATile{},
                            make_coord(m_tile, _));
-    Tensor gB = block_tiles_on_host<BS, TRANS>(p->tma_b.get_tma_tensor(values_matrix_shape<BS, TRANS>(p->nnz)));
-    auto a_parts = tma_partition_on_host(p->tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sA()),
+    Tensor gB = block_tiles<BS, TRANS>(p->tma_b.get_tma_tensor(values_matrix_shape<BS, TRANS>(p->nnz)));
+    auto a_parts = tma_partition(p->tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sA()),
                                          group_modes<0, 2>(gA));
-    auto b_parts = tma_partition_on_host(p->tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sB()),
+    auto b_parts = tma_partition(p->tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sB()),
                                          group_modes<0, 2>(gB));
     const std::string at = what + " CTA " + std::to_string(cta);
     const auto load = [&](int step, int stage) {
@@ -435,8 +416,9 @@ void check_linear(const char* type, int M, int block_rows, int block_cols, int p
       emulate_copy(at, p->tma_b, get<0>(b_parts)(_, TRANS ? p->perm[j] : j), get<1>(b_parts)(_, stage), smem);
     };
 
-    // Step s: the line's s-th block in its storage order (block-CSR forward, CSC for dX), W[n][k] = values[block]
-    // [n][k] read as B(n, k) forward and as B(k, n) for dX, and A's rows of the M-tile at the block's reduction.
+    // Step s: the line's s-th block in its storage order (block-CSR forward, CSC for dX); B(n, k) is W at the line's
+    // n and the block's k: values[block][n][k] forward, values[block][k][n] for dX; A(m, k) is A's row of the M-tile
+    // at the block's k.
     const auto reduction_block = [&](int step) {
       return TRANS ? w.row_idx[w.col_ptr[line] + step] : w.col_idx[w.row_ptr[line] + step];
     };
@@ -486,9 +468,9 @@ void check_weight_grad_cta(const std::string& what, const WeightGradProblem& q, 
   Tensor gA = local_tile(p.tma_dy.get_tma_tensor(make_shape(p.N, p.M)), typename C::ATile{},
                          make_coord(tile_row, _));
   Tensor gB = local_tile(p.tma_x.get_tma_tensor(make_shape(p.K, p.M)), typename C::BTile{}, make_coord(tile_col, _));
-  auto a_parts = tma_partition_on_host(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sA()),
+  auto a_parts = tma_partition(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sA()),
                                        group_modes<0, 2>(gA));
-  auto b_parts = tma_partition_on_host(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sB()),
+  auto b_parts = tma_partition(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem.sB()),
                                        group_modes<0, 2>(gB));
   const auto load = [&](int step, int stage) {
     emulate_copy(what, p.tma_dy, get<0>(a_parts)(_, first_step + step), get<1>(a_parts)(_, stage), smem);
@@ -653,6 +635,8 @@ auto with_stdout_muted(const F& f) {
 template <class C, class Partition, class Descriptors, class AtomLayout>
 void check_wgmma_operand(const std::string& what, SharedMemory<C>& smem, GMMA::Major major, int extent,
                          const Partition& partition, const Descriptors& descriptors, const AtomLayout& atom_layout) {
+  // On the device a descriptor's start is the partition's first element's address plus the descriptors' offset from
+  // the first one (DescriptorIterator); on the host CuTe's start address is 0, the offset the same.
   const GmmaDescriptor first = descriptors(0, 0, 0, 0);
   const int64_t base = smem.offset(raw_pointer_cast(partition.data()));
   for (int s = 0; s < size<3>(partition); ++s) {
@@ -684,7 +668,14 @@ void check_wgmma_operand(const std::string& what, SharedMemory<C>& smem, GMMA::M
   }
 }
 
-template <class C, GMMA::Major MAJOR_A, GMMA::Major MAJOR_B>
+// A stage tile's major: K where the reduction index is the contiguous one (make_gmma_desc takes the tiles only in
+// the MMA's own majors).
+template <class SmemLayout>
+GMMA::Major major_of() {
+  return get_nonswizzle_portion(SmemLayout{})(0, 1, 0) == 1 ? GMMA::Major::K : GMMA::Major::MN;
+}
+
+template <class C>
 void check_wgmma_reads(const char* what) {
   using Atom = typename C::TiledMma::Atom;
   SharedMemory<C> smem;
@@ -696,17 +687,17 @@ void check_wgmma_reads(const char* what) {
     Tensor tCrA = with_stdout_muted([&] { return thread_mma.make_fragment_A(tCsA); });
     Tensor tCrB = with_stdout_muted([&] { return thread_mma.make_fragment_B(tCsB); });
     const std::string at = std::string(what) + " warp group " + std::to_string(warp_group);
-    check_wgmma_operand(at + " A", smem, MAJOR_A, size<0>(typename Atom::Shape_MNK{}), tCsA, tCrA,
-                        typename Atom::ALayout{});
-    check_wgmma_operand(at + " B", smem, MAJOR_B, size<1>(typename Atom::Shape_MNK{}), tCsB, tCrB,
-                        typename Atom::BLayout{});
+    check_wgmma_operand(at + " A", smem, major_of<typename C::SmemLayoutA>(), size<0>(typename Atom::Shape_MNK{}),
+                        tCsA, tCrA, typename Atom::ALayout{});
+    check_wgmma_operand(at + " B", smem, major_of<typename C::SmemLayoutB>(), size<1>(typename Atom::Shape_MNK{}),
+                        tCsB, tCrB, typename Atom::BLayout{});
   }
 }
 
-template <class C, GMMA::Major MAJOR_A, GMMA::Major MAJOR_B>
+template <class C>
 void check_consumers(const char* what) {
   check_accumulator_pairs<C>(what);
-  check_wgmma_reads<C, MAJOR_A, MAJOR_B>(what);
+  check_wgmma_reads<C>(what);
 }
 
 }  // namespace
@@ -717,13 +708,12 @@ int main() {
   using namespace sparsekern::cuda;
   using cutlass::bfloat16_t;
   using cutlass::half_t;
-  constexpr auto K = GMMA::Major::K, MN = GMMA::Major::MN;
-  check_consumers<LinearConfig<half_t, 64, false>, K, K>("linear fp16 bs 64");
-  check_consumers<LinearConfig<half_t, 64, true>, K, MN>("linear_dx fp16 bs 64");
-  check_consumers<LinearConfig<bfloat16_t, 128, false>, K, K>("linear bf16 bs 128");
-  check_consumers<LinearConfig<bfloat16_t, 128, true>, K, MN>("linear_dx bf16 bs 128");
-  check_consumers<SddmmConfig<half_t, 64>, MN, MN>("sddmm fp16 bs 64");
-  check_consumers<SddmmConfig<bfloat16_t, 128>, MN, MN>("sddmm bf16 bs 128");
+  check_consumers<LinearConfig<half_t, 64, false>>("linear fp16 bs 64");
+  check_consumers<LinearConfig<half_t, 64, true>>("linear_dx fp16 bs 64");
+  check_consumers<LinearConfig<bfloat16_t, 128, false>>("linear bf16 bs 128");
+  check_consumers<LinearConfig<bfloat16_t, 128, true>>("linear_dx bf16 bs 128");
+  check_consumers<SddmmConfig<half_t, 64>>("sddmm fp16 bs 64");
+  check_consumers<SddmmConfig<bfloat16_t, 128>>("sddmm bf16 bs 128");
 
   // (M, W's block-rows and block-columns, row padding in elements, seed)
   check_linear<half_t, 64, false>("fp16", 77, 3, 4, 8, 1);

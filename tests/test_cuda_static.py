@@ -4,8 +4,9 @@ sm_80 (A100) with the flags the build uses, then read ptxas' resource report and
 - no kernel spills registers (0 bytes spill stores/loads, no stack frame, no local loads/stores in the SASS);
 - the fp16/bf16 GEMMs run on tensor cores (HMMA) fed by ldmatrix (LDSM) from cp.async copies (LDGSTS);
 - the fp32 GEMMs use FFMA, also fed by cp.async, and no tensor cores;
-- the Hopper GEMMs (bsr_gemm_sm90.cu, CuTe, sm_90a only) run on wgmma (HGMMA) fed by TMA loads (UTMALDG) and
-  keep their TMA descriptors in the parameter space (no local memory: a copy there would break the loads);
+- the Hopper kernels (bsr_gemm_sm90.cu, bsr_conv_sm90.cu: CuTe, sm_90a only) run on wgmma (HGMMA) fed by TMA loads
+  (UTMALDG) and keep their TMA descriptors in the parameter space (no local memory: a copy there would break the
+  loads); on the host, their TMA tiles land where their wgmmas read them (tests/cuda_sm90_host_checks.cu);
 - every expected kernel instantiation is there (nothing silently compiled out);
 - the integer helpers (FastDivmod) give plain division's results, run on the host (tests/cuda_host_checks.cu).
 
@@ -25,17 +26,18 @@ from sparsekern._build_paths import cutlass_include
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("bsr_gemm_linear.cu", "bsr_gemm_wgrad.cu", "bsr_conv_dgrad.cu")
-HOPPER_SOURCE = "bsr_gemm_sm90.cu"  # sm_90a only; needs CUTLASS's headers
+HOPPER_SOURCES = ("bsr_gemm_sm90.cu", "bsr_conv_sm90.cu")  # sm_90a only; need CUTLASS's headers
 ARCHS = ("sm_90a", "sm_80")
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32", "N7cutlass6half_t": "fp16",
           "N7cutlass10bfloat16_t": "bf16"}
 # Instantiations per architecture, 3 dtypes x 4 block sizes times: bsr_gemm_kernel 3 (linear forward and input
 # gradient on a plain matrix, the convolution forward on the implicit im2col); weight_grad_kernel 4 ((sddmm,
 # scores) x (plain matrix, im2col)); conv_dgrad_kernel 1. Plus the 3 partial-sum kernels of the split SDDMM.
-# On sm_90a, the Hopper GEMMs, 2 dtypes x 2 block sizes times: bsr_gemm_sm90_kernel 2 (forward, input gradient),
-# bsr_sddmm_sm90_kernel 1, block_scores_sm90_kernel 1.
+# On sm_90a, the Hopper kernels, 2 dtypes x 2 block sizes times: bsr_gemm_sm90_kernel 2 (forward, input gradient),
+# 1 each of the SDDMM, the block scores and the convolution's three passes.
 EXPECTED = {"bsr_gemm_kernel": 36, "weight_grad_kernel": 48, "conv_dgrad_kernel": 12, "sum_partials_kernel": 3}
-EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8, "bsr_sddmm_sm90_kernel": 4, "block_scores_sm90_kernel": 4}
+EXPECTED_HOPPER = {"bsr_gemm_sm90_kernel": 8, "bsr_sddmm_sm90_kernel": 4, "block_scores_sm90_kernel": 4,
+                   "bsr_conv2d_sm90_kernel": 4, "bsr_conv2d_dgrad_sm90_kernel": 4, "bsr_conv2d_wgrad_sm90_kernel": 4}
 SASS_OPS = ("HMMA", "LDSM", "LDGSTS", "FFMA", "HGMMA", "UTMALDG", "LDL", "STL")
 
 
@@ -75,6 +77,7 @@ def _nvcc_flags():
 def _kernel_kind(name):
     """(kernel, dtype) of a mangled name, or None for anything else."""
     m = re.search(r"(bsr_gemm_kernel|bsr_gemm_sm90_kernel|bsr_sddmm_sm90_kernel|block_scores_sm90_kernel|"
+                  r"bsr_conv2d_sm90_kernel|bsr_conv2d_dgrad_sm90_kernel|bsr_conv2d_wgrad_sm90_kernel|"
                   r"weight_grad_kernel|conv_dgrad_kernel|sum_partials_kernel)"
                   r"I(6__half|13__nv_bfloat16|f|N7cutlass6half_t|N7cutlass10bfloat16_t)", name)
     return (m.group(1), DTYPES[m.group(2)]) if m else None
@@ -121,7 +124,7 @@ def _parse_sass(sass):
 def _compile(job):
     source, arch, out_dir = job
     cubin = out_dir / f"{Path(source).stem}.{arch}.cubin"
-    includes = [f"-I{CUTLASS}"] if source == HOPPER_SOURCE else []
+    includes = [f"-I{CUTLASS}"] if source in HOPPER_SOURCES else []
     cmd = [NVCC, "-cubin", f"-arch={arch}", *_nvcc_flags(), *includes, "-Xptxas", "-v",
            str(ROOT / "csrc" / "cuda" / source), "-o", str(cubin)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -143,7 +146,7 @@ def report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cuda_static")
     jobs = [(source, arch, out_dir) for source in SOURCES for arch in ARCHS]
     if CUTLASS is not None:
-        jobs.append((HOPPER_SOURCE, "sm_90a", out_dir))
+        jobs += [(source, "sm_90a", out_dir) for source in HOPPER_SOURCES]
     with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
         results = list(pool.map(_compile, jobs))
     return [record for per_job in results for record in per_job.values()]
@@ -197,6 +200,20 @@ def test_tensor_cores_and_async_copies(report, arch):
 def test_host_checks_of_the_integer_helpers(tmp_path):
     binary = tmp_path / "cuda_host_checks"
     cmd = [NVCC, "-arch=sm_80", *_nvcc_flags(), str(ROOT / "tests" / "cuda_host_checks.cu"), "-o", str(binary)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr
+
+
+@pytest.mark.skipif(CUTLASS is None, reason="no CUTLASS headers (pip install --no-deps nvidia-cutlass)")
+def test_hopper_tiles_land_where_the_wgmmas_read(tmp_path):
+    # The Hopper kernels' TMA copies, wgmma descriptors and accumulator pairs, emulated on the host
+    # (tests/cuda_sm90_host_checks.cu). Only host code runs, and it is the same for every -arch: sm_80 compiles the
+    # kernels' bodies as the trap stubs of the non-sm_90a images, a shorter build than sm_90a's.
+    binary = tmp_path / "cuda_sm90_host_checks"
+    cmd = [NVCC, "-arch=sm_80", *_nvcc_flags(), f"-I{CUTLASS}", str(ROOT / "tests" / "cuda_sm90_host_checks.cu"),
+           "-o", str(binary)]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)

@@ -4,7 +4,7 @@
 // A CTA owns a patch of 8 x 16 output pixels of one image (the MMA's 128 rows) and one block-row of W (bs output
 // channels), and walks the block-row's blocks. With in_channels a multiple of bs, a block's reduction range is one
 // tap (kh, kw) and one chunk of bs input channels, and at stride 1 the input pixels that tap reads for the patch are
-// an 8 x 16 patch of the image shifted by the tap: one 4-D TMA box [1, 8, 16, bs] of the NHWC image, at coordinates
+// an 8 x 16 patch of the image shifted by the tap: 4-D TMA boxes [1, 8, 16, 64 channels] of the NHWC image, at coordinates
 // that may lie outside the image (the padding), where TMA writes zeros. So there is no im2col, no per-pixel address
 // arithmetic and no mask. The box lands pixel by pixel, bs channels each, 128-byte swizzled: exactly the K-major
 // [128, bs] tile that wgmma reads. The block's values are the forward GEMM's B (bsr_gemm_sm90.cu).
@@ -60,8 +60,8 @@ bool encode_image(CUtensorMap* map, const void* image, int64_t batch, int64_t he
 // slabs of ROWS pixel rows, as the tiles are laid out (SwizzledTiles: the K-major [128, bs] tiles of the forward and
 // input-gradient passes and the MN-major [bs, 64] tiles of the filter gradient are both pixel-major in memory).
 template <int ROWS, int CHANNELS, int BOX, typename T>
-CUTE_DEVICE void load_pixels(const CUtensorMap* image_map, uint64_t& barrier, T* tile, int channel0, int w, int h,
-                             int image) {
+__device__ __forceinline__ void load_pixels(const CUtensorMap* image_map, uint64_t& barrier, T* tile, int channel0,
+                                            int w, int h, int image) {
   CUTE_UNROLL
   for (int slab = 0; slab < CHANNELS / BOX; ++slab) {
     SM90_TMA_LOAD_4D::copy(image_map, &barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
@@ -391,6 +391,16 @@ bool launch_wgrad(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status)
   return true;
 }
 
+// The stride-1 layers whose box coordinates (a patch's origin shifted by any tap, in either direction) fit int32.
+bool stride1_geometry(const ConvShape& s) {
+  const auto fits = [](int64_t kernel, int64_t dilation, int64_t pad, int64_t in, int64_t out) {
+    return (kernel - 1) * dilation + pad + (in > out ? in : out) + kPatchW < INT32_MAX;
+  };
+  return s.stride_h == 1 && s.stride_w == 1 && s.batch <= INT32_MAX &&
+         fits(s.kernel_h, s.dil_h, s.pad_top, s.height, s.out_h) &&
+         fits(s.kernel_w, s.dil_w, s.pad_left, s.width, s.out_w);
+}
+
 }  // namespace
 
 bool bsr_conv2d_wgrad_sm90(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status) {
@@ -398,7 +408,7 @@ bool bsr_conv2d_wgrad_sm90(const SddmmArgs& a, cudaStream_t stream, LaunchStatus
   if (in.conv == nullptr) return false;
   const ConvShape& s = *in.conv;
   const bool takes = tensor_core_case(in.type, in.block_size) && a.nnz > 0 && a.nnz <= INT32_MAX &&
-                     s.stride_h == 1 && s.stride_w == 1 && s.channels % in.block_size == 0 &&
+                     stride1_geometry(s) && s.channels % in.block_size == 0 &&
                      in.N % in.block_size == 0 && aligned16(in.dy) && aligned16(in.x) && a.splits >= 1 &&
                      a.splits <= 65535 && (a.splits == 1 || a.partial != nullptr) && s.batch <= INT32_MAX;
   if (!takes || !device_runs_sm90a()) return false;
@@ -413,7 +423,7 @@ bool bsr_conv2d_wgrad_sm90(const SddmmArgs& a, cudaStream_t stream, LaunchStatus
 bool bsr_conv2d_dgrad_sm90(const ConvDgradArgs& a, cudaStream_t stream, LaunchStatus* status) {
   const ConvShape& s = a.shape;
   const bool takes = tensor_core_case(a.type, a.block_size) && a.nnz > 0 && a.nnz * a.block_size <= INT32_MAX &&
-                     s.stride_h == 1 && s.stride_w == 1 && s.channels % a.block_size == 0 &&
+                     stride1_geometry(s) && s.channels % a.block_size == 0 &&
                      a.out_channels % a.block_size == 0 && aligned16(a.dy) && aligned16(a.values) &&
                      s.batch <= INT32_MAX && s.height * s.width <= INT32_MAX && s.channels <= INT32_MAX;
   if (!takes || !device_runs_sm90a()) return false;
@@ -429,7 +439,7 @@ bool bsr_conv2d_sm90(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* st
   if (a.conv == nullptr) return false;
   const ConvShape& s = *a.conv;
   const bool takes = tensor_core_case(a.type, a.block_size) && a.nnz > 0 && a.nnz * a.block_size <= INT32_MAX &&
-                     s.stride_h == 1 && s.stride_w == 1 && s.channels % a.block_size == 0 &&
+                     stride1_geometry(s) && s.channels % a.block_size == 0 &&
                      a.out_cols % a.block_size == 0 && a.out_cols <= INT32_MAX && aligned16(a.a) &&
                      aligned16(a.values) && s.batch <= INT32_MAX && s.out_h * s.out_w <= INT32_MAX;
   if (!takes || !device_runs_sm90a()) return false;

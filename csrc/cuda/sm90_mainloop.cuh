@@ -78,7 +78,7 @@ enum class Accumulation { kChained, kNearest };
 // acc += the stage's products, each k16 step from zero into one of two alternating scratch tiles, added with FADD
 // once it lands; the next step's wgmma runs meanwhile.
 template <class TiledMma, class FragA, class FragB, class Acc>
-CUTE_DEVICE void accumulate_nearest(TiledMma& mma, const FragA& a, const FragB& b, Acc& acc) {
+__device__ __forceinline__ void accumulate_nearest(TiledMma& mma, const FragA& a, const FragB& b, Acc& acc) {
   Tensor scratch0 = make_fragment_like(acc);
   Tensor scratch1 = make_fragment_like(acc);
   constexpr int kSteps = decltype(size<2>(a))::value;
@@ -116,8 +116,8 @@ CUTE_DEVICE void accumulate_nearest(TiledMma& mma, const FragA& a, const FragB& 
 // `load(step, stage, barrier)`, which issues the TMA copies of a step into a stage; `epilogue(acc, coords)` runs in
 // the consumer threads with the fp32 sums and each one's (row, column) in the [TM, TN] tile.
 template <class C, Accumulation ACCUMULATION = Accumulation::kChained, class MakeLoader, class Epilogue>
-CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLoader& make_loader,
-                              const Epilogue& epilogue) {
+__device__ __forceinline__ void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLoader& make_loader,
+                                             const Epilogue& epilogue) {
   using Pipeline = typename C::Pipeline;
   using PipelineState = typename Pipeline::PipelineState;
   auto& shared = *reinterpret_cast<typename C::SharedStorage*>(
@@ -195,7 +195,7 @@ CUTE_DEVICE void run_mainloop(unsigned char* smem_raw, int n_steps, const MakeLo
 // pairs of adjacent columns (PTX ISA, wgmma .m64nNk16 D layout), so value i is column c and value i + 1 column c + 1
 // for even i; rows of N or K (multiples of bs) elements keep the pair 4-byte aligned.
 template <typename T>
-CUTE_DEVICE void store_pair(T* at, float v0, float v1) {
+__device__ __forceinline__ void store_pair(T* at, float v0, float v1) {
   cutlass::AlignedArray<T, 2> pair;
   pair[0] = T(v0);
   pair[1] = T(v1);
@@ -230,7 +230,7 @@ CUTE_HOST_DEVICE auto values_matrix_stride() {
 
 // The values matrix cut into its blocks: (bs, bs, block).
 template <int BS, bool TRANS, class ValuesMatrix>
-CUTE_DEVICE auto block_tiles(const ValuesMatrix& values) {
+CUTE_HOST_DEVICE auto block_tiles(const ValuesMatrix& values) {
   if constexpr (TRANS) {
     return local_tile(values, Shape<Int<BS>, Int<BS>>{}, make_coord(0, _));
   } else {
