@@ -69,6 +69,15 @@ __device__ __forceinline__ void load_pixels(const CUtensorMap* image_map, uint64
   }
 }
 
+// Patch `patch` of an image grid of patches_h x patches_w patches of patch_h x 16 pixels, image-major.
+struct Patch {
+  int image, h0, w0;
+};
+
+[[maybe_unused]] __device__ __forceinline__ Patch patch_at(int patch, int patches_h, int patches_w, int patch_h) {
+  return {patch / (patches_w * patches_h), patch / patches_w % patches_h * patch_h, patch % patches_w * kPatchW};
+}
+
 template <typename T, class TmaB>
 struct ConvParams {
   CUtensorMap image;  // x as (C, W, H, B): boxes of 64 channels x 16 x 8 x 1, 128-byte swizzled, zeros outside
@@ -88,10 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
   extern __shared__ unsigned char smem_raw[];
   // Block-row fastest: consecutive CTAs read the same image patch while it is in L2.
   const int line = static_cast<int>(blockIdx.x % p.n_lines);
-  const int patch = static_cast<int>(blockIdx.x / p.n_lines);
-  const int ow0 = patch % p.patches_w * kPatchW;
-  const int oh0 = patch / p.patches_w % p.patches_h * kPatchH;
-  const int image = patch / (p.patches_w * p.patches_h);
+  const Patch out_patch = patch_at(static_cast<int>(blockIdx.x / p.n_lines), p.patches_h, p.patches_w, kPatchH);
   const int first = p.row_ptr[line];
   const int n_blocks = p.row_ptr[line + 1] - first;
 
@@ -102,14 +108,15 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
     auto b_parts = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
     T* a_stages = raw_pointer_cast(sA.data());
     // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
-    return [&p, first, oh0, ow0, image, a_stages, b_parts](int step, int stage, uint64_t& barrier) {
+    return [&p, first, out_patch, a_stages, b_parts](int step, int stage, uint64_t& barrier) {
       const int j = first + step;
       const int block_col = p.col_idx[j];
       const int tap = block_col / p.chunks_per_tap;
       const int channel0 = block_col % p.chunks_per_tap * BS;
-      const int h = oh0 + tap / p.kernel_w * p.dil_h - p.pad_top;
-      const int w = ow0 + tap % p.kernel_w * p.dil_w - p.pad_left;
-      load_pixels<kBM, BS, kBoxChannels>(&p.image, barrier, a_stages + stage * (kBM * BS), channel0, w, h, image);
+      const int h = out_patch.h0 + tap / p.kernel_w * p.dil_h - p.pad_top;
+      const int w = out_patch.w0 + tap % p.kernel_w * p.dil_w - p.pad_left;
+      load_pixels<kBM, BS, kBoxChannels>(&p.image, barrier, a_stages + stage * (kBM * BS), channel0, w, h,
+                                         out_patch.image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, j), get<1>(b_parts)(_, stage));
     };
   };
@@ -122,15 +129,15 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
     for (int i = 0; i < size(acc); i += 2) {
       const int row = get<0>(coords(i));
       const int col = get<1>(coords(i));
-      const int oh = oh0 + row / kPatchW;
-      const int ow = ow0 + row % kPatchW;
+      const int oh = out_patch.h0 + row / kPatchW;
+      const int ow = out_patch.w0 + row % kPatchW;
       if (oh < p.out_h && ow < p.out_w) {
         float v0 = acc(i), v1 = acc(i + 1);
         if (p.bias != nullptr) {
           v0 += static_cast<float>(p.bias[col0 + col]);
           v1 += static_cast<float>(p.bias[col0 + col + 1]);
         }
-        const int64_t pixel = (static_cast<int64_t>(image) * p.out_h + oh) * p.out_w + ow;
+        const int64_t pixel = (static_cast<int64_t>(out_patch.image) * p.out_h + oh) * p.out_w + ow;
         store_pair(p.out + pixel * p.N + col0 + col, v0, v1);
       }
     }
@@ -196,10 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE
   extern __shared__ unsigned char smem_raw[];
   // Channel chunk fastest: consecutive CTAs read the same dY patches while they are in L2.
   const int chunk = static_cast<int>(blockIdx.x % p.chunks_per_tap);
-  const int patch = static_cast<int>(blockIdx.x / p.chunks_per_tap);
-  const int iw0 = patch % p.patches_w * kPatchW;
-  const int ih0 = patch / p.patches_w % p.patches_h * kPatchH;
-  const int image = patch / (p.patches_w * p.patches_h);
+  const Patch in_patch = patch_at(static_cast<int>(blockIdx.x / p.chunks_per_tap), p.patches_h, p.patches_w, kPatchH);
   // The steps: the blocks of the chunk's block-column at every tap, tap by tap.
   int n_steps = 0;
   for (int tap = 0; tap < p.taps; ++tap) {
@@ -215,18 +219,18 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE
     T* a_stages = raw_pointer_cast(sA.data());
     // The walk's cursor: position q in the block-column of `tap` (the producer calls this once per step, in order).
     // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
-    return [&p, chunk, ih0, iw0, image, a_stages, b_parts, tap = -1, q = 0, end = 0](int, int stage,
-                                                                                      uint64_t& barrier) mutable {
+    return [&p, chunk, in_patch, a_stages, b_parts, tap = -1, q = 0, end = 0](int, int stage,
+                                                                               uint64_t& barrier) mutable {
       while (q == end) {
         ++tap;
         q = p.col_ptr[tap * p.chunks_per_tap + chunk];
         end = p.col_ptr[tap * p.chunks_per_tap + chunk + 1];
       }
       // dX at (ih, iw) takes dY at (ih + pad - kh * dil, iw + pad - kw * dil) through this tap (stride 1).
-      const int h = ih0 + p.pad_top - tap / p.kernel_w * p.dil_h;
-      const int w = iw0 + p.pad_left - tap % p.kernel_w * p.dil_w;
+      const int h = in_patch.h0 + p.pad_top - tap / p.kernel_w * p.dil_h;
+      const int w = in_patch.w0 + p.pad_left - tap % p.kernel_w * p.dil_w;
       load_pixels<kBM, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kBM * BS), p.row_idx[q] * BS, w, h,
-                                         image);
+                                         in_patch.image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, p.perm[q]), get<1>(b_parts)(_, stage));
       ++q;
     };
@@ -238,10 +242,10 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE
     CUTE_UNROLL
     for (int i = 0; i < size(acc); i += 2) {
       const int row = get<0>(coords(i));
-      const int ih = ih0 + row / kPatchW;
-      const int iw = iw0 + row % kPatchW;
+      const int ih = in_patch.h0 + row / kPatchW;
+      const int iw = in_patch.w0 + row % kPatchW;
       if (ih < p.height && iw < p.width) {
-        const int64_t pixel = (static_cast<int64_t>(image) * p.height + ih) * p.width + iw;
+        const int64_t pixel = (static_cast<int64_t>(in_patch.image) * p.height + ih) * p.width + iw;
         store_pair(p.dx + pixel * p.channels + channel0 + get<1>(coords(i)), acc(i), acc(i + 1));
       }
     }
@@ -327,28 +331,17 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_wgrad_sm90_kernel(CUTE
             grad_channel0 = p.coo_row[block] * BS, image_channel0 = block_col % p.chunks_per_tap * BS,
             dh = tap / p.kernel_w * p.dil_h - p.pad_top,
             dw = tap % p.kernel_w * p.dil_w - p.pad_left](int step, int stage, uint64_t& barrier) {
-      const int patch = first_patch + step;
-      const int ow0 = patch % p.patches_w * kPatchW;
-      const int oh0 = patch / p.patches_w % p.patches_h * kWgradPatchH;
-      const int image = patch / (p.patches_w * p.patches_h);
+      const Patch at = patch_at(first_patch + step, p.patches_h, p.patches_w, kWgradPatchH);
       load_pixels<kStepRows, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kStepRows * BS), grad_channel0,
-                                               ow0, oh0, image);
+                                               at.w0, at.h0, at.image);
       load_pixels<kStepRows, BS, kImageBox>(&p.image, barrier, b_stages + stage * (kStepRows * BS), image_channel0,
-                                            ow0 + dw, oh0 + dh, image);
+                                            at.w0 + dw, at.h0 + dh, at.image);
     };
   };
 
-  // The block [bs, bs] row-major, or this split's fp32 partial of it (as bsr_sddmm_sm90_kernel).
+  // The block, or this split's fp32 partial of it.
   const auto epilogue = [&](const auto& acc, const auto& coords) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      const int64_t at = block * (BS * BS) + get<0>(coords(i)) * BS + get<1>(coords(i));
-      if (p.partial == nullptr) {
-        store_pair(p.out + at, acc(i), acc(i + 1));
-      } else {
-        *reinterpret_cast<float2*>(p.partial + split * p.nnz * (BS * BS) + at) = make_float2(acc(i), acc(i + 1));
-      }
-    }
+    store_block_tile<BS>(acc, coords, p.out, p.partial, block, split, p.nnz);
   };
   run_mainloop<C>(smem_raw, n_steps, make_loader, epilogue);
 #else

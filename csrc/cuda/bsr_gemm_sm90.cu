@@ -180,17 +180,9 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_sddmm_sm90_kernel(CUTE_GRID_C
     };
   };
 
-  // The block [bs, bs] row-major (no padding here), or this chunk's fp32 partial of it.
+  // The block (no padding here), or this chunk's fp32 partial of it.
   const auto epilogue = [&](const auto& acc, const auto& coords) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      const int64_t at = block * (BS * BS) + get<0>(coords(i)) * BS + get<1>(coords(i));
-      if (p.partial == nullptr) {
-        store_pair(p.out + at, acc(i), acc(i + 1));
-      } else {
-        *reinterpret_cast<float2*>(p.partial + split * p.nnz * (BS * BS) + at) = make_float2(acc(i), acc(i + 1));
-      }
-    }
+    store_block_tile<BS>(acc, coords, p.out, p.partial, block, split, p.nnz);
   };
   run_mainloop<C>(smem_raw, n_steps, make_loader, epilogue);
 #else

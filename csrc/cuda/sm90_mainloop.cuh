@@ -202,6 +202,22 @@ __device__ __forceinline__ void store_pair(T* at, float v0, float v1) {
   *reinterpret_cast<cutlass::AlignedArray<T, 2>*>(at) = pair;
 }
 
+// A weight-gradient tile written out: the stored block `block` [bs, bs] row-major in `out` with one split of M, or
+// split `split`'s fp32 partial of it in `partial` [splits, nnz, bs, bs] with several.
+template <int BS, typename T, class Acc, class Coords>
+__device__ __forceinline__ void store_block_tile(const Acc& acc, const Coords& coords, T* out, float* partial,
+                                                 int64_t block, int split, int64_t nnz) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const int64_t at = block * (BS * BS) + get<0>(coords(i)) * BS + get<1>(coords(i));
+    if (partial == nullptr) {
+      store_pair(out + at, acc(i), acc(i + 1));
+    } else {
+      *reinterpret_cast<float2*>(partial + split * nnz * (BS * BS) + at) = make_float2(acc(i), acc(i + 1));
+    }
+  }
+}
+
 // The forward and input-gradient tiles (also the convolution's forward): 128 dense rows x one line of W.
 constexpr int kBM = 128;
 
