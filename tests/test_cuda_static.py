@@ -207,13 +207,15 @@ def test_host_checks_of_the_integer_helpers(tmp_path):
 
 
 @pytest.mark.skipif(CUTLASS is None, reason="no CUTLASS headers (pip install --no-deps nvidia-cutlass)")
-def test_hopper_tiles_land_where_the_wgmmas_read(tmp_path):
-    # The Hopper kernels' TMA copies, wgmma descriptors and accumulator pairs, emulated on the host
-    # (tests/cuda_sm90_host_checks.cu). Only host code runs, and it is the same for every -arch: sm_80 compiles the
-    # kernels' bodies as the trap stubs of the non-sm_90a images, a shorter build than sm_90a's.
-    binary = tmp_path / "cuda_sm90_host_checks"
-    cmd = [NVCC, "-arch=sm_80", *_nvcc_flags(), f"-I{CUTLASS}", str(ROOT / "tests" / "cuda_sm90_host_checks.cu"),
-           "-o", str(binary)]
+@pytest.mark.parametrize("checks", ["cuda_sm90_host_checks.cu", "cuda_sm90_conv_host_checks.cu"])
+def test_hopper_tiles_land_where_the_wgmmas_read(tmp_path, checks):
+    # The Hopper kernels' TMA copies emulated on the host: the GEMMs' tiles, wgmma descriptors and accumulator pairs
+    # (tests/cuda_sm90_host_checks.cu); the convolutions' kernels run on the host end to end, their tiles and outputs
+    # against direct loops (tests/cuda_sm90_conv_host_checks.cu). Only host code runs, and it is the same for every
+    # -arch: sm_80 is the shorter build (the GEMMs' kernel bodies are the trap stubs of the non-sm_90a images there;
+    # the convolutions' kernels are compiled as host functions).
+    binary = tmp_path / Path(checks).stem
+    cmd = [NVCC, "-arch=sm_80", *_nvcc_flags(), f"-I{CUTLASS}", str(ROOT / "tests" / checks), "-o", str(binary)]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
