@@ -7,7 +7,7 @@
 //   - TMA: the 4-D image boxes of load_pixels (SM90_TMA_LOAD_4D) and the boxes of the CuTe atom that loads the
 //     blocks' values (CuTe's own copy runs, down to the instruction) are written box by box into a host image of the
 //     CTA's shared memory, swizzled and zero-filled past the tensor's edge as the hardware does, each 2-byte slot
-//     holding the id of the element it received (as in cuda_sm90_host_checks.cu, whose emulation this follows);
+//     holding the id of the element it received (sm90_host_emulation.h's emulation, shared with cuda_sm90_host_checks.cu);
 //   - run_mainloop: the producer's steps in order, each into stage step % kStages; each stage, once loaded, is
 //     checked and its A and B tiles (read through the kernels' smem layouts) multiplied in float64 into the CTA's
 //     [TM, TN] sums, which go to the kernel's epilogue thread by consumer thread, at the coordinates that
@@ -30,14 +30,7 @@
 // Which block each CTA's step takes (forward_tiles, dgrad_tiles, wgrad_tiles) is the test's statement of the kernels'
 // grid order; the consumers' side (what the wgmmas read, the accumulator pairs) is the GEMMs' configurations' and is
 // checked in cuda_sm90_host_checks.cu. Prints "ok ..." and exits 0, else the first failures and exits 1.
-#define CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL 1
-
-// CuTe's device-only layout helpers (tma_partition, called by the kernels' loaders) callable here too.
-#include <cute/config.hpp>
-#undef CUTE_DEVICE
-#define CUTE_DEVICE CUTE_HOST_DEVICE
-
-#include <cuda.h>
+#include "sm90_host_emulation.h"  // first: the cuTensorMapEncodeTiled stub, CUTE_DEVICE, the TMA box emulation
 
 #include <algorithm>
 #include <cstdarg>
@@ -49,42 +42,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-// cuTensorMapEncodeTiled's arguments: the tensor (global strides in bytes, of dimensions 1..rank-1), the box and how
-// it lands in shared memory.
-struct TmaRecord {
-  CUtensorMapDataType type;
-  int rank;
-  uint64_t address;
-  uint64_t dims[5], strides[5];
-  uint32_t box[5], element_strides[5];
-  CUtensorMapInterleave interleave;
-  CUtensorMapSwizzle swizzle;
-  CUtensorMapFloatOOBfill oob_fill;
-};
-std::vector<TmaRecord> tma_records;
-
-// No driver here: the descriptor keeps the index of its arguments in tma_records. CuTe's make_tma_atom and the
-// kernels' encode_image call it directly (CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL).
-extern "C" CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank,
-                                                   void* address, const cuuint64_t* dims, const cuuint64_t* strides,
-                                                   const cuuint32_t* box, const cuuint32_t* element_strides,
-                                                   CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
-                                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill oob_fill) {
-  if (rank < 1 || rank > 5) return CUDA_ERROR_INVALID_VALUE;
-  TmaRecord r{type, static_cast<int>(rank), reinterpret_cast<uint64_t>(address), {}, {}, {}, {}, interleave, swizzle,
-              oob_fill};
-  for (cuuint32_t i = 0; i < rank; ++i) {
-    r.dims[i] = dims[i];
-    r.strides[i] = i == 0 ? 0 : strides[i - 1];
-    r.box[i] = box[i];
-    r.element_strides[i] = element_strides[i];
-  }
-  *map = CUtensorMap{};
-  map->opaque[0] = tma_records.size();
-  tma_records.push_back(r);
-  return CUDA_SUCCESS;
-}
 
 #include "cuda/sm90_mainloop.cuh"
 
@@ -228,60 +185,18 @@ int64_t* slot(const void* p) {
   return offset >= 0 && offset / 2 < static_cast<int64_t>(slots.size()) ? &slots[offset / 2] : nullptr;
 }
 
-int swizzle_bytes(CUtensorMapSwizzle swizzle) {
-  switch (swizzle) {
-    case CU_TENSOR_MAP_SWIZZLE_32B: return 32;
-    case CU_TENSOR_MAP_SWIZZLE_64B: return 64;
-    case CU_TENSOR_MAP_SWIZZLE_128B: return 128;
-    default: return 0;
-  }
-}
-
-// What the box emulation takes for granted, from cuTensorMapEncodeTiled's rules; the box's inner extent fills the
-// swizzle's rows exactly, as the kernels make it.
+// What the box emulation takes for granted of a descriptor (sm90_host_emulation.h).
 void check_descriptor(const TmaRecord& d) {
-  bool ok = d.type == expected.type && d.interleave == CU_TENSOR_MAP_INTERLEAVE_NONE &&
-            d.oob_fill == CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE && d.address % 16 == 0 &&
-            d.box[0] * 2 == static_cast<uint32_t>(swizzle_bytes(d.swizzle));
-  for (int i = 0; i < d.rank; ++i) {
-    ok = ok && d.box[i] >= 1 && d.box[i] <= 256 && d.element_strides[i] == 1 && d.strides[i] % 16 == 0;
-  }
-  if (!ok) {
-    fail("%s: a TMA descriptor this test cannot emulate, or the hardware would refuse (type %d, swizzle %d, box[0] %u)",
-         expected.what.c_str(), static_cast<int>(d.type), static_cast<int>(d.swizzle), d.box[0]);
-  }
+  const std::string problem = tma_descriptor_problem(d, expected.type);
+  if (!problem.empty()) fail("%s: %s", expected.what.c_str(), problem.c_str());
 }
 
-// One TMA box as the hardware writes it: its elements in order, dimension 0 fastest, fill the destination densely,
-// then the swizzle moves each 16-byte chunk, XORing the shared address's bits from 4 with those from 7 (as many as
-// the swizzle span has 16-byte chunks, log2); the destination is aligned to the pattern's repeat, as TMA requires.
-// Elements whose coordinates fall outside the tensor (negative ones too) are zero-filled.
+// One TMA box into the CTA's shared memory, emulated as the hardware writes it (sm90_host_emulation.h).
 void emulate_box(const TmaRecord& d, const int32_t* coord, int64_t dst) {
-  const int chunks = swizzle_bytes(d.swizzle) / 16;
-  if (dst % (128 * chunks) != 0) {
-    fail("%s: a TMA box to shared offset %lld, off its swizzle pattern", where.c_str(), static_cast<long long>(dst));
-  }
-  int64_t elements = 1;
-  for (int i = 0; i < d.rank; ++i) elements *= d.box[i];
-  for (int64_t e = 0; e < elements; ++e) {
-    int64_t rest = e, global = static_cast<int64_t>(d.address);
-    bool inside = true;
-    for (int i = 0; i < d.rank; ++i) {
-      const int64_t c = coord[i] + rest % d.box[i];
-      rest /= d.box[i];
-      inside = inside && c >= 0 && c < static_cast<int64_t>(d.dims[i]);
-      global += c * (i == 0 ? 2 : static_cast<int64_t>(d.strides[i]));
-    }
-    int64_t at = dst + e * 2;
-    at ^= ((at >> 7) & (chunks - 1)) << 4;
-    int64_t* s = slot(smem_raw + at);
-    if (s == nullptr || *s != kEmpty) {
-      return fail("%s: a TMA box writes shared offset %lld %s", where.c_str(), static_cast<long long>(at),
-                  s == nullptr ? "outside the shared memory" : "twice");
-    }
-    *s = inside ? global / 2 : 0;
-    counts.zero_filled += !inside;
-  }
+  const int64_t elements = emulate_tma_box(
+      d, coord, dst, kEmpty, [](int64_t at) { return slot(smem_raw + at); },
+      [](const std::string& problem) { fail("%s: %s", where.c_str(), problem.c_str()); }, &counts.zero_filled);
+  if (elements < 0) return;
   bytes_written += elements * 2;
   ++counts.boxes;
 }

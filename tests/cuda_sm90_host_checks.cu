@@ -16,19 +16,13 @@
 //      element that the tiled MMA assigns to it.
 // Prints "ok ..." and exits 0, else the first failures and exits 1.
 //
-// Emulated rather than run: cuTensorMapEncodeTiled (the stub below keeps its arguments; CuTe calls it directly with
+// Emulated rather than run: cuTensorMapEncodeTiled (the stub in sm90_host_emulation.h keeps its arguments; CuTe calls it directly with
 // CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL, where the build looks it up through the runtime), the TMA and wgmma
 // address arithmetic, and the producer's loop, restated from the kernels' make_loader (device code); CuTe's layout
 // helpers that are declared device-only (tma_partition) are made callable here by defining CUTE_DEVICE as
 // host-and-device before CuTe is included.
-#define CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL 1
+#include "sm90_host_emulation.h"  // first: the cuTensorMapEncodeTiled stub, CUTE_DEVICE, the TMA box emulation
 
-// CuTe's device-only layout helpers (tma_partition) callable here too.
-#include <cute/config.hpp>
-#undef CUTE_DEVICE
-#define CUTE_DEVICE CUTE_HOST_DEVICE
-
-#include <cuda.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -40,41 +34,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-// cuTensorMapEncodeTiled's arguments: the tensor (global strides in bytes, of dimensions 1..rank-1), the box and how
-// it lands in shared memory.
-struct TmaRecord {
-  CUtensorMapDataType type;
-  int rank;
-  uint64_t address;
-  uint64_t dims[5], strides[5];
-  uint32_t box[5], element_strides[5];
-  CUtensorMapInterleave interleave;
-  CUtensorMapSwizzle swizzle;
-  CUtensorMapFloatOOBfill oob_fill;
-};
-std::vector<TmaRecord> tma_records;
-
-// No driver here: the descriptor keeps the index of its arguments in tma_records.
-extern "C" CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank,
-                                                   void* address, const cuuint64_t* dims, const cuuint64_t* strides,
-                                                   const cuuint32_t* box, const cuuint32_t* element_strides,
-                                                   CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
-                                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill oob_fill) {
-  if (rank < 1 || rank > 5) return CUDA_ERROR_INVALID_VALUE;
-  TmaRecord r{type, static_cast<int>(rank), reinterpret_cast<uint64_t>(address), {}, {}, {}, {}, interleave, swizzle,
-              oob_fill};
-  for (cuuint32_t i = 0; i < rank; ++i) {
-    r.dims[i] = dims[i];
-    r.strides[i] = i == 0 ? 0 : strides[i - 1];
-    r.box[i] = box[i];
-    r.element_strides[i] = element_strides[i];
-  }
-  *map = CUtensorMap{};
-  map->opaque[0] = tma_records.size();
-  tma_records.push_back(r);
-  return CUDA_SUCCESS;
-}
 
 #include "cuda/bsr_gemm_sm90.cu"
 
@@ -243,62 +202,21 @@ struct SharedMemory {
   }
 };
 
-int swizzle_bytes(CUtensorMapSwizzle swizzle) {
-  switch (swizzle) {
-    case CU_TENSOR_MAP_SWIZZLE_32B: return 32;
-    case CU_TENSOR_MAP_SWIZZLE_64B: return 64;
-    case CU_TENSOR_MAP_SWIZZLE_128B: return 128;
-    default: return 0;
-  }
-}
-
-// What the box emulation takes for granted, from cuTensorMapEncodeTiled's rules; the box's inner extent fills the
-// swizzle's rows exactly, as CuTe makes it.
+// What the box emulation takes for granted of a descriptor (sm90_host_emulation.h).
 void check_descriptor(const std::string& what, const TmaRecord& d, CUtensorMapDataType type) {
-  bool ok = d.type == type && d.interleave == CU_TENSOR_MAP_INTERLEAVE_NONE &&
-            d.oob_fill == CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE && d.address % 16 == 0 &&
-            d.box[0] * 2 == static_cast<uint32_t>(swizzle_bytes(d.swizzle));
-  for (int i = 0; i < d.rank; ++i) {
-    ok = ok && d.box[i] >= 1 && d.box[i] <= 256 && d.element_strides[i] == 1 && d.strides[i] % 16 == 0;
-  }
-  if (!ok) {
-    fail("%s: a TMA descriptor this test cannot emulate, or the hardware would refuse (type %d, swizzle %d, box[0] %u)",
-         what.c_str(), static_cast<int>(d.type), static_cast<int>(d.swizzle), d.box[0]);
-  }
+  const std::string problem = tma_descriptor_problem(d, type);
+  if (!problem.empty()) fail("%s: %s", what.c_str(), problem.c_str());
 }
 
-// One TMA box as the hardware writes it: its elements in order, dimension 0 fastest, fill the destination densely,
-// then the swizzle moves each 16-byte chunk, XORing the shared address's bits from 4 with those from 7 (as many as
-// the swizzle span has 16-byte chunks, log2); the destination is aligned to the pattern's repeat, as TMA requires.
-// Elements whose coordinates fall past the tensor's edge are zero-filled.
+// One TMA box into the CTA's shared memory, emulated as the hardware writes it (sm90_host_emulation.h).
 template <class C>
 void emulate_box(const std::string& what, const TmaRecord& d, const int32_t* coord, int64_t dst,
                  SharedMemory<C>& smem) {
-  const int chunks = swizzle_bytes(d.swizzle) / 16;
-  if (dst % (128 * chunks) != 0) {
-    fail("%s: a TMA box to shared offset %lld, off its swizzle pattern", what.c_str(), static_cast<long long>(dst));
-  }
-  int64_t elements = 1;
-  for (int i = 0; i < d.rank; ++i) elements *= d.box[i];
-  for (int64_t e = 0; e < elements; ++e) {
-    int64_t rest = e, global = static_cast<int64_t>(d.address);
-    bool inside = true;
-    for (int i = 0; i < d.rank; ++i) {
-      const int64_t c = coord[i] + rest % d.box[i];
-      rest /= d.box[i];
-      inside = inside && c >= 0 && c < static_cast<int64_t>(d.dims[i]);
-      global += c * (i == 0 ? 2 : static_cast<int64_t>(d.strides[i]));
-    }
-    int64_t at = dst + e * 2;
-    at ^= ((at >> 7) & (chunks - 1)) << 4;
-    int64_t* slot = smem.slot(at);
-    if (slot == nullptr || *slot != kEmpty) {
-      fail("%s: a TMA box writes shared offset %lld %s", what.c_str(), static_cast<long long>(at),
-           slot == nullptr ? "outside the shared memory" : "twice");
-      return;
-    }
-    *slot = inside ? global / 2 : 0;
-  }
+  int64_t zero_filled = 0;
+  const int64_t elements = emulate_tma_box(
+      d, coord, dst, kEmpty, [&](int64_t at) { return smem.slot(at); },
+      [&](const std::string& problem) { fail("%s: %s", what.c_str(), problem.c_str()); }, &zero_filled);
+  if (elements < 0) return;
   smem.bytes_written += elements * 2;
   ++counts.boxes;
 }

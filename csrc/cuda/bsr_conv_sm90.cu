@@ -4,9 +4,9 @@
 // A CTA owns a patch of 8 x 16 output pixels of one image (the MMA's 128 rows) and one block-row of W (bs output
 // channels), and walks the block-row's blocks. With in_channels a multiple of bs, a block's reduction range is one
 // tap (kh, kw) and one chunk of bs input channels, and at stride 1 the input pixels that tap reads for the patch are
-// an 8 x 16 patch of the image shifted by the tap: 4-D TMA boxes [1, 8, 16, 64 channels] of the NHWC image, at coordinates
-// that may lie outside the image (the padding), where TMA writes zeros. So there is no im2col, no per-pixel address
-// arithmetic and no mask. The box lands pixel by pixel, bs channels each, 128-byte swizzled: exactly the K-major
+// an 8 x 16 patch of the image shifted by the tap: 4-D TMA boxes [1, 8, 16, 64 channels] of the NHWC image, at
+// coordinates that may lie outside the image (the padding), where TMA writes zeros. So there is no im2col, no
+// per-pixel address arithmetic and no mask. The boxes land pixel by pixel, 128-byte swizzled: exactly the K-major
 // [128, bs] tile that wgmma reads. The block's values are the forward GEMM's B (bsr_gemm_sm90.cu).
 // The input gradient is the same walk mirrored: a CTA owns a patch of 8 x 16 input pixels and one chunk of bs input
 // channels; every tap's block-column for that chunk holds the blocks it needs (through the transposed index), and
@@ -78,6 +78,26 @@ struct Patch {
   return {patch / (patches_w * patches_h), patch / patches_w % patches_h * patch_h, patch % patches_w * kPatchW};
 }
 
+// What the three kernels' steps need of a layer: the grid of patches (of patch_h x 16 pixels) that their CTAs or
+// steps walk, and where each tap of a block-column reads.
+struct TapGeometry {
+  int patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+};
+
+TapGeometry tap_geometry(const ConvShape& s, int block_size, int64_t height, int64_t width, int patch_h) {
+  return {static_cast<int>((height + patch_h - 1) / patch_h), static_cast<int>((width + kPatchW - 1) / kPatchW),
+          static_cast<int>(s.channels / block_size), s.kernel_w, s.dil_h, s.dil_w, s.pad_top, s.pad_left};
+}
+
+// The input pixel that `tap` pairs with output pixel (0, 0) at stride 1: (kh dil_h - pad_top, kw dil_w - pad_left).
+struct TapShift {
+  int dh, dw;
+};
+
+[[maybe_unused]] __device__ __forceinline__ TapShift tap_shift(const TapGeometry& g, int tap) {
+  return {tap / g.kernel_w * g.dil_h - g.pad_top, tap % g.kernel_w * g.dil_w - g.pad_left};
+}
+
 template <typename T, class TmaB>
 struct ConvParams {
   CUtensorMap image;  // x as (C, W, H, B): boxes of 64 channels x 16 x 8 x 1, 128-byte swizzled, zeros outside
@@ -87,7 +107,7 @@ struct ConvParams {
   const int32_t* row_ptr;
   const int32_t* col_idx;
   int out_h, out_w, N, n_lines, nnz;
-  int patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+  TapGeometry geometry;  // patches of the output
 };
 
 template <typename T, int BS, class Params>
@@ -97,7 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
   extern __shared__ unsigned char smem_raw[];
   // Block-row fastest: consecutive CTAs read the same image patch while it is in L2.
   const int line = static_cast<int>(blockIdx.x % p.n_lines);
-  const Patch out_patch = patch_at(static_cast<int>(blockIdx.x / p.n_lines), p.patches_h, p.patches_w, kPatchH);
+  const TapGeometry& g = p.geometry;
+  const Patch out_patch = patch_at(static_cast<int>(blockIdx.x / p.n_lines), g.patches_h, g.patches_w, kPatchH);
   const int first = p.row_ptr[line];
   const int n_blocks = p.row_ptr[line + 1] - first;
 
@@ -111,12 +132,10 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_sm90_kernel(CUTE_GRID_
     return [&p, first, out_patch, a_stages, b_parts](int step, int stage, uint64_t& barrier) {
       const int j = first + step;
       const int block_col = p.col_idx[j];
-      const int tap = block_col / p.chunks_per_tap;
-      const int channel0 = block_col % p.chunks_per_tap * BS;
-      const int h = out_patch.h0 + tap / p.kernel_w * p.dil_h - p.pad_top;
-      const int w = out_patch.w0 + tap % p.kernel_w * p.dil_w - p.pad_left;
-      load_pixels<kBM, BS, kBoxChannels>(&p.image, barrier, a_stages + stage * (kBM * BS), channel0, w, h,
-                                         out_patch.image);
+      const TapShift shift = tap_shift(p.geometry, block_col / p.geometry.chunks_per_tap);
+      load_pixels<kBM, BS, kBoxChannels>(&p.image, barrier, a_stages + stage * (kBM * BS),
+                                         block_col % p.geometry.chunks_per_tap * BS, out_patch.w0 + shift.dw,
+                                         out_patch.h0 + shift.dh, out_patch.image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, j), get<1>(b_parts)(_, stage));
     };
   };
@@ -169,15 +188,8 @@ bool launch_conv(const BsrGemmArgs& a, cudaStream_t stream, LaunchStatus* status
   p.N = static_cast<int>(a.out_cols);
   p.n_lines = static_cast<int>(a.n_lines);
   p.nnz = nnz;
-  p.patches_h = static_cast<int>((s.out_h + kPatchH - 1) / kPatchH);
-  p.patches_w = static_cast<int>((s.out_w + kPatchW - 1) / kPatchW);
-  p.chunks_per_tap = static_cast<int>(s.channels / BS);
-  p.kernel_w = s.kernel_w;
-  p.dil_h = s.dil_h;
-  p.dil_w = s.dil_w;
-  p.pad_top = s.pad_top;
-  p.pad_left = s.pad_left;
-  const int64_t ctas = s.batch * p.patches_h * p.patches_w * a.n_lines;
+  p.geometry = tap_geometry(s, BS, s.out_h, s.out_w, kPatchH);
+  const int64_t ctas = s.batch * p.geometry.patches_h * p.geometry.patches_w * a.n_lines;
   if (ctas > INT32_MAX) return false;
   *status = launch(bsr_conv2d_sm90_kernel<T, BS, Params>, dim3(static_cast<unsigned>(ctas)), C::kSmemBytes, stream,
                    p);
@@ -193,7 +205,7 @@ struct DgradParams {
   const int32_t* row_idx;
   const int32_t* perm;
   int height, width, channels, nnz, taps;
-  int patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+  TapGeometry geometry;  // patches of the input
 };
 
 template <typename T, int BS, class Params>
@@ -202,12 +214,13 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE
   using C = LinearConfig<T, BS, true>;
   extern __shared__ unsigned char smem_raw[];
   // Channel chunk fastest: consecutive CTAs read the same dY patches while they are in L2.
-  const int chunk = static_cast<int>(blockIdx.x % p.chunks_per_tap);
-  const Patch in_patch = patch_at(static_cast<int>(blockIdx.x / p.chunks_per_tap), p.patches_h, p.patches_w, kPatchH);
+  const TapGeometry& g = p.geometry;
+  const int chunk = static_cast<int>(blockIdx.x % g.chunks_per_tap);
+  const Patch in_patch = patch_at(static_cast<int>(blockIdx.x / g.chunks_per_tap), g.patches_h, g.patches_w, kPatchH);
   // The steps: the blocks of the chunk's block-column at every tap, tap by tap.
   int n_steps = 0;
   for (int tap = 0; tap < p.taps; ++tap) {
-    const int column = tap * p.chunks_per_tap + chunk;
+    const int column = tap * g.chunks_per_tap + chunk;
     n_steps += p.col_ptr[column + 1] - p.col_ptr[column];
   }
 
@@ -223,14 +236,13 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_dgrad_sm90_kernel(CUTE
                                                                                uint64_t& barrier) mutable {
       while (q == end) {
         ++tap;
-        q = p.col_ptr[tap * p.chunks_per_tap + chunk];
-        end = p.col_ptr[tap * p.chunks_per_tap + chunk + 1];
+        q = p.col_ptr[tap * p.geometry.chunks_per_tap + chunk];
+        end = p.col_ptr[tap * p.geometry.chunks_per_tap + chunk + 1];
       }
-      // dX at (ih, iw) takes dY at (ih + pad - kh * dil, iw + pad - kw * dil) through this tap (stride 1).
-      const int h = in_patch.h0 + p.pad_top - tap / p.kernel_w * p.dil_h;
-      const int w = in_patch.w0 + p.pad_left - tap % p.kernel_w * p.dil_w;
-      load_pixels<kBM, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kBM * BS), p.row_idx[q] * BS, w, h,
-                                         in_patch.image);
+      // dX at (ih, iw) takes dY at (ih - dh, iw - dw) through this tap (stride 1).
+      const TapShift shift = tap_shift(p.geometry, tap);
+      load_pixels<kBM, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kBM * BS), p.row_idx[q] * BS,
+                                         in_patch.w0 - shift.dw, in_patch.h0 - shift.dh, in_patch.image);
       copy(p.tma_b.with(barrier), get<0>(b_parts)(_, p.perm[q]), get<1>(b_parts)(_, stage));
       ++q;
     };
@@ -277,15 +289,8 @@ bool launch_dgrad(const ConvDgradArgs& a, cudaStream_t stream, LaunchStatus* sta
   p.channels = static_cast<int>(s.channels);
   p.nnz = nnz;
   p.taps = s.kernel_h * s.kernel_w;
-  p.patches_h = static_cast<int>((s.height + kPatchH - 1) / kPatchH);
-  p.patches_w = static_cast<int>((s.width + kPatchW - 1) / kPatchW);
-  p.chunks_per_tap = static_cast<int>(s.channels / BS);
-  p.kernel_w = s.kernel_w;
-  p.dil_h = s.dil_h;
-  p.dil_w = s.dil_w;
-  p.pad_top = s.pad_top;
-  p.pad_left = s.pad_left;
-  const int64_t ctas = s.batch * p.patches_h * p.patches_w * p.chunks_per_tap;
+  p.geometry = tap_geometry(s, BS, s.height, s.width, kPatchH);
+  const int64_t ctas = s.batch * p.geometry.patches_h * p.geometry.patches_w * p.geometry.chunks_per_tap;
   if (ctas > INT32_MAX) return false;
   *status = launch(bsr_conv2d_dgrad_sm90_kernel<T, BS, Params>, dim3(static_cast<unsigned>(ctas)), C::kSmemBytes,
                    stream, p);
@@ -304,7 +309,8 @@ struct WgradParams {
   T* out;          // [nnz, bs, bs] (one split)
   float* partial;  // [splits, nnz, bs, bs] (several)
   int64_t nnz;
-  int patches, patches_per_split, patches_h, patches_w, chunks_per_tap, kernel_w, dil_h, dil_w, pad_top, pad_left;
+  int patches, patches_per_split;
+  TapGeometry geometry;  // patches of the output, 4 rows high
 };
 
 // dW at one stored block over one split of the output pixels: the SDDMM of bsr_gemm_sm90.cu with a step's 64 rows
@@ -324,18 +330,17 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_conv2d_wgrad_sm90_kernel(CUTE
   const auto make_loader = [&](auto& sA, auto& sB) {
     prefetch_tma_descriptor(&p.grad);
     prefetch_tma_descriptor(&p.image);
+    const TapGeometry& g = p.geometry;
     const int block_col = p.col_idx[block];
-    const int tap = block_col / p.chunks_per_tap;
     // p by reference: a TMA copy names its descriptor by address, which must stay in the kernel's parameter space.
     return [&p, first_patch, a_stages = raw_pointer_cast(sA.data()), b_stages = raw_pointer_cast(sB.data()),
-            grad_channel0 = p.coo_row[block] * BS, image_channel0 = block_col % p.chunks_per_tap * BS,
-            dh = tap / p.kernel_w * p.dil_h - p.pad_top,
-            dw = tap % p.kernel_w * p.dil_w - p.pad_left](int step, int stage, uint64_t& barrier) {
-      const Patch at = patch_at(first_patch + step, p.patches_h, p.patches_w, kWgradPatchH);
+            grad_channel0 = p.coo_row[block] * BS, image_channel0 = block_col % g.chunks_per_tap * BS,
+            shift = tap_shift(g, block_col / g.chunks_per_tap)](int step, int stage, uint64_t& barrier) {
+      const Patch at = patch_at(first_patch + step, p.geometry.patches_h, p.geometry.patches_w, kWgradPatchH);
       load_pixels<kStepRows, BS, kBoxChannels>(&p.grad, barrier, a_stages + stage * (kStepRows * BS), grad_channel0,
                                                at.w0, at.h0, at.image);
       load_pixels<kStepRows, BS, kImageBox>(&p.image, barrier, b_stages + stage * (kStepRows * BS), image_channel0,
-                                            at.w0 + dw, at.h0 + dh, at.image);
+                                            at.w0 + shift.dw, at.h0 + shift.dh, at.image);
     };
   };
 
@@ -364,19 +369,12 @@ bool launch_wgrad(const SddmmArgs& a, cudaStream_t stream, LaunchStatus* status)
   p.out = static_cast<T*>(a.out);
   p.partial = a.splits > 1 ? a.partial : nullptr;
   p.nnz = a.nnz;
-  p.patches_h = static_cast<int>((s.out_h + kWgradPatchH - 1) / kWgradPatchH);
-  p.patches_w = static_cast<int>((s.out_w + kPatchW - 1) / kPatchW);
-  const int64_t patches = s.batch * p.patches_h * p.patches_w;
+  p.geometry = tap_geometry(s, BS, s.out_h, s.out_w, kWgradPatchH);
+  const int64_t patches = s.batch * p.geometry.patches_h * p.geometry.patches_w;
   if (patches > INT32_MAX) return false;
   p.patches = static_cast<int>(patches);
   // sddmm_plan's splits (the partials are allocated for them), each a run of whole patches.
   p.patches_per_split = static_cast<int>((patches + a.splits - 1) / a.splits);
-  p.chunks_per_tap = static_cast<int>(s.channels / BS);
-  p.kernel_w = s.kernel_w;
-  p.dil_h = s.dil_h;
-  p.dil_w = s.dil_w;
-  p.pad_top = s.pad_top;
-  p.pad_left = s.pad_left;
   const LaunchStatus launched = launch(bsr_conv2d_wgrad_sm90_kernel<T, BS, WgradParams<T>>,
                                        dim3(static_cast<unsigned>(a.nnz), static_cast<unsigned>(a.splits)),
                                        C::kSmemBytes, stream, p);
