@@ -65,8 +65,8 @@ def report() -> str:
                 if info.get("cuda") else "no")
         lines += [f"sparsekern._C     built against torch {info.get('torch_version')}; CUDA kernels: {cuda}"]
         if info.get("cuda"):
-            lines += ["                  Hopper GEMMs (CuTe): " + ("built" if info.get("cuda_sm90_gemms") else
-                                                               "not built (no CUTLASS headers at build time)")]
+            lines += ["                  Hopper kernels (CuTe): " + ("built" if info.get("cuda_sm90_gemms") else
+                                                                 "not built (no CUTLASS headers at build time)")]
     else:
         lines += [f"sparsekern._C     NOT LOADED: {_native.LOAD_ERROR}"]
     lines += ["", "verified on GPUs:"] + [f"  {line}" for line in GPU_VERIFIED]

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "one that runs on the device, the reference excluded, then auto where it measures to "
                              "choose between them); one that lacks an op gets an n/a row. Also the kernel variants "
                              f"no backend uses by default, only when named here ({', '.join(VARIANTS)}: the Triton "
-                             "kernels with TMA tile loads, and the cuda backend's Hopper GEMMs on CuTe for the four "
-                             "GEMMs, neither run on a GPU yet)")
+                             "kernels with TMA tile loads, and the cuda backend's Hopper kernels on CuTe for the four "
+                             "GEMMs and the stride-1 convolutions, neither run on a GPU yet)")
 
     gpu = parser.add_argument_group("GPU suites")
     gpu.add_argument("--dtype", choices=tuple(DTYPES), default=None,
