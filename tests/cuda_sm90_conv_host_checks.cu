@@ -420,12 +420,6 @@ struct Layer {
   int batch, height, width, kernel_h, kernel_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w;
 };
 
-// W's stored blocks: block-CSR (row_ptr, col_idx, coo_row) and its transpose (col_ptr, row_idx, perm).
-struct BlockLayout {
-  std::vector<int32_t> row_ptr{0}, col_idx, coo_row, col_ptr, row_idx, perm;
-  int nnz() const { return static_cast<int>(col_idx.size()); }
-};
-
 // A layer with C input and N output channels and its filter W [N, taps * C] in bs x bs blocks.
 struct Problem {
   std::string what;
@@ -444,30 +438,11 @@ struct Problem {
 // last chunk of channels of any tap; at least one block.
 BlockLayout random_layout(int block_rows, int block_cols, int chunks_per_tap, int empty_row, bool empty_chunk,
                           std::mt19937& rng) {
-  BlockLayout w;
   std::bernoulli_distribution stored(0.5);
-  for (int r = 0; r < block_rows; ++r) {
-    for (int c = 0; c < block_cols; ++c) {
-      const bool allowed = r != empty_row && !(empty_chunk && c % chunks_per_tap == chunks_per_tap - 1);
-      if ((allowed && stored(rng)) || (w.col_idx.empty() && r == block_rows - 1 && c == block_cols - 1)) {
-        w.col_idx.push_back(c);
-        w.coo_row.push_back(r);
-      }
-    }
-    w.row_ptr.push_back(static_cast<int32_t>(w.col_idx.size()));
-  }
-  w.col_ptr.assign(block_cols + 1, 0);
-  for (int32_t c : w.col_idx) ++w.col_ptr[c + 1];
-  for (int c = 0; c < block_cols; ++c) w.col_ptr[c + 1] += w.col_ptr[c];
-  std::vector<int32_t> next(w.col_ptr.begin(), w.col_ptr.end() - 1);
-  w.row_idx.resize(w.col_idx.size());
-  w.perm.resize(w.col_idx.size());
-  for (int32_t j = 0; j < w.nnz(); ++j) {
-    const int32_t q = next[w.col_idx[j]]++;
-    w.row_idx[q] = w.coo_row[j];
-    w.perm[q] = j;
-  }
-  return w;
+  return block_layout(block_rows, block_cols, [&](int r, int c) {
+    const bool allowed = r != empty_row && !(empty_chunk && c % chunks_per_tap == chunks_per_tap - 1);
+    return allowed && stored(rng);
+  });
 }
 
 template <typename T>

@@ -143,36 +143,10 @@ std::string describe(int64_t id) {
          "]";
 }
 
-// W's stored blocks: block-CSR (row_ptr, col_idx, coo_row) and its transpose (col_ptr, row_idx, perm).
-struct BlockLayout {
-  std::vector<int32_t> row_ptr{0}, col_idx, coo_row, col_ptr, row_idx, perm;
-  int64_t nnz() const { return static_cast<int64_t>(col_idx.size()); }
-};
-
+// W's stored blocks: about 60% of the grid, at random.
 BlockLayout random_layout(int block_rows, int block_cols, std::mt19937& rng) {
-  BlockLayout w;
   std::bernoulli_distribution stored(0.6);
-  for (int r = 0; r < block_rows; ++r) {
-    for (int c = 0; c < block_cols; ++c) {
-      if (stored(rng) || (w.col_idx.empty() && r == block_rows - 1 && c == block_cols - 1)) {
-        w.col_idx.push_back(c);
-        w.coo_row.push_back(r);
-      }
-    }
-    w.row_ptr.push_back(static_cast<int32_t>(w.col_idx.size()));
-  }
-  w.col_ptr.assign(block_cols + 1, 0);
-  for (int32_t c : w.col_idx) ++w.col_ptr[c + 1];
-  for (int c = 0; c < block_cols; ++c) w.col_ptr[c + 1] += w.col_ptr[c];
-  std::vector<int32_t> next(w.col_ptr.begin(), w.col_ptr.end() - 1);
-  w.row_idx.resize(w.col_idx.size());
-  w.perm.resize(w.col_idx.size());
-  for (int32_t j = 0; j < w.nnz(); ++j) {
-    const int32_t q = next[w.col_idx[j]]++;
-    w.row_idx[q] = w.coo_row[j];
-    w.perm[q] = j;
-  }
-  return w;
+  return block_layout(block_rows, block_cols, [&](int, int) { return stored(rng); });
 }
 
 // ---------------------------------------------------------------------------------------------

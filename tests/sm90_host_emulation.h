@@ -7,7 +7,8 @@
 //   - CuTe's device-only layout helpers (tma_partition) made callable on the host (CUTE_DEVICE as host-and-device);
 //   - tma_descriptor_problem: what the box emulation takes for granted of a descriptor;
 //   - emulate_tma_box: one TMA box as the hardware writes it into a host image of shared memory (swizzled, zero-filled
-//     past the tensor's edge), each 2-byte slot receiving the id (address / 2) of the element it holds, or 0.
+//     past the tensor's edge), each 2-byte slot receiving the id (address / 2) of the element it holds, or 0;
+//   - BlockLayout and block_layout: the block-sparse index the kernels walk, for the blocks a test chooses.
 #pragma once
 
 #define CUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL 1
@@ -134,4 +135,38 @@ int64_t emulate_tma_box(const TmaRecord& d, const int32_t* coord, int64_t dst, i
     *zero_filled += !inside;
   }
   return elements;
+}
+
+// A block-sparse layout's index, as the kernels read it (block-CSR row_ptr, col_idx, coo_row and the transposed
+// col_ptr, row_idx, perm).
+struct BlockLayout {
+  std::vector<int32_t> row_ptr{0}, col_idx, coo_row, col_ptr, row_idx, perm;
+  int64_t nnz() const { return static_cast<int64_t>(col_idx.size()); }
+};
+
+// The layout of the blocks (r, c) that keep(r, c) selects, asked row by row; the last block where it selects none.
+template <class Keep>
+BlockLayout block_layout(int block_rows, int block_cols, Keep&& keep) {
+  BlockLayout w;
+  for (int r = 0; r < block_rows; ++r) {
+    for (int c = 0; c < block_cols; ++c) {
+      if (keep(r, c) || (w.col_idx.empty() && r == block_rows - 1 && c == block_cols - 1)) {
+        w.col_idx.push_back(c);
+        w.coo_row.push_back(r);
+      }
+    }
+    w.row_ptr.push_back(static_cast<int32_t>(w.col_idx.size()));
+  }
+  w.col_ptr.assign(block_cols + 1, 0);
+  for (int32_t c : w.col_idx) ++w.col_ptr[c + 1];
+  for (int c = 0; c < block_cols; ++c) w.col_ptr[c + 1] += w.col_ptr[c];
+  std::vector<int32_t> next(w.col_ptr.begin(), w.col_ptr.end() - 1);
+  w.row_idx.resize(w.col_idx.size());
+  w.perm.resize(w.col_idx.size());
+  for (int32_t j = 0; j < w.nnz(); ++j) {
+    const int32_t q = next[w.col_idx[j]]++;
+    w.row_idx[q] = w.coo_row[j];
+    w.perm[q] = j;
+  }
+  return w;
 }
