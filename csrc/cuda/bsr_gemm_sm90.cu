@@ -153,6 +153,26 @@ struct SddmmParams {
   int64_t nnz;
 };
 
+// The weight-gradient kernels' loader (SDDMM, block scores): step s copies rows first_step + s (of 64) of dY's
+// columns of block-row `block_row` and of X's of block-column `block_col`. p by reference: a TMA copy names its
+// descriptor by address, which must stay in the kernel's parameter space.
+template <class C, class Params, class SmemA, class SmemB>
+__device__ __forceinline__ auto weight_grad_loader(const Params& p, SmemA& sA, SmemB& sB, int block_row,
+                                                   int block_col, int first_step) {
+  prefetch_tma_descriptor(p.tma_dy.get_tma_descriptor());
+  prefetch_tma_descriptor(p.tma_x.get_tma_descriptor());
+  Tensor gA = local_tile(p.tma_dy.get_tma_tensor(make_shape(p.N, p.M)), typename C::ATile{},
+                         make_coord(block_row, _));  // (bs, 64, step)
+  Tensor gB = local_tile(p.tma_x.get_tma_tensor(make_shape(p.K, p.M)), typename C::BTile{},
+                         make_coord(block_col, _));
+  auto a_parts = tma_partition(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+  auto b_parts = tma_partition(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+  return [&p, first_step, a_parts, b_parts](int step, int stage, uint64_t& barrier) {
+    copy(p.tma_dy.with(barrier), get<0>(a_parts)(_, first_step + step), get<1>(a_parts)(_, stage));
+    copy(p.tma_x.with(barrier), get<0>(b_parts)(_, first_step + step), get<1>(b_parts)(_, stage));
+  };
+}
+
 template <typename T, int BS, class Params>
 __global__ void __launch_bounds__(kThreads, 1) bsr_sddmm_sm90_kernel(CUTE_GRID_CONSTANT const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -165,19 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsr_sddmm_sm90_kernel(CUTE_GRID_C
   const int n_steps = (m_end - m_begin + kStepRows - 1) / kStepRows;
 
   const auto make_loader = [&](auto& sA, auto& sB) {
-    prefetch_tma_descriptor(p.tma_dy.get_tma_descriptor());
-    prefetch_tma_descriptor(p.tma_x.get_tma_descriptor());
-    const int first_step = m_begin / kStepRows;
-    Tensor gA = local_tile(p.tma_dy.get_tma_tensor(make_shape(p.N, p.M)), typename C::ATile{},
-                           make_coord(p.coo_row[block], _));  // (bs, 64, step)
-    Tensor gB = local_tile(p.tma_x.get_tma_tensor(make_shape(p.K, p.M)), typename C::BTile{},
-                           make_coord(p.col_idx[block], _));
-    auto a_parts = tma_partition(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
-    auto b_parts = tma_partition(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
-    return [&p, first_step, a_parts, b_parts](int step, int stage, uint64_t& barrier) {
-      copy(p.tma_dy.with(barrier), get<0>(a_parts)(_, first_step + step), get<1>(a_parts)(_, stage));
-      copy(p.tma_x.with(barrier), get<0>(b_parts)(_, first_step + step), get<1>(b_parts)(_, stage));
-    };
+    return weight_grad_loader<C>(p, sA, sB, p.coo_row[block], p.col_idx[block], m_begin / kStepRows);
   };
 
   // The block (no padding here), or this chunk's fp32 partial of it.
@@ -215,18 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_scores_sm90_kernel(CUTE_GRI
   const int n_steps = (p.M + kStepRows - 1) / kStepRows;
 
   const auto make_loader = [&](auto& sA, auto& sB) {
-    prefetch_tma_descriptor(p.tma_dy.get_tma_descriptor());
-    prefetch_tma_descriptor(p.tma_x.get_tma_descriptor());
-    Tensor gA = local_tile(p.tma_dy.get_tma_tensor(make_shape(p.N, p.M)), typename C::ATile{},
-                           make_coord(block_row, _));  // (bs, 64, step)
-    Tensor gB = local_tile(p.tma_x.get_tma_tensor(make_shape(p.K, p.M)), typename C::BTile{},
-                           make_coord(block_col, _));
-    auto a_parts = tma_partition(p.tma_dy, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
-    auto b_parts = tma_partition(p.tma_x, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
-    return [&p, a_parts, b_parts](int step, int stage, uint64_t& barrier) {
-      copy(p.tma_dy.with(barrier), get<0>(a_parts)(_, step), get<1>(a_parts)(_, stage));
-      copy(p.tma_x.with(barrier), get<0>(b_parts)(_, step), get<1>(b_parts)(_, stage));
-    };
+    return weight_grad_loader<C>(p, sA, sB, block_row, block_col, 0);
   };
 
   const auto epilogue = [&](const auto& acc, const auto&) {
